@@ -1,0 +1,376 @@
+"""Fused softmax-divergence kernels over full-vocabulary logits (Triton).
+
+Passes over the two logit rows, per divergence:
+  forward_kl, reverse_kl                 2: statistics (+ loss, online) in the forward; gradient in the backward
+  jsd, skew_forward_kl, skew_reverse_kl  3: statistics, then loss and sum(q * dD/dq) in the forward;
+  tvd                                       gradient in the backward
+Each pass reads both rows once; the backward writes the gradient once, already multiplied by grad_output,
+so no ``[N, V]`` buffer lives between forward and backward and gradient accumulation costs nothing extra.
+
+Set ``TRITON_INTERPRET=1`` before this module is imported to run the kernels on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from .common import DistillationOutput, FlatInputs, LossOptions, RowStatistics, finish_rows, row_grad_scale, row_targets
+
+FORWARD_KL = tl.constexpr(0)
+REVERSE_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+SKEW_FORWARD_KL = tl.constexpr(3)
+SKEW_REVERSE_KL = tl.constexpr(4)
+TVD = tl.constexpr(5)
+DIVERGENCE_CODES = {
+    "forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3, "skew_reverse_kl": 4, "tvd": 5,
+}
+#: Divergences whose loss is accumulated online in the statistics pass (no second forward pass).
+ONLINE_DIVERGENCES = ("forward_kl", "reverse_kl")
+
+# Rows of the fp32 statistics buffer ``[STATS_ROWS, N]``, in this order.
+STAT_DIVERGENCE = tl.constexpr(0)  # D at temperature T
+STAT_LSE_A = tl.constexpr(1)  # logsumexp(s / T)
+STAT_LSE_B = tl.constexpr(2)  # logsumexp(t / T)
+STAT_LSE_S = tl.constexpr(3)  # logsumexp(s)
+STAT_LSE_T = tl.constexpr(4)  # logsumexp(t)
+STAT_Q_DOT_G = tl.constexpr(5)  # sum(q * dD/dq), three-pass divergences only
+STATS_ROWS = 6
+
+
+@triton.jit
+def _online_logsumexp(x, running_max, running_sum):
+    """Fold a block ``x`` (masked entries -inf) into a running (max, sum of exp(x - max)).
+
+    Returns the new max and sum, the block's exp(x - new max) and the factor that rescaled the old sum.
+    """
+    new_max = tl.maximum(running_max, tl.max(x, 0))
+    # A row that is all -inf so far keeps max -inf; shift by 0 then to avoid -inf - -inf = NaN.
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    rescale = tl.exp(running_max - shift)
+    e = tl.exp(x - shift)
+    return new_max, running_sum * rescale + tl.sum(e, 0), e, rescale
+
+
+@triton.jit
+def _pointwise_terms(lq, lp, mix, DIVERGENCE: tl.constexpr):
+    """Per-column divergence term and g = dD/dq (q unconstrained) for the three-pass divergences.
+
+    ``lq``/``lp`` are the student's / teacher's log-probabilities at temperature T (-inf where masked).
+    """
+    q = tl.exp(lq)
+    p = tl.exp(lp)
+    if DIVERGENCE == JSD:
+        m = mix * p + (1.0 - mix) * q
+        lm = tl.log(m)
+        term = mix * tl.where(p == 0.0, 0.0, p * (lp - lm)) + (1.0 - mix) * tl.where(q == 0.0, 0.0, q * (lq - lm))
+        g = (1.0 - mix) * (lq - lm)
+    elif DIVERGENCE == SKEW_FORWARD_KL:
+        m = mix * p + (1.0 - mix) * q
+        term = tl.where(p == 0.0, 0.0, p * (lp - tl.log(m)))
+        g = tl.where(p == 0.0, 0.0, -(1.0 - mix) * p / m)
+    elif DIVERGENCE == SKEW_REVERSE_KL:
+        m = mix * q + (1.0 - mix) * p
+        log_ratio = lq - tl.log(m)
+        term = tl.where(q == 0.0, 0.0, q * log_ratio)
+        # dD/dq = log(q/m) + 1 - skew * q/m; the constant cancels in the softmax Jacobian.
+        g = log_ratio - mix * q / m
+    else:  # TVD
+        term = 0.5 * tl.abs(p - q)
+        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+    return term, g, q
+
+
+@triton.jit
+def _row_stats_kernel(
+    s_ptr,  # [N, *] student logits, row stride s_stride, unit column stride
+    t_ptr,  # [N, *] teacher logits, row stride t_stride
+    stats_ptr,  # [STATS_ROWS, N] fp32 out: divergence (online kinds), lse at T (a, b), lse at 1 (s, t)
+    argmax_ptr,  # [2, N] int64 out: student argmax, teacher argmax
+    s_stride,
+    t_stride,
+    n_rows,
+    vocab,  # valid columns; those at or past it are padding
+    inv_t,
+    DIVERGENCE: tl.constexpr,
+    SAME_T: tl.constexpr,  # T == 1: the T=1 statistics equal the tempered ones
+    BLOCK: tl.constexpr,
+):
+    """Pass 1, one program per row: online logsumexp of both rows at T and at 1, argmaxes, online KL."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    offs = tl.arange(0, BLOCK)
+    neg_inf = float("-inf")
+    max_a = tl.full([], neg_inf, tl.float32)
+    max_b = tl.full([], neg_inf, tl.float32)
+    max_s = tl.full([], neg_inf, tl.float32)
+    max_t = tl.full([], neg_inf, tl.float32)
+    sum_a = tl.zeros([], tl.float32)
+    sum_b = tl.zeros([], tl.float32)
+    sum_s = tl.zeros([], tl.float32)
+    sum_t = tl.zeros([], tl.float32)
+    kl_acc = tl.zeros([], tl.float32)  # forward: sum e_b (b - a); reverse: sum e_a (a - b)
+    arg_a = tl.zeros([], tl.int32)
+    arg_b = tl.zeros([], tl.int32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + offs
+        mask = cols < vocab
+        # fp32 right after the load: bf16 arithmetic is wrong under the interpreter and lossy anyway.
+        s = tl.load(s_row + cols, mask=mask, other=neg_inf).to(tl.float32)
+        t = tl.load(t_row + cols, mask=mask, other=neg_inf).to(tl.float32)
+        a = s * inv_t
+        b = t * inv_t
+        arg_a = tl.where(tl.max(a, 0) > max_a, start + tl.argmax(a, 0), arg_a)
+        arg_b = tl.where(tl.max(b, 0) > max_b, start + tl.argmax(b, 0), arg_b)
+        max_a, sum_a, e_a, rescale_a = _online_logsumexp(a, max_a, sum_a)
+        max_b, sum_b, e_b, rescale_b = _online_logsumexp(b, max_b, sum_b)
+        if DIVERGENCE == FORWARD_KL:
+            kl_acc = kl_acc * rescale_b + tl.sum(tl.where(e_b == 0.0, 0.0, e_b * (b - a)), 0)
+        if DIVERGENCE == REVERSE_KL:
+            kl_acc = kl_acc * rescale_a + tl.sum(tl.where(e_a == 0.0, 0.0, e_a * (a - b)), 0)
+        if not SAME_T:
+            max_s, sum_s, _, _ = _online_logsumexp(s, max_s, sum_s)
+            max_t, sum_t, _, _ = _online_logsumexp(t, max_t, sum_t)
+
+    lse_a = max_a + tl.log(sum_a)
+    lse_b = max_b + tl.log(sum_b)
+    if SAME_T:
+        lse_s = lse_a
+        lse_t = lse_b
+    else:
+        lse_s = max_s + tl.log(sum_s)
+        lse_t = max_t + tl.log(sum_t)
+    if DIVERGENCE == FORWARD_KL:
+        tl.store(stats_ptr + STAT_DIVERGENCE * n_rows + row, kl_acc / sum_b - lse_b + lse_a)
+    if DIVERGENCE == REVERSE_KL:
+        tl.store(stats_ptr + STAT_DIVERGENCE * n_rows + row, kl_acc / sum_a - lse_a + lse_b)
+    tl.store(stats_ptr + STAT_LSE_A * n_rows + row, lse_a)
+    tl.store(stats_ptr + STAT_LSE_B * n_rows + row, lse_b)
+    tl.store(stats_ptr + STAT_LSE_S * n_rows + row, lse_s)
+    tl.store(stats_ptr + STAT_LSE_T * n_rows + row, lse_t)
+    tl.store(argmax_ptr + row, arg_a.to(tl.int64))
+    tl.store(argmax_ptr + n_rows + row, arg_b.to(tl.int64))
+
+
+@triton.jit
+def _soft_pass_kernel(
+    s_ptr,  # [N, *] student logits
+    t_ptr,  # [N, *] teacher logits
+    stats_ptr,  # [STATS_ROWS, N] fp32: reads the lse at T, writes divergence and sum(q * g)
+    s_stride,
+    t_stride,
+    n_rows,
+    vocab,
+    inv_t,
+    mix,  # beta (jsd) or skew
+    DIVERGENCE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Pass 2 (three-pass divergences only), one program per row: the loss needs log m, hence both lse."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    offs = tl.arange(0, BLOCK)
+    lse_a = tl.load(stats_ptr + STAT_LSE_A * n_rows + row)
+    lse_b = tl.load(stats_ptr + STAT_LSE_B * n_rows + row)
+    div = tl.zeros([BLOCK], tl.float32)
+    q_dot_g = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + offs
+        mask = cols < vocab
+        s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        term, g, q = _pointwise_terms(s * inv_t - lse_a, t * inv_t - lse_b, mix, DIVERGENCE)
+        div += tl.where(mask, term, 0.0)
+        q_dot_g += tl.where(mask & (q != 0.0), q * g, 0.0)
+    tl.store(stats_ptr + STAT_DIVERGENCE * n_rows + row, tl.sum(div, 0))
+    tl.store(stats_ptr + STAT_Q_DOT_G * n_rows + row, tl.sum(q_dot_g, 0))
+
+
+@triton.jit
+def _grad_kernel(
+    s_ptr,  # [N, *] student logits
+    t_ptr,  # [N, *] teacher logits
+    grad_s_ptr,  # [N, s_width] out: d loss / d student logits, input dtype
+    grad_t_ptr,  # [N, t_width] out: d loss / d teacher logits (teacher CE only), input dtype
+    stats_ptr,  # [STATS_ROWS, N] fp32 from the forward
+    hard_ptr,  # [N] int64 student CE target
+    label_ptr,  # [N] int64 teacher CE target
+    scale_ptr,  # [N] fp32 d reduced loss / d row loss, already times grad_output; 0 on ignored rows
+    s_stride,
+    t_stride,
+    grad_s_stride,
+    grad_t_stride,
+    n_rows,
+    vocab,
+    s_width,
+    t_width,
+    inv_t,
+    mix,
+    soft_coef,  # alpha * (T² or 1) / T
+    hard_coef,  # 1 - alpha
+    teacher_coef,  # teacher_ce_weight
+    DIVERGENCE: tl.constexpr,
+    SAME_T: tl.constexpr,
+    STUDENT_GRAD: tl.constexpr,
+    HARD: tl.constexpr,
+    TEACHER_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Last pass, one program per (row, column block): writes the gradients, zero on padding columns."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = cols < vocab
+    scale = tl.load(scale_ptr + row)
+    # where(), not a product: an ignored row (scale 0) must get exactly 0 even if its logits are inf.
+    keep = tl.where(scale != 0.0, valid, False)
+    if STUDENT_GRAD:
+        s = tl.load(s_ptr + row * s_stride + cols, mask=valid, other=float("-inf")).to(tl.float32)
+        t = tl.load(t_ptr + row * t_stride + cols, mask=valid, other=float("-inf")).to(tl.float32)
+        lq = s * inv_t - tl.load(stats_ptr + STAT_LSE_A * n_rows + row)
+        lp = t * inv_t - tl.load(stats_ptr + STAT_LSE_B * n_rows + row)
+        if DIVERGENCE == FORWARD_KL:
+            q = tl.exp(lq)
+            d_soft = q - tl.exp(lp)
+        elif DIVERGENCE == REVERSE_KL:
+            q = tl.exp(lq)
+            div = tl.load(stats_ptr + STAT_DIVERGENCE * n_rows + row)
+            d_soft = tl.where(q == 0.0, 0.0, q * (lq - lp - div))
+        else:
+            _, g, q = _pointwise_terms(lq, lp, mix, DIVERGENCE)
+            q_dot_g = tl.load(stats_ptr + STAT_Q_DOT_G * n_rows + row)
+            d_soft = tl.where(q == 0.0, 0.0, q * (g - q_dot_g))
+        grad = soft_coef * d_soft
+        if HARD:
+            target = tl.load(hard_ptr + row)
+            if SAME_T:
+                q1 = q
+            else:
+                q1 = tl.exp(s - tl.load(stats_ptr + STAT_LSE_S * n_rows + row))
+            grad += hard_coef * (q1 - tl.where(cols == target, 1.0, 0.0))
+        grad = tl.where(keep, grad * scale, 0.0)
+        tl.store(grad_s_ptr + row * grad_s_stride + cols, grad.to(grad_s_ptr.dtype.element_ty),
+                 mask=cols < s_width)
+    if TEACHER_GRAD:
+        t = tl.load(t_ptr + row * t_stride + cols, mask=valid, other=float("-inf")).to(tl.float32)
+        p1 = tl.exp(t - tl.load(stats_ptr + STAT_LSE_T * n_rows + row))
+        target = tl.load(label_ptr + row)
+        grad_t = teacher_coef * (p1 - tl.where(cols == target, 1.0, 0.0))
+        grad_t = tl.where(keep, grad_t * scale, 0.0)
+        tl.store(grad_t_ptr + row * grad_t_stride + cols, grad_t.to(grad_t_ptr.dtype.element_ty),
+                 mask=cols < t_width)
+
+
+def launch_config(vocab: int) -> dict[str, int]:
+    """Block sizes and warps from the vocabulary size.
+
+    The row passes stream 4096-column blocks of both rows (16 KB of bf16 in flight per program, enough to
+    keep an H100/H200 SM's memory pipe busy with two programs per SM) on 8 warps; the gradient pass uses
+    a 2-D grid of 1024-column blocks so that even a few rows fill the GPU.
+    """
+    row_block = min(4096, triton.next_power_of_2(vocab))
+    grad_block = min(1024, triton.next_power_of_2(vocab))
+    return {
+        "row_block": row_block,
+        "row_warps": 8 if row_block >= 2048 else 4,
+        "grad_block": grad_block,
+        "grad_warps": 4,
+    }
+
+
+def is_interpreted() -> bool:
+    """True when the kernels were defined under ``TRITON_INTERPRET=1`` and run on CPU tensors."""
+    return isinstance(_row_stats_kernel, InterpretedFunction)
+
+
+def triton_distillation_loss(inputs: FlatInputs, opts: LossOptions) -> DistillationOutput:
+    """Distillation loss on flattened inputs with the Triton kernels (CUDA tensors, or CPU under the interpreter)."""
+    student, teacher = inputs.student, inputs.teacher
+    want_student_grad = torch.is_grad_enabled() and student.requires_grad
+    want_teacher_grad = torch.is_grad_enabled() and teacher.requires_grad and opts.teacher_ce_weight > 0
+    out = TritonDistillationFunction.apply(
+        student, teacher, inputs.labels, opts, inputs.vocab_size, want_student_grad, want_teacher_grad
+    )
+    return DistillationOutput(*out)
+
+
+def _row_statistics(student, teacher, vocab: int, opts: LossOptions):
+    n = student.shape[0]
+    stats = torch.empty(STATS_ROWS, n, dtype=torch.float32, device=student.device)
+    argmax = torch.empty(2, n, dtype=torch.long, device=student.device)
+    if n == 0:
+        return stats, argmax
+    cfg = launch_config(vocab)
+    inv_t = 1.0 / opts.temperature
+    code = DIVERGENCE_CODES[opts.divergence]
+    _row_stats_kernel[(n,)](
+        student, teacher, stats, argmax, student.stride(0), teacher.stride(0), n, vocab, inv_t,
+        DIVERGENCE=code, SAME_T=opts.temperature == 1.0, BLOCK=cfg["row_block"], num_warps=cfg["row_warps"],
+    )
+    if opts.divergence not in ONLINE_DIVERGENCES:
+        _soft_pass_kernel[(n,)](
+            student, teacher, stats, student.stride(0), teacher.stride(0), n, vocab, inv_t, opts.mix,
+            DIVERGENCE=code, BLOCK=cfg["row_block"], num_warps=cfg["row_warps"],
+        )
+    return stats, argmax
+
+
+class TritonDistillationFunction(torch.autograd.Function):
+    """Distillation loss on ``[N, V]`` logits with the fused kernels.
+
+    Per row, with a = s/T, b = t/T, q = softmax(a), p = softmax(b) over the valid columns:
+    ``loss = alpha * c * D(p, q) + (1 - alpha) * CE(s, y) + w * CE(t, labels)``, c = T² if t2_scaling else 1,
+    y = labels or argmax(t), CE at T=1. Gradients:
+    ``d/ds = alpha * c / T * dD/da + (1 - alpha) * (softmax(s) - onehot(y))`` with
+    dD/da = q - p (forward KL), q * (log q - log p - D) (reverse KL), and q * (g - sum(q * g)) for the
+    others, g = dD/dq with q unconstrained; ``d/dt = w * (softmax(t) - onehot(labels))`` (the soft term
+    treats the teacher as a constant).
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, opts: LossOptions, vocab: int, want_student_grad, want_teacher_grad):
+        n = student.shape[0]
+        stats, argmax = _row_statistics(student, teacher, vocab, opts)
+        divergence, _, _, lse_s, lse_t, _ = stats.unbind(0)
+        rows = RowStatistics(divergence, lse_s, lse_t, argmax[0], argmax[1])
+        targets = row_targets(labels, argmax[1], opts, n, student.device)
+        output, divisor = finish_rows(rows, student, teacher, targets, opts)
+        hard = targets.hard if targets.hard is not None else argmax[1]  # unused unless alpha < 1
+        label = targets.teacher if targets.teacher is not None else argmax[1]  # unused unless w > 0
+        ctx.save_for_backward(student, teacher, stats, targets.counted, hard, label, divisor)
+        ctx.opts, ctx.vocab = opts, vocab
+        ctx.wants = (want_student_grad, want_teacher_grad)
+        ctx.mark_non_differentiable(*output[1:])
+        return tuple(output)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        student, teacher, stats, counted, hard, label, divisor = ctx.saved_tensors
+        opts, vocab = ctx.opts, ctx.vocab
+        want_student_grad = ctx.wants[0] and ctx.needs_input_grad[0]
+        want_teacher_grad = ctx.wants[1] and ctx.needs_input_grad[1]
+        scale = row_grad_scale(grad_loss, counted, divisor, opts.reduction).float().contiguous()
+        grad_s = torch.empty_like(student) if want_student_grad else None
+        grad_t = torch.empty_like(teacher) if want_teacher_grad else None
+        n = student.shape[0]
+        if n > 0 and (want_student_grad or want_teacher_grad):
+            cfg = launch_config(vocab)
+            width = max(student.shape[1], teacher.shape[1])
+            grid = (n, triton.cdiv(width, cfg["grad_block"]))
+            # Placeholders keep the signature fixed; constexpr flags compile the unused paths away.
+            gs = grad_s if grad_s is not None else student
+            gt = grad_t if grad_t is not None else teacher
+            _grad_kernel[grid](
+                student, teacher, gs, gt, stats, hard, label, scale,
+                student.stride(0), teacher.stride(0), gs.stride(0), gt.stride(0),
+                n, vocab, student.shape[1], teacher.shape[1], 1.0 / opts.temperature, opts.mix,
+                opts.alpha * opts.soft_scale / opts.temperature, 1.0 - opts.alpha, opts.teacher_ce_weight,
+                DIVERGENCE=DIVERGENCE_CODES[opts.divergence], SAME_T=opts.temperature == 1.0,
+                STUDENT_GRAD=want_student_grad, HARD=opts.alpha < 1.0, TEACHER_GRAD=want_teacher_grad,
+                BLOCK=cfg["grad_block"], num_warps=cfg["grad_warps"],
+            )
+        return grad_s, grad_t, None, None, None, None, None
