@@ -72,10 +72,17 @@ class DistillationLoss(nn.Module):
 
     def _options(self) -> dict:
         return {
-            "divergence": self.divergence, "beta": self.beta, "skew": self.skew, "temperature": self.temperature,
-            "t2_scaling": self.t2_scaling, "alpha": self.alpha, "hard_labels": self.hard_labels,
-            "teacher_ce_weight": self.teacher_ce_weight, "vocab_size": self.vocab_size,
-            "ignore_index": self.ignore_index, "reduction": self.reduction,
+            "divergence": self.divergence,
+            "beta": self.beta,
+            "skew": self.skew,
+            "temperature": self.temperature,
+            "t2_scaling": self.t2_scaling,
+            "alpha": self.alpha,
+            "hard_labels": self.hard_labels,
+            "teacher_ce_weight": self.teacher_ce_weight,
+            "vocab_size": self.vocab_size,
+            "ignore_index": self.ignore_index,
+            "reduction": self.reduction,
         }
 
     def forward(

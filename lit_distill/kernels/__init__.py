@@ -45,7 +45,9 @@ def _use_triton(backend: str, logits: torch.Tensor) -> bool:
     if not divergence.is_interpreted():
         hint = (
             " (TRITON_INTERPRET=1 is set, but only after lit_distill.kernels.divergence was imported;"
-            " set it before the first Triton call)" if _interpreter_requested() else ""
+            " set it before the first Triton call)"
+            if _interpreter_requested()
+            else ""
         )
         raise ValueError(
             f"backend='triton' on {logits.device} tensors needs CUDA tensors, or Triton's CPU interpreter"
@@ -118,9 +120,17 @@ def distillation_loss(
         >>> out.loss.backward()
     """
     opts = LossOptions.create(
-        divergence=divergence, beta=beta, skew=skew, temperature=temperature, t2_scaling=t2_scaling,
-        alpha=alpha, hard_labels=hard_labels, teacher_ce_weight=teacher_ce_weight, vocab_size=vocab_size,
-        ignore_index=ignore_index, reduction=reduction,
+        divergence=divergence,
+        beta=beta,
+        skew=skew,
+        temperature=temperature,
+        t2_scaling=t2_scaling,
+        alpha=alpha,
+        hard_labels=hard_labels,
+        teacher_ce_weight=teacher_ce_weight,
+        vocab_size=vocab_size,
+        ignore_index=ignore_index,
+        reduction=reduction,
     )
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', 'triton', 'torch'")

@@ -197,9 +197,7 @@ def flatten_inputs(
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor (e.g. torch.long), got {labels.dtype}")
         if labels.shape != lead:
-            raise ValueError(
-                f"labels shape {tuple(labels.shape)} must equal the logits' leading shape {tuple(lead)}"
-            )
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal the logits' leading shape {tuple(lead)}")
         if labels.device != student_logits.device:
             raise ValueError(f"labels are on {labels.device} but the logits on {student_logits.device}")
         labels = labels.reshape(-1).long()
@@ -213,7 +211,10 @@ def flatten_inputs(
         raise ValueError("teacher_ce_weight > 0 trains the teacher on labels, but labels is None; pass labels")
 
     return FlatInputs(
-        student=_rows(student_logits), teacher=_rows(teacher_logits), labels=labels, vocab_size=vocab,
+        student=_rows(student_logits),
+        teacher=_rows(teacher_logits),
+        labels=labels,
+        vocab_size=vocab,
         leading_shape=lead,
     )
 
@@ -262,8 +263,13 @@ class RowTargets(NamedTuple):
     teacher: torch.Tensor | None  # int64 teacher CE target (the labels), likewise clamped
 
 
-def row_targets(labels: torch.Tensor | None, teacher_argmax: torch.Tensor | None, opts: LossOptions,
-                num_rows: int, device: torch.device) -> RowTargets:
+def row_targets(
+    labels: torch.Tensor | None,
+    teacher_argmax: torch.Tensor | None,
+    opts: LossOptions,
+    num_rows: int,
+    device: torch.device,
+) -> RowTargets:
     """Counted-row mask and the hard / teacher CE targets; ``teacher_argmax`` is needed only in that mode."""
     if labels is None:
         counted = torch.ones(num_rows, dtype=torch.bool, device=device)

@@ -17,7 +17,15 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .common import DistillationOutput, FlatInputs, LossOptions, RowStatistics, finish_rows, row_grad_scale, row_targets
+from .common import (
+    DistillationOutput,
+    FlatInputs,
+    LossOptions,
+    RowStatistics,
+    finish_rows,
+    row_grad_scale,
+    row_targets,
+)
 
 FORWARD_KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)
@@ -26,7 +34,12 @@ SKEW_FORWARD_KL = tl.constexpr(3)
 SKEW_REVERSE_KL = tl.constexpr(4)
 TVD = tl.constexpr(5)
 DIVERGENCE_CODES = {
-    "forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3, "skew_reverse_kl": 4, "tvd": 5,
+    "forward_kl": 0,
+    "reverse_kl": 1,
+    "jsd": 2,
+    "skew_forward_kl": 3,
+    "skew_reverse_kl": 4,
+    "tvd": 5,
 }
 #: Divergences whose loss is accumulated online in the statistics pass (no second forward pass).
 ONLINE_DIVERGENCES = ("forward_kl", "reverse_kl")
@@ -253,16 +266,18 @@ def _grad_kernel(
                 q1 = tl.exp(s - tl.load(stats_ptr + STAT_LSE_S * n_rows + row))
             grad += hard_coef * (q1 - tl.where(cols == target, 1.0, 0.0))
         grad = tl.where(keep, grad * scale, 0.0)
-        tl.store(grad_s_ptr + row * grad_s_stride + cols, grad.to(grad_s_ptr.dtype.element_ty),
-                 mask=cols < s_width)
+        tl.store(grad_s_ptr + row * grad_s_stride + cols, grad.to(grad_s_ptr.dtype.element_ty), mask=cols < s_width)
     if TEACHER_GRAD:
         t = tl.load(t_ptr + row * t_stride + cols, mask=valid, other=float("-inf")).to(tl.float32)
         p1 = tl.exp(t - tl.load(stats_ptr + STAT_LSE_T * n_rows + row))
         target = tl.load(label_ptr + row)
         grad_t = teacher_coef * (p1 - tl.where(cols == target, 1.0, 0.0))
         grad_t = tl.where(keep, grad_t * scale, 0.0)
-        tl.store(grad_t_ptr + row * grad_t_stride + cols, grad_t.to(grad_t_ptr.dtype.element_ty),
-                 mask=cols < t_width)
+        tl.store(
+            grad_t_ptr + row * grad_t_stride + cols,
+            grad_t.to(grad_t_ptr.dtype.element_ty),
+            mask=cols < t_width,
+        )
 
 
 def launch_config(vocab: int) -> dict[str, int]:
@@ -308,13 +323,34 @@ def _row_statistics(student, teacher, vocab: int, opts: LossOptions):
     inv_t = 1.0 / opts.temperature
     code = DIVERGENCE_CODES[opts.divergence]
     _row_stats_kernel[(n,)](
-        student, teacher, stats, argmax, student.stride(0), teacher.stride(0), n, vocab, inv_t,
-        DIVERGENCE=code, SAME_T=opts.temperature == 1.0, BLOCK=cfg["row_block"], num_warps=cfg["row_warps"],
+        student,
+        teacher,
+        stats,
+        argmax,
+        student.stride(0),
+        teacher.stride(0),
+        n,
+        vocab,
+        inv_t,
+        DIVERGENCE=code,
+        SAME_T=opts.temperature == 1.0,
+        BLOCK=cfg["row_block"],
+        num_warps=cfg["row_warps"],
     )
     if opts.divergence not in ONLINE_DIVERGENCES:
         _soft_pass_kernel[(n,)](
-            student, teacher, stats, student.stride(0), teacher.stride(0), n, vocab, inv_t, opts.mix,
-            DIVERGENCE=code, BLOCK=cfg["row_block"], num_warps=cfg["row_warps"],
+            student,
+            teacher,
+            stats,
+            student.stride(0),
+            teacher.stride(0),
+            n,
+            vocab,
+            inv_t,
+            opts.mix,
+            DIVERGENCE=code,
+            BLOCK=cfg["row_block"],
+            num_warps=cfg["row_warps"],
         )
     return stats, argmax
 
@@ -365,12 +401,33 @@ class TritonDistillationFunction(torch.autograd.Function):
             gs = grad_s if grad_s is not None else student
             gt = grad_t if grad_t is not None else teacher
             _grad_kernel[grid](
-                student, teacher, gs, gt, stats, hard, label, scale,
-                student.stride(0), teacher.stride(0), gs.stride(0), gt.stride(0),
-                n, vocab, student.shape[1], teacher.shape[1], 1.0 / opts.temperature, opts.mix,
-                opts.alpha * opts.soft_scale / opts.temperature, 1.0 - opts.alpha, opts.teacher_ce_weight,
-                DIVERGENCE=DIVERGENCE_CODES[opts.divergence], SAME_T=opts.temperature == 1.0,
-                STUDENT_GRAD=want_student_grad, HARD=opts.alpha < 1.0, TEACHER_GRAD=want_teacher_grad,
-                BLOCK=cfg["grad_block"], num_warps=cfg["grad_warps"],
+                student,
+                teacher,
+                gs,
+                gt,
+                stats,
+                hard,
+                label,
+                scale,
+                student.stride(0),
+                teacher.stride(0),
+                gs.stride(0),
+                gt.stride(0),
+                n,
+                vocab,
+                student.shape[1],
+                teacher.shape[1],
+                1.0 / opts.temperature,
+                opts.mix,
+                opts.alpha * opts.soft_scale / opts.temperature,
+                1.0 - opts.alpha,
+                opts.teacher_ce_weight,
+                DIVERGENCE=DIVERGENCE_CODES[opts.divergence],
+                SAME_T=opts.temperature == 1.0,
+                STUDENT_GRAD=want_student_grad,
+                HARD=opts.alpha < 1.0,
+                TEACHER_GRAD=want_teacher_grad,
+                BLOCK=cfg["grad_block"],
+                num_warps=cfg["grad_warps"],
             )
         return grad_s, grad_t, None, None, None, None, None

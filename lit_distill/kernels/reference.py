@@ -68,31 +68,33 @@ class _ChunkedDistillation(torch.autograd.Function):
         pre = row_targets(labels, None, opts, n, device)
         divisor = pre.counted.sum().clamp(min=1).to(compute_dtype)
         # Forward-known part of the row scale: the mean's 1/N, and 0 on ignored rows.
-        fwd_scale = row_grad_scale(torch.ones((), dtype=compute_dtype, device=device), pre.counted, divisor,
-                                   "sum" if opts.reduction == "none" else opts.reduction)
+        fwd_scale = row_grad_scale(
+            torch.ones((), dtype=compute_dtype, device=device),
+            pre.counted,
+            divisor,
+            "sum" if opts.reduction == "none" else opts.reduction,
+        )
 
         stats = [torch.empty(n, dtype=compute_dtype, device=device) for _ in range(3)]
         argmaxes = [torch.empty(n, dtype=torch.long, device=device) for _ in range(2)]
         grad_student = _zero_padding(torch.empty_like(student), vocab) if want_student_grad else None
         grad_teacher = _zero_padding(torch.empty_like(teacher), vocab) if want_teacher_grad else None
+        # Five [chunk, V] buffers reused by every chunk: no allocation (and no page faults) per chunk.
+        workspace = torch.empty(5, min(chunk_rows, n), vocab, dtype=compute_dtype, device=device)
         for start in range(0, n, chunk_rows):
             rows = slice(start, min(start + chunk_rows, n))
-            chunk_targets = RowTargets(*(None if x is None else x[rows] for x in pre))
-            chunk_stats, g_s, g_t = _chunk(
-                student[rows, :vocab].to(compute_dtype),
-                teacher[rows, :vocab].to(compute_dtype),
-                chunk_targets,
+            chunk_stats = _chunk(
+                student[rows, :vocab],
+                teacher[rows, :vocab],
+                RowTargets(*(None if x is None else x[rows] for x in pre)),
                 fwd_scale[rows],
                 opts,
-                want_student_grad,
-                want_teacher_grad,
+                workspace[:, : rows.stop - rows.start],
+                None if grad_student is None else grad_student[rows, :vocab],
+                None if grad_teacher is None else grad_teacher[rows, :vocab],
             )
             for buffer, value in zip(stats + argmaxes, chunk_stats, strict=True):
                 buffer[rows] = value
-            if g_s is not None:
-                grad_student[rows, :vocab] = g_s
-            if g_t is not None:
-                grad_teacher[rows, :vocab] = g_t
 
         rows = RowStatistics(*stats, *argmaxes)
         targets = row_targets(labels, rows.teacher_argmax, opts, n, device)
@@ -125,99 +127,128 @@ def _zero_padding(grad: torch.Tensor, vocab: int) -> torch.Tensor:
     return grad
 
 
-def _log_softmax_and_probs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logsumexp ``[R]``, log-probs ``[R, V]``, probs ``[R, V]``) with one exponential per element.
+def _log_softmax_into(x: torch.Tensor, logp: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write log-softmax and softmax of ``x`` ``[R, V]`` into ``logp`` / ``probs``, with one exp per element.
 
-    Log-probs are clamped at the dtype's lowest finite value so that a zero probability (a -inf logit)
-    times its log-prob gives 0, not NaN; NaN inputs still propagate.
+    ``x`` may be ``logp`` itself. Returns (logsumexp ``[R]``, argmax ``[R]``). Log-probs are clamped at the
+    dtype's lowest finite value so that a zero probability (a -inf logit) times its log-prob is 0, not NaN;
+    NaN inputs still propagate.
     """
-    peak = x.amax(-1, keepdim=True)
-    probs = (x - peak).exp_()
-    total = probs.sum(-1, keepdim=True)
-    probs.div_(total)
-    lse = peak + total.log()
-    logp = (x - lse).clamp_(min=torch.finfo(x.dtype).min)
-    return lse.squeeze(-1), logp, probs
+    peak, argmax = x.max(-1, keepdim=True)
+    torch.sub(x, peak, out=logp)
+    torch.exp(logp, out=probs)
+    log_total = probs.sum(-1, keepdim=True)
+    probs.div_(log_total)
+    log_total.log_()
+    logp.sub_(log_total).clamp_(min=torch.finfo(logp.dtype).min)
+    return (peak + log_total).squeeze(-1), argmax.squeeze(-1)
 
 
-def _chunk(s, t, targets: RowTargets, scale, opts: LossOptions, want_student_grad, want_teacher_grad):
-    """Statistics and (optionally) scaled row-loss gradients for a chunk of rows ``[R, V]`` (compute dtype)."""
+def _load(x: torch.Tensor, buffer: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """``x / T`` in the compute dtype, in ``buffer`` unless ``x`` can be used as it is."""
+    if x.dtype == buffer.dtype and inv_t == 1.0:
+        return x
+    buffer.copy_(x)
+    return buffer.mul_(inv_t) if inv_t != 1.0 else buffer
+
+
+def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product ``[R]`` of two ``[R, V]`` tensors (``bmm`` is 15x slower on CPU at these shapes)."""
+    return torch.linalg.vecdot(x, y)
+
+
+def _chunk(s, t, targets: RowTargets, scale, opts: LossOptions, workspace, grad_s, grad_t):
+    """Statistics of a chunk of rows ``[R, V]``; writes the scaled row-loss gradients into ``grad_s``/``grad_t``.
+
+    ``workspace`` is ``[5, R, V]`` in the compute dtype; ``grad_s``/``grad_t`` are views of the gradient
+    buffers (or None when not wanted).
+    """
     inv_t = 1.0 / opts.temperature
-    same_t = opts.temperature == 1.0
-    a = s if same_t else s * inv_t
-    b = t if same_t else t * inv_t
-    lse_a, lq, q = _log_softmax_and_probs(a)
-    lse_b, lp, p = _log_softmax_and_probs(b)
-    div, d_div = _divergence(opts, lq, lp, q, p, want_grad=want_student_grad)
-    del lq, lp
-    lse_s, q1 = (lse_a, q) if same_t else _log_softmax_and_probs(s)[::2]
-    lse_t, p1 = (lse_b, p) if same_t else _log_softmax_and_probs(t)[::2]
-    teacher_argmax = t.argmax(-1)
-    stats = (div, lse_s, lse_t, s.argmax(-1), teacher_argmax)
+    lq, q, lp, p, scratch = workspace.unbind(0)
+    lse_a, student_argmax = _log_softmax_into(_load(s, lq, inv_t), lq, q)
+    lse_b, teacher_argmax = _log_softmax_into(_load(t, lp, inv_t), lp, p)
+    div = _divergence(opts, lq, lp, q, p, scratch, grad_s)
+    if opts.temperature == 1.0:
+        lse_s, lse_t = lse_a, lse_b
+    else:  # the cross-entropies are at T=1
+        lse_s, lse_t = torch.logsumexp(s.to(lq.dtype), -1), torch.logsumexp(t.to(lp.dtype), -1)
+    stats = (div, lse_s, lse_t, student_argmax, teacher_argmax)
 
     keep = scale.unsqueeze(1)
     ignored = ~targets.counted
-    grad_s = grad_t = None
-    if want_student_grad:
-        grad_s = d_div.mul_(opts.alpha * opts.soft_scale * inv_t)
+    # Zero ignored rows even where their logits are garbage (inf * 0 is NaN); skip the pass when none is.
+    if ignored.device.type == "cpu" and not ignored.any():
+        ignored = None
+    if grad_s is not None:
+        grad_s.mul_(opts.alpha * opts.soft_scale * inv_t)
         if opts.alpha < 1.0:
             hard = teacher_argmax if opts.hard_labels == "teacher_argmax" else targets.hard
-            grad_s.add_(_softmax_minus_onehot(q1, hard), alpha=1.0 - opts.alpha)
+            _add_softmax_minus_onehot(grad_s, s, q, lse_s, hard, 1.0 - opts.alpha, inv_t)
         grad_s.mul_(keep)
-        grad_s[ignored] = 0  # even where an ignored row's logits are garbage (inf * 0 is NaN)
-    if want_teacher_grad:
-        grad_t = _softmax_minus_onehot(p1, targets.teacher).mul_(keep * opts.teacher_ce_weight)
-        grad_t[ignored] = 0
-    return stats, grad_s, grad_t
+        if ignored is not None:
+            grad_s[ignored] = 0
+    if grad_t is not None:
+        grad_t.zero_()
+        _add_softmax_minus_onehot(grad_t, t, p, lse_t, targets.teacher, opts.teacher_ce_weight, inv_t)
+        grad_t.mul_(keep)
+        if ignored is not None:
+            grad_t[ignored] = 0
+    return stats
 
 
-def _softmax_minus_onehot(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    grad = probs.clone()
-    grad.scatter_add_(1, target.unsqueeze(1), torch.full_like(grad[:, :1], -1.0))
-    return grad
+def _add_softmax_minus_onehot(grad, logits, probs_at_t, lse, target, weight, inv_t):
+    """grad += weight * (softmax(logits) - onehot(target)), the cross-entropy gradient at T=1."""
+    if inv_t == 1.0:
+        grad.add_(probs_at_t, alpha=weight)
+    else:
+        grad.add_((logits.to(grad.dtype) - lse.unsqueeze(1)).exp_(), alpha=weight)
+    grad.scatter_add_(1, target.unsqueeze(1), torch.full_like(grad[:, :1], -weight))
 
 
-def _divergence(opts: LossOptions, lq, lp, q, p, *, want_grad: bool):
-    """Row divergence ``[R]`` and, if wanted, its gradient with respect to the student's scaled logits a.
+def _divergence(opts: LossOptions, lq, lp, q, p, scratch, grad):
+    """Row divergence ``[R]``; if ``grad`` is given, writes dD/da (a = student logits / T) into it.
+
+    Differences of log-probs are formed before the row sums (not as a difference of two sums, which
+    cancels catastrophically in fp32 when the distributions are close).
 
     For the KLs the gradient is closed-form. For the others, with g = dD/dq taken with q unconstrained,
     the softmax Jacobian gives dD/da = q * (g - sum(q * g)).
     """
     kind, mix = opts.divergence, opts.mix
     if kind == "forward_kl":
-        div = (p * (lp - lq)).sum(-1)
-        return div, (q - p if want_grad else None)
+        if grad is not None:
+            torch.sub(q, p, out=grad)
+        return _row_dot(p, torch.sub(lp, lq, out=scratch))
     if kind == "reverse_kl":
-        log_ratio = lq - lp
-        div = (q * log_ratio).sum(-1)
-        return div, (log_ratio.sub_(div.unsqueeze(1)).mul_(q) if want_grad else None)
+        log_ratio = torch.sub(lq, lp, out=scratch)
+        div = _row_dot(q, log_ratio)
+        if grad is not None:
+            torch.sub(log_ratio, div.unsqueeze(1), out=grad).mul_(q)
+        return div
 
-    tiny = torch.finfo(q.dtype).tiny
+    lowest, tiny = torch.finfo(q.dtype).min, torch.finfo(q.dtype).tiny
     if kind == "jsd":
-        m = mix * p + (1.0 - mix) * q
-        lm = m.log().clamp_(min=torch.finfo(q.dtype).min)
+        lm = (mix * p + (1.0 - mix) * q).log_().clamp_(min=lowest)
         g = (lq - lm).mul_(1.0 - mix)  # dD/dq = (1 - beta) log(q / m)
-        q_term = (q * g).sum(-1)  # = (1 - beta) KL(q || m)
-        div = mix * (p * (lp - lm)).sum(-1) + q_term
+        q_term = _row_dot(q, g)  # = (1 - beta) KL(q || m)
+        div = mix * _row_dot(p, torch.sub(lp, lm, out=scratch)) + q_term
     elif kind == "skew_forward_kl":
         m = mix * p + (1.0 - mix) * q
-        lm = m.log().clamp_(min=torch.finfo(q.dtype).min)
-        div = (p * (lp - lm)).sum(-1)
+        div = _row_dot(p, torch.sub(lp, m.log().clamp_(min=lowest), out=scratch))
         g = (p / m.clamp_(min=tiny)).mul_(-(1.0 - mix))  # dD/dq = -(1 - skew) p / m
-        q_term = (q * g).sum(-1)
+        q_term = _row_dot(q, g)
     elif kind == "skew_reverse_kl":
         m = mix * q + (1.0 - mix) * p
-        lm = m.log().clamp_(min=torch.finfo(q.dtype).min)
-        g = lq - lm
-        div = (q * g).sum(-1)
+        g = lq - m.log().clamp_(min=lowest)
+        div = _row_dot(q, g)
         # dD/dq = log(q / m) + 1 - skew * q / m; the constant 1 cancels in the softmax Jacobian.
         g.sub_((q / m.clamp_(min=tiny)).mul_(mix))
-        q_term = (q * g).sum(-1)
+        q_term = _row_dot(q, g)
     else:  # tvd
         diff = q - p
         div = 0.5 * diff.abs().sum(-1)
         g = diff.sign_().mul_(0.5)
-        q_term = (q * g).sum(-1)
-    if not want_grad:
-        return div, None
-    return div, g.sub_(q_term.unsqueeze(1)).mul_(q)
+        q_term = _row_dot(q, g)
+    if grad is not None:
+        torch.sub(g, q_term.unsqueeze(1), out=grad).mul_(q)
+    return div

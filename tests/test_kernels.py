@@ -1,0 +1,354 @@
+"""distillation_loss on both backends against the float64 oracle: every option, loss and gradients."""
+
+import math
+
+import pytest
+import torch
+from oracle import oracle
+
+from lit_distill import DistillationLoss, distillation_loss
+from lit_distill.kernels import DIVERGENCES
+
+N_ROWS = (2, 3)  # leading shape: 6 rows
+VOCAB = 5003  # not a power of two, more than one 4096-column block
+# dtype: (loss rtol, gradient rtol); gradients are stored in the input dtype, so they round to it.
+TOLERANCES = {
+    torch.float32: (2e-5, 1e-4),
+    torch.bfloat16: (2e-5, 1.6e-2),
+    torch.float16: (2e-5, 2e-3),
+}
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf - inf inside the interpreter
+
+
+def make_logits(shape=N_ROWS, vocab=VOCAB, teacher_vocab=None, dtype=torch.float32, seed=0, scale=2.0):
+    """Correlated student/teacher logits rounded to ``dtype`` (the oracle then sees the same values)."""
+    gen = torch.Generator().manual_seed(seed)
+    student = torch.randn(*shape, vocab, generator=gen) * scale
+    teacher_vocab = teacher_vocab or vocab
+    teacher = torch.randn(*shape, teacher_vocab, generator=gen) * scale
+    teacher[..., :vocab] = 0.6 * teacher[..., :vocab] + 0.8 * student
+    return student.to(dtype), teacher.to(dtype)
+
+
+def make_labels(shape=N_ROWS, vocab=VOCAB, ignored=(1,), seed=1):
+    labels = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+    flat = labels.view(-1)
+    for i in ignored:
+        flat[i] = -100
+    return labels
+
+
+def run_both(student, teacher, labels, backend_device, grad_scale=1.0, teacher_grad=True, **kw):
+    """(output, student grad, teacher grad) from the backend, and (loss, stats, grads) from the oracle."""
+    backend, device = backend_device
+    s = student.detach().to(device, copy=True).requires_grad_()
+    t = teacher.detach().to(device, copy=True).requires_grad_(teacher_grad)
+    y = None if labels is None else labels.to(device)
+    out = distillation_loss(s, t, y, backend=backend, **kw)
+    weight = grad_scale if out.loss.dim() == 0 else _row_weights(out.loss.shape).to(device)
+    (out.loss * weight).sum().backward()
+
+    s64 = student.detach().double().requires_grad_()
+    t64 = teacher.detach().double().requires_grad_(teacher_grad)
+    kw64 = dict(kw)
+    kw64["divergence_name"] = kw64.pop("divergence", "forward_kl")
+    ref_loss, ref_stats = oracle(s64, t64, labels, **kw64)
+    ref_weight = grad_scale if ref_loss.dim() == 0 else _row_weights(ref_loss.shape).double()
+    (ref_loss * ref_weight).sum().backward()
+    return (out, s.grad, t.grad), (ref_loss.detach(), ref_stats, s64.grad, t64.grad)
+
+
+def _row_weights(shape):
+    return torch.linspace(0.5, 2.0, math.prod(shape)).reshape(shape)
+
+
+def assert_grad_close(actual, expected, rtol, what="gradient"):
+    if expected is None or not bool((expected != 0).any()):
+        assert actual is None or bool((actual == 0).all()), f"{what}: expected zero/None"
+        return
+    assert actual is not None, f"{what}: missing"
+    actual = actual.detach().cpu().double()
+    assert not torch.isnan(actual).any(), f"{what} has NaN"
+    # Elementwise relative error with a floor at a fraction of the largest entry (tiny entries round freely).
+    floor = rtol * 0.1 * expected.abs().max()
+    err = (actual - expected).abs()
+    bound = rtol * expected.abs() + floor
+    worst = (err - bound).argmax()
+    assert bool((err <= bound).all()), (
+        f"{what}: max excess at {worst.item()}: got {actual.flatten()[worst]:.6g}, want {expected.flatten()[worst]:.6g}"
+    )
+
+
+def assert_matches(result, reference, dtype=torch.float32, check_teacher=True):
+    (out, grad_s, grad_t), (ref_loss, ref_stats, ref_grad_s, ref_grad_t) = result, reference
+    loss_rtol, grad_rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.loss.detach().cpu().double(), ref_loss, rtol=loss_rtol, atol=1e-5)
+    for name in ("soft", "hard", "teacher_ce", "agreement"):
+        torch.testing.assert_close(
+            getattr(out, name).cpu().double(),
+            ref_stats[name],
+            rtol=loss_rtol,
+            atol=1e-5,
+            equal_nan=True,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
+    assert int(out.num_tokens) == ref_stats["num_tokens"]
+    assert_grad_close(grad_s, ref_grad_s, grad_rtol, "student gradient")
+    if check_teacher:
+        assert_grad_close(grad_t, ref_grad_t, grad_rtol, "teacher gradient")
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("alpha", [1.0, 0.3, 0.0])
+def test_divergences_temperatures_alphas(backend_device, divergence, temperature, alpha):
+    student, teacher = make_logits()
+    labels = make_labels()
+    result, reference = run_both(
+        student,
+        teacher,
+        labels,
+        backend_device,
+        grad_scale=0.37,
+        divergence=divergence,
+        temperature=temperature,
+        alpha=alpha,
+        beta=0.3,
+        skew=0.2,
+    )
+    assert_matches(result, reference)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_dtypes(backend_device, divergence, dtype):
+    student, teacher = make_logits(dtype=dtype)
+    result, reference = run_both(
+        student,
+        teacher,
+        make_labels(),
+        backend_device,
+        divergence=divergence,
+        alpha=0.5,
+        temperature=2.0,
+        teacher_ce_weight=0.25,
+    )
+    assert result[1].dtype == dtype
+    assert result[0].loss.dtype == torch.float32  # statistics and loss stay fp32
+    assert_matches(result, reference, dtype)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_teacher_argmax_hard_labels(backend_device, divergence):
+    student, teacher = make_logits(seed=3)
+    for labels in (make_labels(), None):
+        result, reference = run_both(
+            student,
+            teacher,
+            labels,
+            backend_device,
+            divergence=divergence,
+            alpha=0.3,
+            hard_labels="teacher_argmax",
+            temperature=1.5,
+        )
+        assert_matches(result, reference)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "skew_forward_kl"])
+def test_teacher_ce_weight_trains_teacher_only_through_ce(backend_device, divergence):
+    student, teacher = make_logits(seed=4)
+    result, reference = run_both(
+        student,
+        teacher,
+        make_labels(),
+        backend_device,
+        divergence=divergence,
+        alpha=0.6,
+        teacher_ce_weight=0.7,
+        temperature=3.0,
+        grad_scale=2.0,
+    )
+    assert_matches(result, reference)
+    assert result[2] is not None and bool((result[2] != 0).any())
+
+
+def test_teacher_without_ce_weight_gets_no_gradient(backend_device):
+    student, teacher = make_logits()
+    (_, _, grad_t), _ = run_both(student, teacher, make_labels(), backend_device, alpha=0.5)
+    assert grad_t is None or bool((grad_t == 0).all())
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "tvd", "skew_reverse_kl"])
+def test_padded_vocabularies(backend_device, divergence):
+    # Student head padded to 5056, teacher to 5120; only the first 4999 columns are real tokens.
+    student, teacher = make_logits(vocab=5056, teacher_vocab=5120, seed=5)
+    student[..., 4999:] = 7.0  # padding garbage that must not leak into either softmax
+    teacher[..., 4999:] = 9.0
+    labels = make_labels(vocab=4999)
+    result, reference = run_both(
+        student,
+        teacher,
+        labels,
+        backend_device,
+        divergence=divergence,
+        vocab_size=4999,
+        alpha=0.4,
+        teacher_ce_weight=0.5,
+    )
+    _, grad_s, grad_t = result
+    # The oracle only sees the real columns; padding columns must get exactly zero gradient.
+    assert bool((grad_s[..., 4999:] == 0).all()) and bool((grad_t[..., 4999:] == 0).all())
+    ref_loss, stats, ref_grad_s, ref_grad_t = reference
+    pad = torch.nn.functional.pad
+    reference = (ref_loss, stats, pad(ref_grad_s, (0, 0)), pad(ref_grad_t, (0, 0)))
+    assert_matches(result, reference)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_reductions(backend_device, reduction):
+    student, teacher = make_logits(shape=(3, 2), seed=6)
+    labels = make_labels(shape=(3, 2), ignored=(0, 4))
+    result, reference = run_both(
+        student,
+        teacher,
+        labels,
+        backend_device,
+        reduction=reduction,
+        divergence="jsd",
+        alpha=0.5,
+        teacher_ce_weight=0.3,
+    )
+    assert result[0].loss.shape == ((3, 2) if reduction == "none" else ())
+    if reduction == "none":
+        assert result[0].loss[0, 0] == 0 and result[0].loss[2, 0] == 0  # ignored positions
+    assert_matches(result, reference)
+
+
+def test_all_rows_ignored_give_zero_loss_and_gradients(backend_device):
+    student, teacher = make_logits()
+    labels = torch.full(N_ROWS, -100)
+    for divergence in DIVERGENCES:
+        (out, grad_s, grad_t), _ = run_both(
+            student, teacher, labels, backend_device, divergence=divergence, alpha=0.5, teacher_ce_weight=1.0
+        )
+        assert out.loss.item() == 0.0 and out.num_tokens.item() == 0
+        assert bool((grad_s == 0).all()) and bool((grad_t == 0).all())
+        assert not any(torch.isnan(getattr(out, k)).any() for k in ("loss", "soft", "hard", "teacher_ce"))
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_extreme_logits_and_banned_tokens(backend_device, divergence):
+    student, teacher = make_logits(seed=7, scale=1.0)
+    student = student.sign() * 1e4 * (student.abs() > 2.5) + student  # a few logits near ±1e4
+    teacher = teacher.sign() * 1e4 * (teacher.abs() > 2.5) + teacher
+    banned = torch.rand(teacher.shape, generator=torch.Generator().manual_seed(8)) < 0.3
+    teacher = teacher.masked_fill(banned, -math.inf)
+    labels = make_labels()
+    if divergence == "reverse_kl":
+        # KL(q || p) is +inf where the teacher bans a token the student allows: that is the math, not a bug.
+        out = distillation_loss(
+            student.to(backend_device[1]),
+            teacher.to(backend_device[1]),
+            labels.to(backend_device[1]),
+            divergence=divergence,
+            backend=backend_device[0],
+        )
+        assert out.loss.item() == math.inf
+        teacher = teacher.masked_fill(banned, -1e4)
+    result, reference = run_both(
+        student, teacher, labels, backend_device, divergence=divergence, alpha=0.7, temperature=1.0
+    )
+    assert torch.isfinite(result[0].loss)
+    (out, grad_s, _), (ref_loss, _, ref_grad, _) = result, reference
+    # Logits of 1e4 in fp32 carry an absolute rounding error of ~5e-4 in every log-probability.
+    torch.testing.assert_close(out.loss.detach().cpu().double(), ref_loss, rtol=1e-3, atol=1e-3)
+    assert_grad_close(grad_s, ref_grad, 1e-2)
+
+
+def test_nan_input_propagates_to_loss(backend_device):
+    backend, device = backend_device
+    student, teacher = make_logits()
+    student[0, 1, 17] = math.nan
+    out = distillation_loss(student.to(device), teacher.to(device), backend=backend)
+    assert math.isnan(out.loss.item())
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_identities(backend_device, divergence):
+    backend, device = backend_device
+    student, teacher = make_logits(seed=9)
+    student, teacher = student.to(device), teacher.to(device)
+    out = distillation_loss(student, teacher, divergence=divergence, reduction="none", backend=backend, skew=0.3)
+    assert bool((out.loss >= -1e-6).all()), "divergences are non-negative"
+    if divergence == "tvd":
+        assert bool((out.loss <= 1 + 1e-6).all())
+    same = distillation_loss(
+        student.clone().requires_grad_(), student, divergence=divergence, reduction="none", backend=backend
+    )
+    assert same.loss.abs().max().item() < 1e-5, "zero when student == teacher"
+
+
+def test_jsd_limits_are_the_kls(backend_device):
+    backend, device = backend_device
+    student, teacher = make_logits(seed=10)
+    student, teacher = student.to(device), teacher.to(device)
+    for beta, kl in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
+        jsd = distillation_loss(student, teacher, divergence="jsd", beta=beta, temperature=2.0, backend=backend)
+        ref = distillation_loss(student, teacher, divergence=kl, temperature=2.0, backend=backend)
+        torch.testing.assert_close(jsd.loss, ref.loss)
+    # and a genuine JSD lies strictly between 0 and both KLs' scale
+    mid = distillation_loss(student, teacher, divergence="jsd", beta=0.5, backend=backend).loss.item()
+    assert 0 < mid < distillation_loss(student, teacher, backend=backend).loss.item()
+
+
+def test_t2_scaling_flag(backend_device):
+    backend, device = backend_device
+    student, teacher = make_logits()
+    student, teacher = student.to(device), teacher.to(device)
+    scaled = distillation_loss(student, teacher, temperature=3.0, backend=backend).loss
+    plain = distillation_loss(student, teacher, temperature=3.0, t2_scaling=False, backend=backend).loss
+    torch.testing.assert_close(scaled, 9.0 * plain)
+
+
+def test_loss_is_the_documented_mix_of_statistics(backend_device):
+    backend, device = backend_device
+    student, teacher = make_logits(seed=11)
+    out = distillation_loss(
+        student.to(device),
+        teacher.to(device),
+        make_labels().to(device),
+        alpha=0.3,
+        teacher_ce_weight=0.2,
+        temperature=2.0,
+        backend=backend,
+    )
+    torch.testing.assert_close(out.loss, 0.3 * out.soft + 0.7 * out.hard + 0.2 * out.teacher_ce)
+
+
+def test_no_grad_forward(backend_device):
+    backend, device = backend_device
+    student, teacher = make_logits()
+    with torch.no_grad():
+        out = distillation_loss(student.to(device).requires_grad_(), teacher.to(device), backend=backend)
+    assert not out.loss.requires_grad and out.loss.item() > 0
+
+
+def test_module_holds_options_and_callbacks_can_change_them():
+    student, teacher = make_logits()
+    labels = make_labels()
+    loss_fn = DistillationLoss(divergence="reverse_kl", temperature=2.0, alpha=0.5, backend="torch")
+    first = loss_fn(student, teacher, labels)
+    direct = distillation_loss(student, teacher, labels, divergence="reverse_kl", temperature=2.0, alpha=0.5)
+    torch.testing.assert_close(first.loss, direct.loss)
+    loss_fn.alpha, loss_fn.temperature = 1.0, 1.0
+    torch.testing.assert_close(
+        loss_fn(student, teacher, labels).loss,
+        distillation_loss(student, teacher, labels, divergence="reverse_kl").loss,
+    )
+    assert "alpha=1.0" in repr(loss_fn)
+    loss_fn.alpha = 1.5
+    with pytest.raises(ValueError, match="alpha"):
+        loss_fn(student, teacher, labels)
+    with pytest.raises(ValueError, match="divergence"):
+        DistillationLoss(divergence="kl")
