@@ -7,54 +7,20 @@ imports Triton until a Triton call is made, so ``import lit_distill`` works on m
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
-from .common import DIVERGENCES, REDUCTIONS, DistillationOutput, LossOptions, flatten_inputs
+from .common import (
+    DIVERGENCES,
+    REDUCTIONS,
+    DistillationOutput,
+    LossOptions,
+    flatten_inputs,
+    triton_available,
+    use_triton,
+)
 from .reference import reference_distillation_loss
 
 __all__ = ["DIVERGENCES", "REDUCTIONS", "DistillationOutput", "distillation_loss", "triton_available"]
-
-_TRUTHY = ("1", "true", "yes", "on")
-
-
-def triton_available() -> bool:
-    """Whether the Triton package can be imported here (it is only installed on Linux)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUTHY
-
-
-def _use_triton(backend: str, logits: torch.Tensor) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return logits.is_cuda and triton_available()
-    if backend != "triton":
-        raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', 'triton', 'torch'")
-    if not triton_available():
-        raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
-    if logits.is_cuda:
-        return True
-    from . import divergence
-
-    if not divergence.is_interpreted():
-        hint = (
-            " (TRITON_INTERPRET=1 is set, but only after lit_distill.kernels.divergence was imported;"
-            " set it before the first Triton call)"
-            if _interpreter_requested()
-            else ""
-        )
-        raise ValueError(
-            f"backend='triton' on {logits.device} tensors needs CUDA tensors, or Triton's CPU interpreter"
-            f" (TRITON_INTERPRET=1 in the environment before the kernels are first used){hint};"
-            " use backend='torch' or 'auto' on CPU"
-        )
-    return True
 
 
 def distillation_loss(
@@ -135,7 +101,7 @@ def distillation_loss(
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', 'triton', 'torch'")
     inputs = flatten_inputs(student_logits, teacher_logits, labels, opts)
-    if _use_triton(backend, inputs.student):
+    if use_triton(backend, inputs.student):
         from .divergence import triton_distillation_loss
 
         out = triton_distillation_loss(inputs, opts)

@@ -9,7 +9,9 @@ disagree on it.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -281,10 +283,25 @@ def row_targets(
     return RowTargets(counted=counted, hard=hard, teacher=safe_labels)
 
 
+def gather_target_logits(
+    student: torch.Tensor, teacher: torch.Tensor, targets: RowTargets, dtype: torch.dtype
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``[N]`` student logit at the hard target and teacher logit at the label (None where there is none)."""
+    s_y = None if targets.hard is None else _gather(student, targets.hard, dtype)
+    t_y = None if targets.teacher is None else _gather(teacher, targets.teacher, dtype)
+    return s_y, t_y
+
+
 def finish_rows(
-    rows: RowStatistics, student: torch.Tensor, teacher: torch.Tensor, targets: RowTargets, opts: LossOptions
+    rows: RowStatistics,
+    targets: RowTargets,
+    student_target_logit: torch.Tensor | None,
+    teacher_target_logit: torch.Tensor | None,
+    opts: LossOptions,
 ) -> tuple[DistillationOutput, torch.Tensor]:
     """Combine per-row statistics into the reduced :class:`DistillationOutput`.
+
+    ``student_target_logit`` / ``teacher_target_logit`` come from :func:`gather_target_logits`.
 
     Returns the output and the number of counted rows clamped to at least 1 (the mean's divisor, which the
     backward needs again). Runs only O(N) device ops and never syncs with the host.
@@ -299,8 +316,8 @@ def finish_rows(
 
     nan = torch.full_like(rows.divergence, math.nan)
     soft = opts.soft_scale * rows.divergence
-    hard = nan if targets.hard is None else rows.student_lse - _gather(student, targets.hard, dtype)
-    teacher_ce = nan if targets.teacher is None else rows.teacher_lse - _gather(teacher, targets.teacher, dtype)
+    hard = nan if student_target_logit is None else rows.student_lse - student_target_logit
+    teacher_ce = nan if teacher_target_logit is None else rows.teacher_lse - teacher_target_logit
 
     loss = opts.alpha * soft
     if opts.alpha < 1.0:
@@ -330,6 +347,12 @@ def _gather(logits: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> to
     return logits.gather(1, index.unsqueeze(1)).squeeze(1).to(dtype)
 
 
+def forward_row_scale(counted: torch.Tensor, divisor: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The part of ``row_grad_scale`` known before ``grad_output``: the mean's 1/N, and 0 on ignored rows."""
+    one = torch.ones((), dtype=divisor.dtype, device=divisor.device)
+    return row_grad_scale(one, counted, divisor, "sum" if reduction == "none" else reduction)
+
+
 def row_grad_scale(
     grad_loss: torch.Tensor, counted: torch.Tensor, divisor: torch.Tensor, reduction: str
 ) -> torch.Tensor:
@@ -342,3 +365,38 @@ def row_grad_scale(
     else:
         scale = grad_loss.reshape(-1)
     return torch.where(counted, scale.expand(counted.shape), 0)
+
+
+def triton_available() -> bool:
+    """Whether the Triton package can be imported here (it is only installed on Linux)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(backend: str, tensor: torch.Tensor) -> bool:
+    """Resolve ``backend`` for tensors on ``tensor``'s device; a clear error where Triton cannot run."""
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return tensor.is_cuda and triton_available()
+    if backend != "triton":
+        raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', 'triton', 'torch'")
+    if not triton_available():
+        raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
+    if tensor.is_cuda:
+        return True
+    from . import divergence
+
+    if not divergence.is_interpreted():
+        requested = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+        hint = (
+            " (TRITON_INTERPRET=1 is set, but only after lit_distill.kernels.divergence was imported;"
+            " set it before the first Triton call)"
+            if requested
+            else ""
+        )
+        raise ValueError(
+            f"backend='triton' on {tensor.device} tensors needs CUDA tensors, or Triton's CPU interpreter"
+            f" (TRITON_INTERPRET=1 in the environment before the kernels are first used){hint};"
+            " use backend='torch' or 'auto' on CPU"
+        )
+    return True

@@ -23,6 +23,7 @@ from .common import (
     LossOptions,
     RowStatistics,
     finish_rows,
+    gather_target_logits,
     row_grad_scale,
     row_targets,
 )
@@ -313,7 +314,8 @@ def triton_distillation_loss(inputs: FlatInputs, opts: LossOptions) -> Distillat
     return DistillationOutput(*out)
 
 
-def _row_statistics(student, teacher, vocab: int, opts: LossOptions):
+def row_statistics(student: torch.Tensor, teacher: torch.Tensor, vocab: int, opts: LossOptions):
+    """Forward passes over ``[N, *]`` logits: (fp32 stats ``[STATS_ROWS, N]``, int64 argmaxes ``[2, N]``)."""
     n = student.shape[0]
     stats = torch.empty(STATS_ROWS, n, dtype=torch.float32, device=student.device)
     argmax = torch.empty(2, n, dtype=torch.long, device=student.device)
@@ -355,6 +357,53 @@ def _row_statistics(student, teacher, vocab: int, opts: LossOptions):
     return stats, argmax
 
 
+def write_gradients(student, teacher, grad_s, grad_t, stats, hard, label, scale, vocab: int, opts: LossOptions):
+    """Gradient pass: write row-loss gradients times ``scale`` ``[N]`` into ``grad_s`` / ``grad_t`` (or None).
+
+    The gradient buffers may be the logits themselves: each program reads its tile before writing it.
+    ``hard`` and ``label`` are ``[N]`` int64 targets (read only when alpha < 1 / for ``grad_t``).
+    """
+    n = student.shape[0]
+    if n == 0 or (grad_s is None and grad_t is None):
+        return
+    cfg = launch_config(vocab)
+    width = max(student.shape[1], teacher.shape[1])
+    grid = (n, triton.cdiv(width, cfg["grad_block"]))
+    # Placeholders keep the signature fixed; constexpr flags compile the unused paths away.
+    gs = grad_s if grad_s is not None else student
+    gt = grad_t if grad_t is not None else teacher
+    _grad_kernel[grid](
+        student,
+        teacher,
+        gs,
+        gt,
+        stats,
+        hard,
+        label,
+        scale,
+        student.stride(0),
+        teacher.stride(0),
+        gs.stride(0),
+        gt.stride(0),
+        n,
+        vocab,
+        student.shape[1],
+        teacher.shape[1],
+        1.0 / opts.temperature,
+        opts.mix,
+        opts.alpha * opts.soft_scale / opts.temperature,
+        1.0 - opts.alpha,
+        opts.teacher_ce_weight,
+        DIVERGENCE=DIVERGENCE_CODES[opts.divergence],
+        SAME_T=opts.temperature == 1.0,
+        STUDENT_GRAD=grad_s is not None,
+        HARD=opts.alpha < 1.0,
+        TEACHER_GRAD=grad_t is not None,
+        BLOCK=cfg["grad_block"],
+        num_warps=cfg["grad_warps"],
+    )
+
+
 class TritonDistillationFunction(torch.autograd.Function):
     """Distillation loss on ``[N, V]`` logits with the fused kernels.
 
@@ -370,11 +419,12 @@ class TritonDistillationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, opts: LossOptions, vocab: int, want_student_grad, want_teacher_grad):
         n = student.shape[0]
-        stats, argmax = _row_statistics(student, teacher, vocab, opts)
+        stats, argmax = row_statistics(student, teacher, vocab, opts)
         divergence, _, _, lse_s, lse_t, _ = stats.unbind(0)
         rows = RowStatistics(divergence, lse_s, lse_t, argmax[0], argmax[1])
         targets = row_targets(labels, argmax[1], opts, n, student.device)
-        output, divisor = finish_rows(rows, student, teacher, targets, opts)
+        target_logits = gather_target_logits(student, teacher, targets, torch.float32)
+        output, divisor = finish_rows(rows, targets, *target_logits, opts)
         hard = targets.hard if targets.hard is not None else argmax[1]  # unused unless alpha < 1
         label = targets.teacher if targets.teacher is not None else argmax[1]  # unused unless w > 0
         ctx.save_for_backward(student, teacher, stats, targets.counted, hard, label, divisor)
@@ -392,42 +442,5 @@ class TritonDistillationFunction(torch.autograd.Function):
         scale = row_grad_scale(grad_loss, counted, divisor, opts.reduction).float().contiguous()
         grad_s = torch.empty_like(student) if want_student_grad else None
         grad_t = torch.empty_like(teacher) if want_teacher_grad else None
-        n = student.shape[0]
-        if n > 0 and (want_student_grad or want_teacher_grad):
-            cfg = launch_config(vocab)
-            width = max(student.shape[1], teacher.shape[1])
-            grid = (n, triton.cdiv(width, cfg["grad_block"]))
-            # Placeholders keep the signature fixed; constexpr flags compile the unused paths away.
-            gs = grad_s if grad_s is not None else student
-            gt = grad_t if grad_t is not None else teacher
-            _grad_kernel[grid](
-                student,
-                teacher,
-                gs,
-                gt,
-                stats,
-                hard,
-                label,
-                scale,
-                student.stride(0),
-                teacher.stride(0),
-                gs.stride(0),
-                gt.stride(0),
-                n,
-                vocab,
-                student.shape[1],
-                teacher.shape[1],
-                1.0 / opts.temperature,
-                opts.mix,
-                opts.alpha * opts.soft_scale / opts.temperature,
-                1.0 - opts.alpha,
-                opts.teacher_ce_weight,
-                DIVERGENCE=DIVERGENCE_CODES[opts.divergence],
-                SAME_T=opts.temperature == 1.0,
-                STUDENT_GRAD=want_student_grad,
-                HARD=opts.alpha < 1.0,
-                TEACHER_GRAD=want_teacher_grad,
-                BLOCK=cfg["grad_block"],
-                num_warps=cfg["grad_warps"],
-            )
+        write_gradients(student, teacher, grad_s, grad_t, stats, hard, label, scale, vocab, opts)
         return grad_s, grad_t, None, None, None, None, None

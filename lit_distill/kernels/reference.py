@@ -18,7 +18,8 @@ from .common import (
     RowStatistics,
     RowTargets,
     finish_rows,
-    row_grad_scale,
+    forward_row_scale,
+    gather_target_logits,
     row_targets,
 )
 
@@ -38,7 +39,7 @@ def reference_distillation_loss(
     """
     vocab = inputs.vocab_size
     if chunk_rows is None:
-        chunk_rows = max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
+        chunk_rows = default_chunk_rows(vocab)
     if chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     student, teacher = inputs.student, inputs.teacher
@@ -67,38 +68,13 @@ class _ChunkedDistillation(torch.autograd.Function):
         device = student.device
         pre = row_targets(labels, None, opts, n, device)
         divisor = pre.counted.sum().clamp(min=1).to(compute_dtype)
-        # Forward-known part of the row scale: the mean's 1/N, and 0 on ignored rows.
-        fwd_scale = row_grad_scale(
-            torch.ones((), dtype=compute_dtype, device=device),
-            pre.counted,
-            divisor,
-            "sum" if opts.reduction == "none" else opts.reduction,
-        )
+        fwd_scale = forward_row_scale(pre.counted, divisor, opts.reduction)
 
-        stats = [torch.empty(n, dtype=compute_dtype, device=device) for _ in range(3)]
-        argmaxes = [torch.empty(n, dtype=torch.long, device=device) for _ in range(2)]
         grad_student = _zero_padding(torch.empty_like(student), vocab) if want_student_grad else None
         grad_teacher = _zero_padding(torch.empty_like(teacher), vocab) if want_teacher_grad else None
-        # Five [chunk, V] buffers reused by every chunk: no allocation (and no page faults) per chunk.
-        workspace = torch.empty(5, min(chunk_rows, n), vocab, dtype=compute_dtype, device=device)
-        for start in range(0, n, chunk_rows):
-            rows = slice(start, min(start + chunk_rows, n))
-            chunk_stats = _chunk(
-                student[rows, :vocab],
-                teacher[rows, :vocab],
-                RowTargets(*(None if x is None else x[rows] for x in pre)),
-                fwd_scale[rows],
-                opts,
-                workspace[:, : rows.stop - rows.start],
-                None if grad_student is None else grad_student[rows, :vocab],
-                None if grad_teacher is None else grad_teacher[rows, :vocab],
-            )
-            for buffer, value in zip(stats + argmaxes, chunk_stats, strict=True):
-                buffer[rows] = value
-
-        rows = RowStatistics(*stats, *argmaxes)
+        rows = stream_rows(student, teacher, pre, fwd_scale, opts, vocab, chunk_rows, grad_student, grad_teacher)
         targets = row_targets(labels, rows.teacher_argmax, opts, n, device)
-        output, _ = finish_rows(rows, student, teacher, targets, opts)
+        output, _ = finish_rows(rows, targets, *gather_target_logits(student, teacher, targets, compute_dtype), opts)
         ctx.grads = (grad_student, grad_teacher)
         ctx.reduction = opts.reduction
         ctx.mark_non_differentiable(*output[1:])
@@ -120,6 +96,53 @@ class _ChunkedDistillation(torch.autograd.Function):
             factor = grad_loss
         scaled = [g if g is None or factor is None else g.mul_(factor.to(g.dtype)) for g in grads]
         return scaled[0], scaled[1], None, None, None, None, None, None
+
+
+def stream_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    targets: RowTargets,
+    scale: torch.Tensor,
+    opts: LossOptions,
+    vocab: int,
+    chunk_rows: int,
+    grad_student: torch.Tensor | None = None,
+    grad_teacher: torch.Tensor | None = None,
+) -> RowStatistics:
+    """Row statistics of ``[N, *]`` logits, a chunk of rows at a time; optionally writes row-loss gradients.
+
+    Args:
+        targets: counted mask and label targets (its ``hard`` is ignored in ``teacher_argmax`` mode).
+        scale: ``[N]`` factor on each row's loss gradient (0 on ignored rows).
+        grad_student, grad_teacher: ``[N, *]`` buffers for the gradients (valid columns only are written;
+            must not alias the logits), or None.
+    """
+    n = student.shape[0]
+    compute_dtype = torch.promote_types(student.dtype, torch.float32)
+    stats = [torch.empty(n, dtype=compute_dtype, device=student.device) for _ in range(3)]
+    argmaxes = [torch.empty(n, dtype=torch.long, device=student.device) for _ in range(2)]
+    # Five [chunk, V] buffers reused by every chunk: no allocation (and no page faults) per chunk.
+    workspace = torch.empty(5, min(chunk_rows, n), vocab, dtype=compute_dtype, device=student.device)
+    for start in range(0, n, chunk_rows):
+        rows = slice(start, min(start + chunk_rows, n))
+        chunk_stats = _chunk(
+            student[rows, :vocab],
+            teacher[rows, :vocab],
+            RowTargets(*(None if x is None else x[rows] for x in targets)),
+            scale[rows],
+            opts,
+            workspace[:, : rows.stop - rows.start],
+            None if grad_student is None else grad_student[rows, :vocab],
+            None if grad_teacher is None else grad_teacher[rows, :vocab],
+        )
+        for buffer, value in zip(stats + argmaxes, chunk_stats, strict=True):
+            buffer[rows] = value
+    return RowStatistics(*stats, *argmaxes)
+
+
+def default_chunk_rows(vocab: int) -> int:
+    """Rows per chunk so that one ``[chunk, V]`` temporary holds ``DEFAULT_CHUNK_ELEMENTS``."""
+    return max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
 
 
 def _zero_padding(grad: torch.Tensor, vocab: int) -> torch.Tensor:
