@@ -18,9 +18,17 @@ from .common import (
     triton_available,
     use_triton,
 )
+from .fused_linear import fused_linear_distillation_loss
 from .reference import reference_distillation_loss
 
-__all__ = ["DIVERGENCES", "REDUCTIONS", "DistillationOutput", "distillation_loss", "triton_available"]
+__all__ = [
+    "DIVERGENCES",
+    "REDUCTIONS",
+    "DistillationOutput",
+    "distillation_loss",
+    "fused_linear_distillation_loss",
+    "triton_available",
+]
 
 
 def distillation_loss(

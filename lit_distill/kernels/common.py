@@ -179,7 +179,20 @@ def flatten_inputs(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)}"
             " must have the same leading shape (all but the vocabulary dimension)"
         )
-    v_s, v_t = student_logits.shape[-1], teacher_logits.shape[-1]
+    vocab = resolve_vocab_size(student_logits.shape[-1], teacher_logits.shape[-1], opts)
+    labels = check_labels(labels, lead, vocab, student_logits.device, opts, what="the logits' leading shape")
+
+    return FlatInputs(
+        student=_rows(student_logits),
+        teacher=_rows(teacher_logits),
+        labels=labels,
+        vocab_size=vocab,
+        leading_shape=lead,
+    )
+
+
+def resolve_vocab_size(v_s: int, v_t: int, opts: LossOptions) -> int:
+    """The number of real tokens: ``opts.vocab_size``, or the common size of both heads."""
     vocab = opts.vocab_size
     if vocab is None:
         if v_s != v_t:
@@ -187,21 +200,32 @@ def flatten_inputs(
                 f"student vocabulary size {v_s} differs from teacher vocabulary size {v_t}; if one head is"
                 " padded, pass vocab_size=<number of real tokens> so the padding columns are excluded"
             )
-        vocab = v_s
-    elif vocab > min(v_s, v_t):
+        return v_s
+    if vocab > min(v_s, v_t):
         raise ValueError(
             f"vocab_size={vocab} is larger than the student ({v_s}) or teacher ({v_t}) vocabulary dimension"
         )
+    return vocab
 
+
+def check_labels(
+    labels: torch.Tensor | None,
+    lead: torch.Size,
+    vocab: int,
+    device: torch.device,
+    opts: LossOptions,
+    what: str,
+) -> torch.Tensor | None:
+    """Validate ``labels`` against the inputs' leading shape ``lead`` (described by ``what``) and flatten them."""
     if labels is not None:
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor (e.g. torch.long), got {labels.dtype}")
         if labels.shape != lead:
-            raise ValueError(f"labels shape {tuple(labels.shape)} must equal the logits' leading shape {tuple(lead)}")
-        if labels.device != student_logits.device:
-            raise ValueError(f"labels are on {labels.device} but the logits on {student_logits.device}")
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal {what} {tuple(lead)}")
+        if labels.device != device:
+            raise ValueError(f"labels are on {labels.device} but the inputs on {device}")
         labels = labels.reshape(-1).long()
         _check_label_range(labels, vocab, opts.ignore_index)
     if labels is None and opts.hard_labels == "labels" and opts.alpha < 1.0:
@@ -211,14 +235,7 @@ def flatten_inputs(
         )
     if labels is None and opts.teacher_ce_weight > 0:
         raise ValueError("teacher_ce_weight > 0 trains the teacher on labels, but labels is None; pass labels")
-
-    return FlatInputs(
-        student=_rows(student_logits),
-        teacher=_rows(teacher_logits),
-        labels=labels,
-        vocab_size=vocab,
-        leading_shape=lead,
-    )
+    return labels
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -70,8 +70,8 @@ class _ChunkedDistillation(torch.autograd.Function):
         divisor = pre.counted.sum().clamp(min=1).to(compute_dtype)
         fwd_scale = forward_row_scale(pre.counted, divisor, opts.reduction)
 
-        grad_student = _zero_padding(torch.empty_like(student), vocab) if want_student_grad else None
-        grad_teacher = _zero_padding(torch.empty_like(teacher), vocab) if want_teacher_grad else None
+        grad_student = torch.empty_like(student) if want_student_grad else None
+        grad_teacher = torch.empty_like(teacher) if want_teacher_grad else None
         rows = stream_rows(student, teacher, pre, fwd_scale, opts, vocab, chunk_rows, grad_student, grad_teacher)
         targets = row_targets(labels, rows.teacher_argmax, opts, n, device)
         output, _ = finish_rows(rows, targets, *gather_target_logits(student, teacher, targets, compute_dtype), opts)
@@ -114,9 +114,12 @@ def stream_rows(
     Args:
         targets: counted mask and label targets (its ``hard`` is ignored in ``teacher_argmax`` mode).
         scale: ``[N]`` factor on each row's loss gradient (0 on ignored rows).
-        grad_student, grad_teacher: ``[N, *]`` buffers for the gradients (valid columns only are written;
-            must not alias the logits), or None.
+        grad_student, grad_teacher: ``[N, *]`` buffers for the gradients, or None. Every column is written
+            (zeros on padding columns). They must not alias the logits.
     """
+    for grad in (grad_student, grad_teacher):
+        if grad is not None:
+            grad[:, vocab:] = 0
     n = student.shape[0]
     compute_dtype = torch.promote_types(student.dtype, torch.float32)
     stats = [torch.empty(n, dtype=compute_dtype, device=student.device) for _ in range(3)]
@@ -143,11 +146,6 @@ def stream_rows(
 def default_chunk_rows(vocab: int) -> int:
     """Rows per chunk so that one ``[chunk, V]`` temporary holds ``DEFAULT_CHUNK_ELEMENTS``."""
     return max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
-
-
-def _zero_padding(grad: torch.Tensor, vocab: int) -> torch.Tensor:
-    grad[:, vocab:] = 0
-    return grad
 
 
 def _log_softmax_into(x: torch.Tensor, logp: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
