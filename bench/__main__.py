@@ -1,8 +1,9 @@
 """Kernel microbenchmarks: ``python -m bench --help``.
 
-Prints a table, writes a CSV (with the device and versions on every row) and a PNG plot to ``--out``.
-The defaults fit the machine: on a CPU, forward KL at N=2048, V=128256, fp32 (a few minutes); on a GPU,
-N=8192, V=128256, bf16 with every provider.
+Cases: ``logits`` (the loss over materialized logits) and ``fused_linear`` (from hidden states and lm_head
+weights). Prints a table, writes a CSV (device and versions on every row) and a PNG plot to ``--out``.
+Defaults fit the machine: on a CPU, forward KL at N=2048, V=128256 (logits) and N=1024, H=512, V=128256
+(fused linear) in fp32, a few minutes; on a GPU, N=8192, V=128256 and H=4096 in bf16 with every provider.
 """
 
 from __future__ import annotations
@@ -10,45 +11,69 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import importlib.util
 import platform
 import sys
 from pathlib import Path
 
 import torch
 
-from . import logits
+from . import harness
+
+CPU_SHAPES = {"logits": {"N": 2048, "V": 128256}, "fused_linear": {"N": 1024, "H": 512, "V": 128256}}
+GPU_SHAPES = {"logits": {"N": 8192, "V": 128256}, "fused_linear": {"N": 8192, "H": 4096, "V": 128256}}
 
 
 def _parse(argv):
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
+    p.add_argument("--case", nargs="+", choices=list(harness.CASES), default=list(harness.CASES))
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
-    p.add_argument("--rows", type=int, nargs="+", default=None, help="token counts N (sweep)")
-    p.add_argument("--vocab", type=int, nargs="+", default=[128256], help="vocabulary sizes V (sweep)")
+    p.add_argument("--rows", type=int, nargs="+", default=None, help="token counts N to sweep")
+    p.add_argument("--vocab", type=int, nargs="+", default=None, help="vocabulary sizes V to sweep")
+    p.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden sizes H to sweep (fused_linear)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--divergence", nargs="+", choices=logits.DIVERGENCES, default=["forward_kl"])
-    p.add_argument("--providers", nargs="+", choices=logits.PROVIDERS, default=None)
-    p.add_argument("--modes", nargs="+", choices=logits.MODES, default=["fwd+bwd", "fwd"])
+    p.add_argument("--divergence", nargs="+", choices=["forward_kl", "reverse_kl", "jsd"], default=["forward_kl"])
+    p.add_argument("--providers", nargs="+", choices=["lit-triton", "lit-torch", "eager", "compile", "liger"])
+    p.add_argument("--modes", nargs="+", choices=harness.MODES, default=["fwd+bwd", "fwd"])
     p.add_argument("--reps", type=int, default=3, help="timed repetitions on CPU (GPU: do_bench decides)")
     p.add_argument("--out", type=Path, default=Path("bench/out"), help="folder for the CSV and PNG")
     ns = p.parse_args(argv)
-    on_gpu = ns.device == "cuda"
-    if on_gpu and not cuda:
+    if ns.device == "cuda" and not cuda:
         p.error("--device cuda but no CUDA device is visible")
-    ns.rows = ns.rows or ([8192] if on_gpu else [2048])
+    on_gpu = ns.device == "cuda"
     ns.dtype = getattr(torch, ns.dtype or ("bfloat16" if on_gpu else "float32"))
-    ns.providers = ns.providers or (list(logits.PROVIDERS) if on_gpu else ["lit-torch", "eager"])
-    if not on_gpu and "lit-triton" in ns.providers:
-        p.error("lit-triton needs --device cuda (on CPU the Triton interpreter is a test tool, not a backend)")
+    ns.providers = ns.providers or (
+        ["lit-triton", "lit-torch", "eager", "compile", "liger"] if on_gpu else ["lit-torch", "eager"]
+    )
     return ns
+
+
+def _shapes(case: str, ns) -> list[dict]:
+    base = (GPU_SHAPES if ns.device == "cuda" else CPU_SHAPES)[case]
+    shapes = [dict(base)]
+    for key, values in (("N", ns.rows), ("V", ns.vocab), ("H", ns.hidden)):
+        if values and key in base:
+            shapes = [{**s, key: v} for s in shapes for v in values]
+    return shapes
+
+
+def _skip_reason(provider: str, case: str, divergence: str, device: str) -> str | None:
+    if provider in ("lit-triton", "liger") and device != "cuda":
+        return f"{provider} runs on CUDA only"
+    if provider == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        return "liger_kernel is not installed"
+    if provider == "liger" and case == "fused_linear" and divergence != "forward_kl":
+        return "the Liger fused-linear provider is compared on forward_kl (beta=0) only"
+    return None
 
 
 def _environment(device: str) -> dict:
     import triton
 
-    name = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name() if device == "cuda" else f"{_cpu_name()} ({torch.get_num_threads()} threads)"
     return {
-        "device": f"{name} ({torch.get_num_threads()} threads)" if device == "cpu" else name,
+        "device": name,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": datetime.date.today().isoformat(),
@@ -66,55 +91,67 @@ def _cpu_name() -> str:
 def main(argv=None) -> None:
     ns = _parse(argv)
     env = _environment(ns.device)
-    rows_out = []
-    print(f"# {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
-    header = (
-        f"{'divergence':<11} {'mode':<8} {'N':>6} {'V':>7} {'dtype':<9} {'provider':<11} "
-        f"{'ms':>9} {'extra MiB':>10} {'GB/s':>7} {'vs eager':>8} {'|Δloss|':>9}"
+    rows_out, skipped = [], set()
+    print(f"# {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}", flush=True)
+    print(
+        f"{'case':<12} {'divergence':<11} {'mode':<8} {'shape':<22} {'provider':<11} {'ms':>9} "
+        f"{'extra MiB':>10} {'rate':>14} {'vs eager':>8} {'|Δloss|':>9}",
+        flush=True,
     )
-    print(header)
-    for divergence in ns.divergence:
-        for mode in ns.modes:
-            for n in ns.rows:
-                for v in ns.vocab:
+    for case in ns.case:
+        module = harness.CASES[case]
+        for divergence in ns.divergence:
+            for mode in ns.modes:
+                for shape in _shapes(case, ns):
                     results = {}
                     for provider in ns.providers:
-                        results[provider] = logits.measure(
-                            provider, divergence, mode, n, v, ns.dtype, ns.device, ns.reps
+                        reason = _skip_reason(provider, case, divergence, ns.device)
+                        if reason:
+                            skipped.add(f"{provider} ({case}): {reason}")
+                            continue
+                        results[provider] = harness.measure(
+                            case, provider, divergence, mode, shape, ns.dtype, ns.device, ns.reps
                         )
                     eager = results.get("eager")
                     for provider, r in results.items():
-                        gbps = logits.floor_bytes(n, v, ns.dtype, mode) / (r["ms"] * 1e-3) / 1e9
-                        row = {
-                            "case": "logits",
-                            "divergence": divergence,
-                            "mode": mode,
-                            "N": n,
-                            "V": v,
-                            "dtype": str(ns.dtype).removeprefix("torch."),
-                            "provider": provider,
-                            "ms": round(r["ms"], 4),
-                            "extra_MiB": round(r["extra_bytes"] / 2**20, 1),
-                            "GB_per_s": round(gbps, 1),
-                            "speedup_vs_eager": round(eager["ms"] / r["ms"], 2) if eager else "",
-                            "abs_loss_diff_vs_eager": f"{abs(r['loss'] - eager['loss']):.2e}" if eager else "",
-                            **env,
-                        }
+                        row = _row(case, divergence, mode, shape, ns.dtype, provider, r, eager, module, env)
                         rows_out.append(row)
                         print(
-                            f"{divergence:<11} {mode:<8} {n:>6} {v:>7} {row['dtype']:<9} {provider:<11} "
-                            f"{row['ms']:>9.2f} {row['extra_MiB']:>10.1f} {gbps:>7.1f} "
-                            f"{row['speedup_vs_eager']!s:>8} {row['abs_loss_diff_vs_eager']:>9}"
+                            f"{case:<12} {divergence:<11} {mode:<8} {row['shape']:<22} {provider:<11} "
+                            f"{r['ms']:>9.2f} {row['extra_MiB']:>10.1f} {row['rate']:>9.1f} {module.RATE_UNIT:<4} "
+                            f"{row['speedup_vs_eager']!s:>8} {row['abs_loss_diff_vs_eager']:>9}",
+                            flush=True,
                         )
+    for note in sorted(skipped):
+        print(f"skipped: {note}")
+    if not rows_out:
+        sys.exit("nothing was measured")
     ns.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    csv_path = ns.out / f"logits-{ns.device}-{stamp}.csv"
-    with csv_path.open("w", newline="") as f:
+    stem = ns.out / f"bench-{ns.device}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    with stem.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows_out[0]))
         writer.writeheader()
         writer.writerows(rows_out)
-    png_path = _plot(rows_out, ns.out / f"logits-{ns.device}-{stamp}.png", env)
-    print(f"wrote {csv_path}" + (f" and {png_path}" if png_path else ""))
+    png = _plot(rows_out, stem.with_suffix(".png"), env)
+    print(f"wrote {stem.with_suffix('.csv')}" + (f" and {png}" if png else ""))
+
+
+def _row(case, divergence, mode, shape, dtype, provider, r, eager, module, env) -> dict:
+    return {
+        "case": case,
+        "divergence": divergence,
+        "mode": mode,
+        "shape": " ".join(f"{k}={v}" for k, v in shape.items()),
+        "dtype": str(dtype).removeprefix("torch."),
+        "provider": provider,
+        "ms": round(r["ms"], 4),
+        "extra_MiB": round(r["extra_bytes"] / 2**20, 1),
+        "rate": round(module.work(shape, dtype, mode) / (r["ms"] * 1e-3), 2),
+        "rate_unit": module.RATE_UNIT,
+        "speedup_vs_eager": round(eager["ms"] / r["ms"], 2) if eager else "",
+        "abs_loss_diff_vs_eager": f"{abs(r['loss'] - eager['loss']):.2e}" if eager else "",
+        **env,
+    }
 
 
 def _plot(rows, path: Path, env: dict) -> Path | None:
@@ -124,11 +161,11 @@ def _plot(rows, path: Path, env: dict) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
         return None
-    groups = sorted({(r["divergence"], r["mode"], r["N"], r["V"]) for r in rows})
+    groups = list(dict.fromkeys((r["case"], r["divergence"], r["mode"], r["shape"]) for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 3 * len(groups)), 5))
     width = 0.8 / len(providers)
     for i, provider in enumerate(providers):
         for ax, key in zip(axes, ("ms", "extra_MiB"), strict=True):
@@ -137,19 +174,20 @@ def _plot(rows, path: Path, env: dict) -> Path | None:
                     (
                         r[key]
                         for r in rows
-                        if r["provider"] == provider and (r["divergence"], r["mode"], r["N"], r["V"]) == g
+                        if r["provider"] == provider and (r["case"], r["divergence"], r["mode"], r["shape"]) == g
                     ),
                     0,
                 )
                 for g in groups
             ]
             ax.bar([x + i * width for x in range(len(groups))], values, width, label=provider)
-    labels = [f"{d}\n{m}\nN={n} V={v}" for d, m, n, v in groups]
+    labels = ["\n".join(g) for g in groups]
     for ax, title in zip(axes, ("time (ms, lower is better)", "extra memory (MiB)"), strict=True):
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))], labels, fontsize=8)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))], labels, fontsize=7)
         ax.set_title(title)
+        ax.set_yscale("log")
         ax.legend()
-    fig.suptitle(f"logits-level distillation loss, {rows[0]['dtype']}: {env['device']}", fontsize=10)
+    fig.suptitle(f"lit-distill kernels, {rows[0]['dtype']}: {env['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels import DistillationOutput, distillation_loss
+from .kernels import DistillationOutput, distillation_loss, fused_linear_distillation_loss
 from .kernels.common import LossOptions
 
 
@@ -90,6 +90,35 @@ class DistillationLoss(nn.Module):
     ) -> DistillationOutput:
         """Loss of ``(..., V)`` student logits against teacher logits; see ``distillation_loss``."""
         return distillation_loss(student_logits, teacher_logits, labels, backend=self.backend, **self._options())
+
+    def fused_linear(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+        chunk_size: int | None = None,
+    ) -> DistillationOutput:
+        """The same loss on ``hidden @ weight.T + bias`` logits without materializing them.
+
+        See :func:`lit_distill.kernels.fused_linear_distillation_loss` for the shapes.
+        """
+        return fused_linear_distillation_loss(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            labels,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            chunk_size=chunk_size,
+            backend=self.backend,
+            **self._options(),
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in {**self._options(), "backend": self.backend}.items())

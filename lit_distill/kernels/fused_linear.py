@@ -35,7 +35,7 @@ from .common import (
 #: Bytes the per-chunk buffers may take: the logits of both models (and, on the PyTorch path, the
 #: gradient buffers beside them). At V=128256 in bf16 the CUDA budget gives 2048-token chunks, large
 #: enough that every chunk's matmuls run near peak; the CPU budget keeps the chunk small against RAM.
-MEMORY_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
+MEMORY_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
 
 
 def choose_chunk_size(
