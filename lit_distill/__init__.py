@@ -1,13 +1,42 @@
-"""lit-distill: LLM knowledge distillation as PyTorch Lightning modules, with fused Triton kernels."""
+"""lit-distill: LLM knowledge distillation as PyTorch Lightning modules, with fused Triton kernels.
+
+The kernels (``lit_distill.kernels``) import nothing from Lightning; the modules and callbacks are
+imported lazily so that ``import lit_distill`` stays quick.
+"""
 
 from .kernels import DistillationOutput, distillation_loss, fused_linear_distillation_loss
 from .losses import DistillationLoss
 
 __version__ = "0.1.0"
 __all__ = [
+    "AlphaScheduler",
+    "CausalLM",
+    "CoDistillation",
     "DistillationLoss",
+    "DistillationModule",
     "DistillationOutput",
+    "HardLabelDistillation",
+    "SoftLabelDistillation",
+    "TemperatureScheduler",
     "__version__",
     "distillation_loss",
     "fused_linear_distillation_loss",
 ]
+
+_LAZY = {
+    "AlphaScheduler": "callbacks",
+    "TemperatureScheduler": "callbacks",
+    "CausalLM": "models",
+    "CoDistillation": "modules",
+    "DistillationModule": "modules",
+    "HardLabelDistillation": "modules",
+    "SoftLabelDistillation": "modules",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'lit_distill' has no attribute {name!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -86,10 +88,18 @@ class DistillationLoss(nn.Module):
         }
 
     def forward(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        **overrides: Any,
     ) -> DistillationOutput:
-        """Loss of ``(..., V)`` student logits against teacher logits; see ``distillation_loss``."""
-        return distillation_loss(student_logits, teacher_logits, labels, backend=self.backend, **self._options())
+        """Loss of ``(..., V)`` student logits against teacher logits; see ``distillation_loss``.
+
+        ``overrides`` replace attributes for this call only (e.g. ``reduction="sum"``).
+        """
+        options = {**self._options(), "backend": self.backend, **overrides}
+        return distillation_loss(student_logits, teacher_logits, labels, **options)
 
     def fused_linear(
         self,
@@ -102,11 +112,14 @@ class DistillationLoss(nn.Module):
         student_bias: torch.Tensor | None = None,
         teacher_bias: torch.Tensor | None = None,
         chunk_size: int | None = None,
+        **overrides: Any,
     ) -> DistillationOutput:
         """The same loss on ``hidden @ weight.T + bias`` logits without materializing them.
 
-        See :func:`lit_distill.kernels.fused_linear_distillation_loss` for the shapes.
+        See :func:`lit_distill.kernels.fused_linear_distillation_loss` for the shapes; ``overrides`` as in
+        :meth:`forward`.
         """
+        options = {**self._options(), "backend": self.backend, **overrides}
         return fused_linear_distillation_loss(
             student_hidden,
             student_weight,
@@ -116,8 +129,7 @@ class DistillationLoss(nn.Module):
             student_bias=student_bias,
             teacher_bias=teacher_bias,
             chunk_size=chunk_size,
-            backend=self.backend,
-            **self._options(),
+            **options,
         )
 
     def extra_repr(self) -> str:

@@ -1,0 +1,115 @@
+"""Hugging Face causal language models from a name, a local path or a config dict.
+
+``CausalLM`` is a plain, YAML-friendly description of a model that the Lightning modules build when they
+are constructed, so that LightningCLI can take a model straight from a config file::
+
+    student:
+      class_path: lit_distill.models.CausalLM
+      init_args:
+        config: {model_type: llama, vocab_size: 8192, hidden_size: 128, num_hidden_layers: 2, ...}
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CausalLM:
+    """How to build a causal LM: exactly one of ``name_or_path`` (pretrained weights) or ``config``.
+
+    Args:
+        name_or_path: a Hugging Face Hub name or a local directory with ``config.json`` and weights.
+            With ``HF_HUB_OFFLINE=1`` only local directories and the local cache are used.
+        config: a config dict with ``model_type`` (e.g. ``{"model_type": "llama", "vocab_size": 8192, ...}``);
+            the model is randomly initialized (seed it with ``seed_everything``).
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; None keeps the checkpoint's (or fp32).
+        gradient_checkpointing: recompute activations in the backward to save memory.
+        trust_remote_code: allow model code from the checkpoint (Hub models with custom architectures).
+
+    Raises:
+        ValueError: if neither or both of ``name_or_path`` and ``config`` are given, or the dtype is unknown.
+
+    Example:
+        >>> spec = CausalLM(config={"model_type": "llama", "vocab_size": 256, "hidden_size": 32,
+        ...                         "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4})
+        >>> model = spec.build()
+    """
+
+    def __init__(
+        self,
+        name_or_path: str | None = None,
+        config: dict[str, Any] | None = None,
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if (name_or_path is None) == (config is None):
+            raise ValueError("give exactly one of name_or_path (pretrained weights) or config (random init)")
+        if config is not None and "model_type" not in config:
+            raise ValueError(f"config needs a model_type (e.g. 'llama' or 'gpt2'); got keys {sorted(config)}")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        self.name_or_path = name_or_path
+        self.config = config
+        self.dtype = dtype
+        self.gradient_checkpointing = gradient_checkpointing
+        self.trust_remote_code = trust_remote_code
+
+    def build(self) -> nn.Module:
+        """Instantiate the model (downloads nothing when offline; raises ``OSError`` naming what was missing)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        dtype = DTYPES.get(self.dtype) if self.dtype else None
+        if self.config is not None:
+            config = dict(self.config)
+            hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=self.trust_remote_code)
+            if dtype is not None:
+                model = model.to(dtype)
+        else:
+            model = _from_pretrained(self.name_or_path, dtype, self.trust_remote_code)
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model
+
+    def __repr__(self) -> str:
+        source = f"name_or_path={self.name_or_path!r}" if self.name_or_path else f"config={self.config!r}"
+        return f"CausalLM({source}, dtype={self.dtype!r})"
+
+
+def _from_pretrained(name_or_path: str, dtype, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        where = "a local directory" if Path(name_or_path).exists() else "the Hugging Face Hub or its local cache"
+        raise OSError(
+            f"could not load a causal LM from {name_or_path!r} ({where}"
+            f"{', HF_HUB_OFFLINE is set' if offline else ''}): {err}. Point name_or_path at a local directory"
+            " holding config.json and the weights (save_pretrained writes one)."
+        ) from err
+
+
+def build(model: nn.Module | CausalLM | None) -> nn.Module | None:
+    """A module as it is, or the model a :class:`CausalLM` describes."""
+    return model.build() if isinstance(model, CausalLM) else model
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    """Rows of the model's output layer (the padded vocabulary), or ``config.vocab_size``."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if isinstance(head, nn.Linear):
+        return head.out_features
+    return getattr(getattr(model, "config", None), "vocab_size", None)

@@ -1,0 +1,8 @@
+"""LightningModules for the three ways one LLM trains another."""
+
+from .base import DistillationModule
+from .co_distillation import CoDistillation
+from .hard_label import HardLabelDistillation
+from .soft_label import SoftLabelDistillation
+
+__all__ = ["CoDistillation", "DistillationModule", "HardLabelDistillation", "SoftLabelDistillation"]

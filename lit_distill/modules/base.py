@@ -1,0 +1,281 @@
+"""The LightningModule every distillation technique builds on.
+
+Loss normalization: each micro-batch's loss is a *sum* over its counted tokens, divided by a constant ``c``
+(the number of label positions of the step's first micro-batch, only to keep magnitudes near 1). Lightning
+divides every micro-batch's loss by ``accumulate_grad_batches`` (k) and DDP averages gradients over the W
+processes, so before the optimizer step the gradient is ``sum_i g_i / (c k W)``. ``on_before_optimizer_step``
+then multiplies it by ``c k W / N``, where N is the number of counted tokens of the whole optimizer step on
+all processes (one all-reduce of a scalar). The result is the gradient of the token-mean loss over the
+whole step: with gradient accumulation or several processes it equals one big batch's, however unevenly
+the padding falls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from ..kernels import DistillationOutput
+from ..losses import DistillationLoss
+from ..models import CausalLM, build, vocab_size
+
+# Config attributes of heads that transform the logits after the lm_head matmul; the fused-linear path
+# would skip the transform, so such models use the logits path.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class DistillationModule(pl.LightningModule):
+    """Student, teacher and loss: teacher freezing, the next-token shift, the loss call, logging, optimizers.
+
+    Technique modules override :meth:`compute_loss`. Batches are dicts with ``input_ids`` ``(B, T)`` and
+    optionally ``attention_mask`` (0 marks padding) and ``labels`` (aligned with ``input_ids``, the Hugging
+    Face convention; -100 or the loss's ``ignore_index`` marks positions to skip). Position t is trained
+    to predict token t+1.
+
+    Args:
+        student: the model to train: a Hugging Face causal LM or a :class:`~lit_distill.models.CausalLM`.
+        teacher: the model to learn from (same vocabulary, up to head padding: see ``loss.vocab_size``).
+        loss: a :class:`~lit_distill.losses.DistillationLoss` (divergence, temperature, alpha, ...); its
+            ``reduction`` is ignored (see the module docstring for the normalization).
+        optimizer: builds the optimizer from parameter groups (default AdamW).
+        lr_scheduler: builds a scheduler from the optimizer, stepped every optimizer step; optional.
+        fused_linear: compute the loss from hidden states and lm_head weights without the full logits,
+            where both models allow it (plain linear heads; not heads with soft-capping or logit scaling).
+        chunk_size: tokens per chunk of the fused-linear path (None: from a memory budget).
+
+    Raises:
+        ValueError: when the technique needs a teacher and none is given, or the vocabularies differ
+            beyond what ``loss.vocab_size`` declares as padding.
+    """
+
+    #: the teacher is trained too (co-distillation); otherwise it is frozen and left out of checkpoints
+    teacher_trains: bool = False
+    #: fields of the loss output logged every training step
+    logged_statistics: tuple[str, ...] = ("soft", "hard", "teacher_ce", "agreement")
+
+    def __init__(
+        self,
+        student: nn.Module | CausalLM,
+        teacher: nn.Module | CausalLM | None = None,
+        loss: DistillationLoss | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        fused_linear: bool = True,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if teacher is None:
+            raise ValueError(f"{type(self).__name__} needs a teacher model (teacher=...)")
+        self.student = build(student)
+        self.teacher = build(teacher)
+        self.loss = loss if loss is not None else DistillationLoss()
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.fused_linear = fused_linear
+        self.chunk_size = chunk_size
+        self._check_vocabularies()
+        if not self.teacher_trains:
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
+        self.val_loss = MeanMetric()
+        self.val_student_ce = MeanMetric()
+        self.val_teacher_ce = MeanMetric()
+        self._reset_step()
+        self._batch_start: float | None = None
+
+    # ----------------------------------------------------------------- setup
+    def _check_vocabularies(self) -> None:
+        v_s, v_t = vocab_size(self.student), vocab_size(self.teacher)
+        declared = self.loss.vocab_size
+        if v_s is None or v_t is None:
+            return
+        if declared is None and v_s != v_t:
+            raise ValueError(
+                f"the student's vocabulary ({v_s}) differs from the teacher's ({v_t}). Distillation needs one"
+                " tokenizer; if one head is only padded, set the loss's vocab_size to the tokenizer's size"
+            )
+        if declared is not None and declared > min(v_s, v_t):
+            raise ValueError(
+                f"loss vocab_size={declared} exceeds the student's ({v_s}) or the teacher's ({v_t}) vocabulary"
+            )
+
+    @override
+    def train(self, mode: bool = True) -> DistillationModule:
+        super().train(mode)
+        if not self.teacher_trains:
+            self.teacher.eval()  # a frozen teacher never runs dropout
+        return self
+
+    @override
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameter_groups())
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: the student's trainable parameters."""
+        return [{"params": [p for p in self.student.parameters() if p.requires_grad]}]
+
+    # ------------------------------------------------------------- the loss
+    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
+        """The technique's loss for a batch, with ``reduction="sum"`` over counted tokens."""
+        return self.distill(batch)
+
+    def distill(self, batch: Mapping[str, torch.Tensor], **overrides: Any) -> DistillationOutput:
+        """Both forward passes and the distillation loss (sum over counted tokens); ``overrides`` go to the loss."""
+        input_ids, attention_mask, labels = self.shifted_inputs(batch)
+        with torch.set_grad_enabled(self.teacher_trains and torch.is_grad_enabled()):
+            teacher_out = self._forward(self.teacher, input_ids, attention_mask)
+        student_out = self._forward(self.student, input_ids, attention_mask)
+        overrides = {"reduction": "sum", **overrides}
+        if isinstance(student_out, tuple) and isinstance(teacher_out, tuple):
+            (h_s, w_s, b_s), (h_t, w_t, b_t) = student_out, teacher_out
+            return self.loss.fused_linear(
+                h_s[:, :-1],
+                w_s,
+                h_t[:, :-1],
+                w_t,
+                labels,
+                student_bias=b_s,
+                teacher_bias=b_t,
+                chunk_size=self.chunk_size,
+                **overrides,
+            )
+        return self.loss(_logits(student_out)[:, :-1], _logits(teacher_out)[:, :-1], labels, **overrides)
+
+    def shifted_inputs(
+        self, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(input_ids, attention_mask, labels for positions 0..T-2), padding mapped to ``ignore_index``."""
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+            raise ValueError(
+                f"a batch must be a dict with 'input_ids' (and optionally 'attention_mask', 'labels'); got {got}"
+            )
+        input_ids = batch["input_ids"]
+        attention_mask = batch.get("attention_mask")
+        labels = batch.get("labels", input_ids)[:, 1:]
+        if attention_mask is not None:
+            labels = labels.masked_fill(attention_mask[:, 1:] == 0, self.loss.ignore_index)
+        return input_ids, attention_mask, labels
+
+    def _forward(self, model: nn.Module, input_ids, attention_mask):
+        """(hidden states, head weight, head bias) when the head can be fused, else the model output."""
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        base = getattr(model, "base_model", model)
+        config = getattr(model, "config", None)
+        fusable = (
+            self.fused_linear
+            and isinstance(head, nn.Linear)
+            and base is not model
+            and not any(getattr(config, name, None) for name in LOGIT_TRANSFORMS)
+        )
+        if fusable:
+            hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return hidden, head.weight, head.bias
+        return model(input_ids=input_ids, attention_mask=attention_mask)
+
+    # ------------------------------------------------------------- training
+    def _reset_step(self) -> None:
+        self._step_tokens: torch.Tensor | None = None
+        self._step_loss: torch.Tensor | None = None
+        self._step_norm: float | None = None
+
+    @override
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.compute_loss(batch)
+        if self._step_norm is None:  # first micro-batch of an optimizer step
+            self._step_norm = float(max(1, batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)))
+            self._step_tokens = torch.zeros((), dtype=torch.float32, device=out.loss.device)
+            self._step_loss = torch.zeros((), dtype=torch.float32, device=out.loss.device)
+        self._step_tokens = self._step_tokens + out.num_tokens
+        self._step_loss = self._step_loss + out.loss.detach().float()
+        for name in self.logged_statistics:
+            self.log(f"train/{name}", getattr(out, name), on_step=True, on_epoch=False)
+        return out.loss / self._step_norm
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._step_tokens is None:
+            return
+        tokens, loss = self._step_tokens, self._step_loss
+        if self.trainer.world_size > 1:
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+            loss = self.trainer.strategy.reduce(loss, reduce_op="sum")
+        tokens = tokens.clamp(min=1)
+        scale = self._step_norm * self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.dtype))
+        self.log("train/loss", loss / tokens, on_step=True, on_epoch=False, prog_bar=True)
+        self._reset_step()
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._batch_start is not None:
+            seconds = max(time.perf_counter() - self._batch_start, 1e-9)
+            self.log("train/tokens_per_sec", batch["input_ids"].numel() / seconds, on_step=True, on_epoch=False)
+
+    # ----------------------------------------------------------- validation
+    @override
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        out = self.distill(batch, hard_labels="labels")  # cross-entropies on the true next tokens
+        tokens = out.num_tokens.clamp(min=1).float()
+        self.val_loss.update(out.loss / tokens, weight=tokens)
+        self.val_student_ce.update(out.hard, weight=tokens)
+        self.val_teacher_ce.update(out.teacher_ce, weight=tokens)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        student_ce = self.val_student_ce.compute()
+        teacher_ce = self.val_teacher_ce.compute()
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.log("val/student_ce", student_ce)
+        self.log("val/student_ppl", torch.exp(student_ce), prog_bar=True)
+        self.log("val/teacher_ce", teacher_ce)
+        self.log("val/teacher_ppl", torch.exp(teacher_ce))
+        for metric in (self.val_loss, self.val_student_ce, self.val_teacher_ce):
+            metric.reset()
+
+    # ---------------------------------------------------------- checkpoints
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.teacher_trains:  # a frozen teacher is rebuilt from its source, not stored
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")
+            }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.teacher_trains:
+            state = checkpoint["state_dict"]
+            for key, value in self.teacher.state_dict().items():
+                state.setdefault(f"teacher.{key}", value)
+
+    def save_student(self, directory: str) -> None:
+        """Write the student in Hugging Face format (``from_pretrained`` loads it)."""
+        _save_pretrained(self.student, directory, "student")
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+def _save_pretrained(model: nn.Module, directory: str, what: str) -> None:
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(f"the {what} ({type(model).__name__}) has no save_pretrained; save its state_dict instead")
+    model.save_pretrained(directory)

@@ -1,0 +1,134 @@
+"""Hard-label distillation: the student learns the teacher's chosen tokens, not its full distribution."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from ..kernels import DistillationOutput
+from ..losses import DistillationLoss
+from ..models import CausalLM
+from .base import DistillationModule
+
+MODES = ("argmax", "generate")
+
+
+class HardLabelDistillation(DistillationModule):
+    """Train the student with cross-entropy on tokens the teacher picks.
+
+    - ``mode="argmax"``: at every position the target is the teacher's most likely next token, taken from
+      the same fused pass that computes the statistics (token-level hard labels).
+    - ``mode="generate"``: sequence-level distillation. The first ``prompt_length`` tokens of each sequence
+      are a prompt; the teacher generates ``max_new_tokens`` tokens after it (sampling with
+      ``sampling_temperature`` and ``top_p``, or greedy with ``do_sample=False``), and the student trains
+      on the generated tokens only (the prompt, and anything after the teacher's end-of-sequence token,
+      are masked). Prompts must not contain padding.
+
+    Args:
+        mode: ``"argmax"`` or ``"generate"``.
+        prompt_length: prompt tokens per sequence (generate mode).
+        max_new_tokens: tokens the teacher generates per prompt (generate mode).
+        do_sample: sample (True) or decode greedily (False).
+        sampling_temperature: the teacher's sampling temperature (not the distillation temperature).
+        top_p: nucleus-sampling mass.
+        Other arguments as in :class:`DistillationModule`.
+
+    Raises:
+        ValueError: for an unknown mode, non-positive lengths, a sampling temperature <= 0, top_p outside
+            (0, 1], or ``mode="generate"`` with a teacher that cannot generate.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module | CausalLM,
+        teacher: nn.Module | CausalLM | None = None,
+        loss: DistillationLoss | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        fused_linear: bool = True,
+        chunk_size: int | None = None,
+        mode: str = "argmax",
+        prompt_length: int = 16,
+        max_new_tokens: int = 32,
+        do_sample: bool = True,
+        sampling_temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose 'argmax' or 'generate'")
+        if prompt_length < 1 or max_new_tokens < 1:
+            raise ValueError(f"prompt_length and max_new_tokens must be >= 1, got {prompt_length}, {max_new_tokens}")
+        if not (sampling_temperature > 0 and math.isfinite(sampling_temperature)):
+            raise ValueError(f"sampling_temperature must be > 0, got {sampling_temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        super().__init__(student, teacher, loss, optimizer, lr_scheduler, fused_linear, chunk_size)
+        can_generate = getattr(self.teacher, "can_generate", None)
+        if mode == "generate" and not (
+            callable(getattr(self.teacher, "generate", None)) and (can_generate is None or can_generate())
+        ):
+            raise ValueError(
+                f"mode='generate' needs a teacher that can generate text (a Hugging Face causal LM with"
+                f" .generate); {type(self.teacher).__name__} cannot"
+            )
+        self.mode = mode
+        self.prompt_length = prompt_length
+        self.max_new_tokens = max_new_tokens
+        self.do_sample = do_sample
+        self.sampling_temperature = sampling_temperature
+        self.top_p = top_p
+        if mode == "generate":
+            self.logged_statistics = ("hard",)
+
+    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
+        if self.mode == "argmax":
+            return self.distill(batch, alpha=0.0, hard_labels="teacher_argmax")
+        sequences, labels = self.generate_targets(batch)
+        logits = self.student(input_ids=sequences).logits[:, :-1]
+        targets = labels[:, 1:]
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            targets.reshape(-1),
+            ignore_index=self.loss.ignore_index,
+            reduction="sum",
+        )
+        num_tokens = (targets != self.loss.ignore_index).sum()
+        nan = torch.full((), math.nan, device=loss.device)
+        hard = loss.detach() / num_tokens.clamp(min=1)
+        return DistillationOutput(loss, nan, hard, nan, nan, num_tokens)
+
+    @torch.no_grad()
+    def generate_targets(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt + generated tokens ``(B, P + G)``, labels: generated tokens, ``ignore_index`` elsewhere)."""
+        input_ids = self.shifted_inputs(batch)[0]
+        if input_ids.shape[1] < self.prompt_length:
+            raise ValueError(
+                f"sequences of {input_ids.shape[1]} tokens are shorter than prompt_length={self.prompt_length}"
+            )
+        prompts = input_ids[:, : self.prompt_length]
+        config = self.teacher.generation_config
+        eos = config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        pad = config.pad_token_id if config.pad_token_id is not None else (eos if eos is not None else 0)
+        sampling = {"temperature": self.sampling_temperature, "top_p": self.top_p} if self.do_sample else {}
+        sequences = self.teacher.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            pad_token_id=pad,
+            **sampling,
+        )
+        generated = sequences[:, self.prompt_length :]
+        keep = torch.ones_like(generated, dtype=torch.bool)
+        if eos is not None:  # keep the end-of-sequence token itself, mask what follows it
+            after_eos = (generated == eos).long().cumsum(1) - (generated == eos).long()
+            keep = after_eos == 0
+        labels = torch.full_like(sequences, self.loss.ignore_index)
+        labels[:, self.prompt_length :] = torch.where(keep, generated, self.loss.ignore_index)
+        return sequences, labels
