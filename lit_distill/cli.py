@@ -1,8 +1,9 @@
 """The ``lit-distill`` command.
 
-``lit-distill demo`` computes every divergence's loss and gradients on random logits with both backends
-(the fused Triton kernels, under Triton's CPU interpreter when there is no GPU, and the chunked PyTorch
-path) and prints them side by side. The training commands arrive with the Lightning modules.
+lit-distill demo [--quick]                      distillation end to end on the bundled corpus
+lit-distill fit --config configs/<x>.yaml       train any technique from YAML (LightningCLI)
+lit-distill validate|test|predict ...            the other LightningCLI subcommands
+lit-distill kernels                             the loss on random logits, Triton kernels vs PyTorch
 """
 
 from __future__ import annotations
@@ -14,37 +15,67 @@ import time
 import warnings
 
 DTYPES = ("float32", "bfloat16", "float16")
+DESCRIPTION = (
+    "lit-distill: LLM knowledge distillation with PyTorch Lightning. Techniques (--model): "
+    "lit_distill.modules.SoftLabelDistillation, HardLabelDistillation (mode argmax|generate), CoDistillation, "
+    "and LanguageModelTraining (a teacher, or a student trained alone). Also: `lit-distill demo [--quick]` "
+    "(the end-to-end demo) and `lit-distill kernels` (the loss kernels on random logits)."
+)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lit-distill", description="lit-distill: LLM knowledge distillation with fused softmax-divergence kernels."
+def cli_main(args: list[str] | None = None):
+    """Entry point of the ``lit-distill`` console script; returns the LightningCLI object for LightningCLI runs."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["demo"]:
+        from .demo import demo_main
+
+        demo_main(argv[1:])
+        return None
+    if argv[:1] == ["kernels"]:
+        _kernels(_kernels_parser().parse_args(argv[1:]))
+        return None
+    return _lightning_cli(argv)
+
+
+def _lightning_cli(argv: list[str]):
+    from lightning.pytorch.cli import LightningCLI
+
+    from .data import TextDataModule
+    from .modules import DistillationModule
+
+    class LitDistillCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # The tokenizer decides the vocabulary; models described by a config dict take it from there.
+            parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+
+    return LitDistillCLI(
+        DistillationModule,
+        TextDataModule,
+        subclass_mode_model=True,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": DESCRIPTION},
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo",
-        help="compare the Triton and PyTorch backends on random logits",
+
+
+# ------------------------------------------------------------ kernels check
+def _kernels_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lit-distill kernels",
         description="Loss and gradients of every divergence on random logits, Triton kernels vs PyTorch.",
     )
-    demo.add_argument("--rows", type=int, default=8, help="tokens (rows of logits); default 8")
-    demo.add_argument("--vocab", type=int, default=32000, help="vocabulary size; default 32000")
-    demo.add_argument("--dtype", choices=DTYPES, default="float32", help="logits dtype; default float32")
-    demo.add_argument("--temperature", type=float, default=2.0, help="softmax temperature; default 2.0")
-    demo.add_argument("--alpha", type=float, default=0.5, help="soft-term weight; default 0.5")
-    demo.add_argument("--seed", type=int, default=0)
-    return parser
+    p.add_argument("--rows", type=int, default=8, help="tokens (rows of logits); default 8")
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size; default 32000")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="logits dtype; default float32")
+    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature; default 2.0")
+    p.add_argument("--alpha", type=float, default=0.5, help="soft-term weight; default 0.5")
+    p.add_argument("--seed", type=int, default=0)
+    return p
 
 
-def cli_main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lit-distill`` console script."""
-    ns = _parser().parse_args(args)
-    if ns.command == "demo":
-        _demo(ns)
-
-
-def _demo(ns: argparse.Namespace) -> None:
+def _kernels(ns: argparse.Namespace) -> None:
     if ns.rows <= 0 or ns.vocab <= 1:
-        sys.exit("lit-distill demo: --rows must be positive and --vocab at least 2")
+        sys.exit("lit-distill kernels: --rows must be positive and --vocab at least 2")
     import torch
 
     cuda = torch.cuda.is_available()
@@ -65,12 +96,11 @@ def _demo(ns: argparse.Namespace) -> None:
     backends = ["triton", "torch"] if triton_available() else ["torch"]
     where = "CUDA" if cuda else "CPU, Triton interpreter"
     print(
-        f"lit-distill demo: {ns.rows} tokens x {ns.vocab} vocab, {ns.dtype}, T={ns.temperature}, "
+        f"lit-distill kernels: {ns.rows} tokens x {ns.vocab} vocab, {ns.dtype}, T={ns.temperature}, "
         f"alpha={ns.alpha}, device {device} ({where})"
     )
     if len(backends) == 1:
         print("Triton is not installed here: showing the PyTorch backend only.")
-
     header = f"{'divergence':<16}" + "".join(f"{f'loss [{b}]':>16}" for b in backends)
     header += f"{'max |dgrad|':>14}" if len(backends) == 2 else ""
     header += "".join(f"{f'ms [{b}]':>13}" for b in backends)
@@ -82,13 +112,7 @@ def _demo(ns: argparse.Namespace) -> None:
             s = student.detach().clone().requires_grad_()
             start = time.perf_counter()
             out = distillation_loss(
-                s,
-                teacher,
-                labels,
-                divergence=divergence,
-                temperature=ns.temperature,
-                alpha=ns.alpha,
-                backend=backend,
+                s, teacher, labels, divergence=divergence, temperature=ns.temperature, alpha=ns.alpha, backend=backend
             )
             out.loss.backward()
             if cuda:
@@ -101,10 +125,6 @@ def _demo(ns: argparse.Namespace) -> None:
             row += f"{(grads[0] - grads[1]).abs().max().item():>14.2e}"
         row += "".join(f"{t:>13.1f}" for t in times)
         print(row)
-    print(
-        "Both backends compute alpha * T^2 * divergence + (1 - alpha) * cross-entropy, with gradients;"
-        " see README.md for the API."
-    )
 
 
 if __name__ == "__main__":

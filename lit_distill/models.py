@@ -102,9 +102,13 @@ def _from_pretrained(name_or_path: str, dtype, trust_remote_code: bool) -> nn.Mo
         ) from err
 
 
-def build(model: nn.Module | CausalLM | None) -> nn.Module | None:
-    """A module as it is, or the model a :class:`CausalLM` describes."""
-    return model.build() if isinstance(model, CausalLM) else model
+def build(model: nn.Module | CausalLM | None, vocab_size: int | None = None) -> nn.Module | None:
+    """A module as it is, or the model a :class:`CausalLM` describes (``vocab_size`` overrides its config's)."""
+    if not isinstance(model, CausalLM):
+        return model
+    if vocab_size is not None and model.config is not None:
+        model.config = {**model.config, "vocab_size": vocab_size}
+    return model.build()
 
 
 def vocab_size(model: nn.Module) -> int | None:

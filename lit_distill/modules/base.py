@@ -13,6 +13,7 @@ the padding falls.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +27,9 @@ from typing_extensions import override
 from ..kernels import DistillationOutput
 from ..losses import DistillationLoss
 from ..models import CausalLM, build, vocab_size
+
+# A frozen teacher is in eval mode on purpose; Lightning's notice about it is noise here.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", module="lightning")
 
 # Config attributes of heads that transform the logits after the lm_head matmul; the fused-linear path
 # would skip the transform, so such models use the logits path.
@@ -50,6 +54,8 @@ class DistillationModule(pl.LightningModule):
         fused_linear: compute the loss from hidden states and lm_head weights without the full logits,
             where both models allow it (plain linear heads; not heads with soft-capping or logit scaling).
         chunk_size: tokens per chunk of the fused-linear path (None: from a memory budget).
+        vocab_size: the tokenizer's size; models described by a ``CausalLM`` config get it as their
+            ``vocab_size`` (the command line links it from the data module).
 
     Raises:
         ValueError: when the technique needs a teacher and none is given, or the vocabularies differ
@@ -58,6 +64,8 @@ class DistillationModule(pl.LightningModule):
 
     #: the teacher is trained too (co-distillation); otherwise it is frozen and left out of checkpoints
     teacher_trains: bool = False
+    #: the technique needs a teacher model
+    needs_teacher: bool = True
     #: fields of the loss output logged every training step
     logged_statistics: tuple[str, ...] = ("soft", "hard", "teacher_ce", "agreement")
 
@@ -70,19 +78,21 @@ class DistillationModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         fused_linear: bool = True,
         chunk_size: int | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         super().__init__()
-        if teacher is None:
+        if teacher is None and self.needs_teacher:
             raise ValueError(f"{type(self).__name__} needs a teacher model (teacher=...)")
-        self.student = build(student)
-        self.teacher = build(teacher)
+        self.student = build(student, vocab_size)
+        self.teacher = build(teacher, vocab_size) if self.needs_teacher else None
         self.loss = loss if loss is not None else DistillationLoss()
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.fused_linear = fused_linear
         self.chunk_size = chunk_size
-        self._check_vocabularies()
-        if not self.teacher_trains:
+        if self.teacher is not None:
+            self._check_vocabularies()
+        if self.teacher is not None and not self.teacher_trains:
             self.teacher.requires_grad_(False)
             self.teacher.eval()
         self.val_loss = MeanMetric()
@@ -110,7 +120,7 @@ class DistillationModule(pl.LightningModule):
     @override
     def train(self, mode: bool = True) -> DistillationModule:
         super().train(mode)
-        if not self.teacher_trains:
+        if self.teacher is not None and not self.teacher_trains:
             self.teacher.eval()  # a frozen teacher never runs dropout
         return self
 
@@ -254,14 +264,16 @@ class DistillationModule(pl.LightningModule):
     # ---------------------------------------------------------- checkpoints
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if not self.teacher_trains:  # a frozen teacher is rebuilt from its source, not stored
+        if (
+            self.teacher is not None and not self.teacher_trains
+        ):  # a frozen teacher is rebuilt from its source, not stored
             checkpoint["state_dict"] = {
                 k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")
             }
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if not self.teacher_trains:
+        if self.teacher is not None and not self.teacher_trains:
             state = checkpoint["state_dict"]
             for key, value in self.teacher.state_dict().items():
                 state.setdefault(f"teacher.{key}", value)

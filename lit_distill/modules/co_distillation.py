@@ -41,6 +41,7 @@ class CoDistillation(DistillationModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         fused_linear: bool = True,
         chunk_size: int | None = None,
+        vocab_size: int | None = None,
         teacher_ce_weight: float = 1.0,
         teacher_lr: float | None = None,
     ) -> None:
@@ -48,7 +49,7 @@ class CoDistillation(DistillationModule):
             raise ValueError(
                 f"co-distillation trains the teacher through teacher_ce_weight > 0, got {teacher_ce_weight}"
             )
-        super().__init__(student, teacher, loss, optimizer, lr_scheduler, fused_linear, chunk_size)
+        super().__init__(student, teacher, loss, optimizer, lr_scheduler, fused_linear, chunk_size, vocab_size)
         self.loss.teacher_ce_weight = teacher_ce_weight
         self.teacher_lr = teacher_lr
         self.teacher.requires_grad_(True)

@@ -1,0 +1,43 @@
+"""Export the trained model(s) in Hugging Face format when fitting ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+
+class ExportModel(Callback):
+    """Write the student (and, with ``teacher_directory``, a co-trained teacher) with ``save_pretrained``.
+
+    Args:
+        directory: where the student goes (created if needed); ``from_pretrained(directory)`` loads it.
+        teacher_directory: where a co-distillation teacher goes; None skips it.
+        tokenizer: also save the data module's tokenizer next to each model (default True).
+
+    Example:
+        >>> Trainer(callbacks=[ExportModel("artifacts/student")])
+    """
+
+    def __init__(self, directory: str, teacher_directory: str | None = None, tokenizer: bool = True) -> None:
+        super().__init__()
+        self.directory = directory
+        self.teacher_directory = teacher_directory
+        self.tokenizer = tokenizer
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        pl_module.save_student(self.directory)
+        targets = [self.directory]
+        if self.teacher_directory is not None:
+            pl_module.save_teacher(self.teacher_directory)
+            targets.append(self.teacher_directory)
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
+        if self.tokenizer and tokenizer is not None:
+            for directory in targets:
+                tokenizer.save_pretrained(directory)
+        print(f"exported {' and '.join(str(Path(d).resolve()) for d in targets)}")
