@@ -15,9 +15,12 @@ __all__ = [
     "DistillationLoss",
     "DistillationModule",
     "DistillationOutput",
+    "ExportModel",
     "HardLabelDistillation",
+    "LanguageModelTraining",
     "SoftLabelDistillation",
     "TemperatureScheduler",
+    "TextDataModule",
     "__version__",
     "distillation_loss",
     "fused_linear_distillation_loss",
@@ -25,7 +28,10 @@ __all__ = [
 
 _LAZY = {
     "AlphaScheduler": "callbacks",
+    "ExportModel": "callbacks",
     "TemperatureScheduler": "callbacks",
+    "TextDataModule": "data",
+    "LanguageModelTraining": "modules",
     "CausalLM": "models",
     "CoDistillation": "modules",
     "DistillationModule": "modules",
