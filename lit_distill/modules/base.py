@@ -12,6 +12,7 @@ the padding falls.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric
@@ -281,6 +283,17 @@ class DistillationModule(pl.LightningModule):
     def save_student(self, directory: str) -> None:
         """Write the student in Hugging Face format (``from_pretrained`` loads it)."""
         _save_pretrained(self.student, directory, "student")
+
+
+def cross_entropy_output(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> DistillationOutput:
+    """Summed next-token CE of ``(B, T, V)`` logits on ``(B, T)`` targets, as a :class:`DistillationOutput`
+    whose distillation-only fields (soft, teacher CE, agreement) are NaN."""
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index, reduction="sum"
+    )
+    num_tokens = (targets != ignore_index).sum()
+    nan = torch.full((), math.nan, device=loss.device)
+    return DistillationOutput(loss, nan, loss.detach() / num_tokens.clamp(min=1), nan, nan, num_tokens)
 
 
 def _logits(output: Any) -> torch.Tensor:

@@ -6,14 +6,13 @@ import math
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from ..kernels import DistillationOutput
 from ..losses import DistillationLoss
 from ..models import CausalLM
-from .base import DistillationModule
+from .base import DistillationModule, cross_entropy_output
 
 MODES = ("argmax", "generate")
 
@@ -91,17 +90,7 @@ class HardLabelDistillation(DistillationModule):
             return self.distill(batch, alpha=0.0, hard_labels="teacher_argmax")
         sequences, labels = self.generate_targets(batch)
         logits = self.student(input_ids=sequences).logits[:, :-1]
-        targets = labels[:, 1:]
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
-            targets.reshape(-1),
-            ignore_index=self.loss.ignore_index,
-            reduction="sum",
-        )
-        num_tokens = (targets != self.loss.ignore_index).sum()
-        nan = torch.full((), math.nan, device=loss.device)
-        hard = loss.detach() / num_tokens.clamp(min=1)
-        return DistillationOutput(loss, nan, hard, nan, nan, num_tokens)
+        return cross_entropy_output(logits, labels[:, 1:], self.loss.ignore_index)
 
     @torch.no_grad()
     def generate_targets(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
@@ -14,7 +12,7 @@ from typing_extensions import override
 from ..kernels import DistillationOutput
 from ..losses import DistillationLoss
 from ..models import CausalLM
-from .base import DistillationModule
+from .base import DistillationModule, cross_entropy_output
 
 
 class LanguageModelTraining(DistillationModule):
@@ -45,15 +43,7 @@ class LanguageModelTraining(DistillationModule):
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
         input_ids, attention_mask, labels = self.shifted_inputs(batch)
         logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
-            labels.reshape(-1),
-            ignore_index=self.loss.ignore_index,
-            reduction="sum",
-        )
-        num_tokens = (labels != self.loss.ignore_index).sum()
-        nan = torch.full((), math.nan, device=loss.device)
-        return DistillationOutput(loss, nan, loss.detach() / num_tokens.clamp(min=1), nan, nan, num_tokens)
+        return cross_entropy_output(logits, labels, self.loss.ignore_index)
 
     @override
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
