@@ -5,6 +5,8 @@ It shares no code with the package. It materializes everything, so it is only fo
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -16,9 +18,13 @@ def _weighted_log_ratio(w, log_x, log_y):
     return torch.where(pos, w * diff, 0.0).sum(-1)
 
 
-def _log_mixture(x, y, weight):
-    # clamp keeps log(0) finite and blocks its gradient; those entries carry zero weight anyway.
-    return (weight * x + (1 - weight) * y).clamp_min(1e-300).log()
+def _log_mixture(log_x, log_y, weight):
+    """log(weight * x + (1 - weight) * y) from log-probabilities (exact where probabilities underflow)."""
+    neg_inf = torch.full_like(log_x, -math.inf)
+    a = log_x + math.log(weight) if weight > 0 else neg_inf
+    b = log_y + math.log(1 - weight) if weight < 1 else neg_inf
+    both = torch.isinf(a) & torch.isinf(b)  # keeps logaddexp's gradient free of 0/0
+    return torch.where(both, -math.inf, torch.logaddexp(torch.where(both, 0.0, a), torch.where(both, 0.0, b)))
 
 
 def divergence(name, s, t, *, beta=0.5, skew=0.1):
@@ -30,12 +36,12 @@ def divergence(name, s, t, *, beta=0.5, skew=0.1):
     if name == "reverse_kl" or (name == "jsd" and beta == 1):
         return _weighted_log_ratio(q, lq, lp)
     if name == "jsd":
-        lm = _log_mixture(p, q, beta)
+        lm = _log_mixture(lp, lq, beta)
         return beta * _weighted_log_ratio(p, lp, lm) + (1 - beta) * _weighted_log_ratio(q, lq, lm)
     if name == "skew_forward_kl":
-        return _weighted_log_ratio(p, lp, _log_mixture(p, q, skew))
+        return _weighted_log_ratio(p, lp, _log_mixture(lp, lq, skew))
     if name == "skew_reverse_kl":
-        return _weighted_log_ratio(q, lq, _log_mixture(q, p, skew))
+        return _weighted_log_ratio(q, lq, _log_mixture(lq, lp, skew))
     if name == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
     raise ValueError(name)

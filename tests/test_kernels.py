@@ -62,7 +62,7 @@ def _row_weights(shape):
     return torch.linspace(0.5, 2.0, math.prod(shape)).reshape(shape)
 
 
-def assert_grad_close(actual, expected, rtol, what="gradient"):
+def assert_grad_close(actual, expected, rtol, what="gradient", atol=0.0):
     if expected is None or not bool((expected != 0).any()):
         assert actual is None or bool((actual == 0).all()), f"{what}: expected zero/None"
         return
@@ -70,7 +70,7 @@ def assert_grad_close(actual, expected, rtol, what="gradient"):
     actual = actual.detach().cpu().double()
     assert not torch.isnan(actual).any(), f"{what} has NaN"
     # Elementwise relative error with a floor at a fraction of the largest entry (tiny entries round freely).
-    floor = rtol * 0.1 * expected.abs().max()
+    floor = rtol * 0.1 * expected.abs().max() + atol
     err = (actual - expected).abs()
     bound = rtol * expected.abs() + floor
     worst = (err - bound).argmax()

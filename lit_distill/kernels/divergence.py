@@ -70,32 +70,45 @@ def _online_logsumexp(x, running_max, running_sum):
 
 
 @triton.jit
+def _log_mixture(la, lb, w):
+    """log(w e^la + (1 - w) e^lb) from log-probabilities, stable where the probabilities underflow.
+
+    Mixing in probability space would give log(0) = -inf wherever both probabilities underflow in fp32
+    (a logit of -1e4), although the mixture's log is finite; -inf only where both inputs are -inf.
+    """
+    x = la + tl.log(w)
+    y = lb + tl.log(1.0 - w)
+    top = tl.maximum(x, y)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    return shift + tl.log(tl.exp(x - shift) + tl.exp(y - shift))
+
+
+@triton.jit
 def _pointwise_terms(lq, lp, mix, DIVERGENCE: tl.constexpr):
-    """Per-column divergence term and g = dD/dq (q unconstrained) for the three-pass divergences.
+    """Per-column divergence term and q * g, g = dD/dq (q unconstrained), for the three-pass divergences.
 
     ``lq``/``lp`` are the student's / teacher's log-probabilities at temperature T (-inf where masked).
+    q * g is formed in log space: at skew 0, q * p / m tends to p, not 0, as q underflows.
     """
     q = tl.exp(lq)
     p = tl.exp(lp)
     if DIVERGENCE == JSD:
-        m = mix * p + (1.0 - mix) * q
-        lm = tl.log(m)
+        lm = _log_mixture(lp, lq, mix)
         term = mix * tl.where(p == 0.0, 0.0, p * (lp - lm)) + (1.0 - mix) * tl.where(q == 0.0, 0.0, q * (lq - lm))
-        g = (1.0 - mix) * (lq - lm)
+        q_g = tl.where(q == 0.0, 0.0, (1.0 - mix) * q * (lq - lm))  # g = (1 - beta) log(q / m)
     elif DIVERGENCE == SKEW_FORWARD_KL:
-        m = mix * p + (1.0 - mix) * q
-        term = tl.where(p == 0.0, 0.0, p * (lp - tl.log(m)))
-        g = tl.where(p == 0.0, 0.0, -(1.0 - mix) * p / m)
+        lm = _log_mixture(lp, lq, mix)
+        term = tl.where(p == 0.0, 0.0, p * (lp - lm))
+        q_g = tl.where(p == 0.0, 0.0, -(1.0 - mix) * tl.exp(lq + lp - lm))  # g = -(1 - skew) p / m
     elif DIVERGENCE == SKEW_REVERSE_KL:
-        m = mix * q + (1.0 - mix) * p
-        log_ratio = lq - tl.log(m)
-        term = tl.where(q == 0.0, 0.0, q * log_ratio)
-        # dD/dq = log(q/m) + 1 - skew * q/m; the constant cancels in the softmax Jacobian.
-        g = log_ratio - mix * q / m
+        lm = _log_mixture(lq, lp, mix)
+        term = tl.where(q == 0.0, 0.0, q * (lq - lm))
+        # g = log(q/m) + 1 - skew * q/m; the constant cancels in the softmax Jacobian.
+        q_g = tl.where(q == 0.0, 0.0, q * (lq - lm) - mix * tl.exp(2.0 * lq - lm))
     else:  # TVD
         term = 0.5 * tl.abs(p - q)
-        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
-    return term, g, q
+        q_g = 0.5 * q * tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
+    return term, q_g, q
 
 
 @triton.jit
@@ -198,9 +211,9 @@ def _soft_pass_kernel(
         mask = cols < vocab
         s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        term, g, q = _pointwise_terms(s * inv_t - lse_a, t * inv_t - lse_b, mix, DIVERGENCE)
+        term, q_g, _ = _pointwise_terms(s * inv_t - lse_a, t * inv_t - lse_b, mix, DIVERGENCE)
         div += tl.where(mask, term, 0.0)
-        q_dot_g += tl.where(mask & (q != 0.0), q * g, 0.0)
+        q_dot_g += tl.where(mask, q_g, 0.0)
     tl.store(stats_ptr + STAT_DIVERGENCE * n_rows + row, tl.sum(div, 0))
     tl.store(stats_ptr + STAT_Q_DOT_G * n_rows + row, tl.sum(q_dot_g, 0))
 
@@ -255,9 +268,8 @@ def _grad_kernel(
             div = tl.load(stats_ptr + STAT_DIVERGENCE * n_rows + row)
             d_soft = tl.where(q == 0.0, 0.0, q * (lq - lp - div))
         else:
-            _, g, q = _pointwise_terms(lq, lp, mix, DIVERGENCE)
-            q_dot_g = tl.load(stats_ptr + STAT_Q_DOT_G * n_rows + row)
-            d_soft = tl.where(q == 0.0, 0.0, q * (g - q_dot_g))
+            _, q_g, q = _pointwise_terms(lq, lp, mix, DIVERGENCE)
+            d_soft = q_g - q * tl.load(stats_ptr + STAT_Q_DOT_G * n_rows + row)
         grad = soft_coef * d_soft
         if HARD:
             target = tl.load(hard_ptr + row)

@@ -9,6 +9,8 @@ the backward only rescales it by ``grad_output``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .common import (
@@ -59,36 +61,29 @@ class _ChunkedDistillation(torch.autograd.Function):
     loss = alpha * c * D(p, q) + (1 - alpha) * CE(s, y) + w * CE(t, labels), c = T² if t2_scaling else 1.
     d loss/ds = alpha * c / T * dD/da + (1 - alpha) * (softmax(s) - onehot(y)), and
     d loss/dt = w * (softmax(t) - onehot(labels)); dD/da per divergence is in ``_divergence``.
+
+    The first backward hands over the buffers written in the forward (no copy); a second one (gradcheck,
+    ``retain_graph=True``) recomputes them from the saved inputs.
     """
 
     @staticmethod
     def forward(ctx, student, teacher, labels, opts, vocab, chunk_rows, want_student_grad, want_teacher_grad):
-        n = student.shape[0]
-        compute_dtype = torch.promote_types(student.dtype, torch.float32)
-        device = student.device
-        pre = row_targets(labels, None, opts, n, device)
-        divisor = pre.counted.sum().clamp(min=1).to(compute_dtype)
-        fwd_scale = forward_row_scale(pre.counted, divisor, opts.reduction)
-
-        grad_student = torch.empty_like(student) if want_student_grad else None
-        grad_teacher = torch.empty_like(teacher) if want_teacher_grad else None
-        rows = stream_rows(student, teacher, pre, fwd_scale, opts, vocab, chunk_rows, grad_student, grad_teacher)
-        targets = row_targets(labels, rows.teacher_argmax, opts, n, device)
+        ctx.args = (opts, vocab, chunk_rows, want_student_grad, want_teacher_grad)
+        rows, grads = _statistics_and_gradients(student, teacher, labels, *ctx.args)
+        n, compute_dtype = student.shape[0], rows.divergence.dtype
+        targets = row_targets(labels, rows.teacher_argmax, opts, n, student.device)
         output, _ = finish_rows(rows, targets, *gather_target_logits(student, teacher, targets, compute_dtype), opts)
-        ctx.grads = (grad_student, grad_teacher)
-        ctx.reduction = opts.reduction
+        ctx.grads = grads
+        ctx.save_for_backward(student, teacher, labels)
         ctx.mark_non_differentiable(*output[1:])
         return tuple(output)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        if ctx.grads is None:
-            raise RuntimeError(
-                "backward through a torch-backend distillation loss ran twice; its gradient is computed in"
-                " the forward and handed over once. Recompute the loss for a second backward."
-            )
+        if ctx.grads is None:  # a second backward: the first one handed the buffers over
+            ctx.grads = _statistics_and_gradients(*ctx.saved_tensors, *ctx.args)[1]
         grads, ctx.grads = ctx.grads, None
-        if ctx.reduction == "none":
+        if ctx.args[0].reduction == "none":
             factor = grad_loss.reshape(-1, 1)
         elif grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
             factor = None  # the common case costs no pass over the gradient
@@ -96,6 +91,19 @@ class _ChunkedDistillation(torch.autograd.Function):
             factor = grad_loss
         scaled = [g if g is None or factor is None else g.mul_(factor.to(g.dtype)) for g in grads]
         return scaled[0], scaled[1], None, None, None, None, None, None
+
+
+def _statistics_and_gradients(student, teacher, labels, opts, vocab, chunk_rows, want_student_grad, want_teacher_grad):
+    """Row statistics and the gradient buffers (row-loss gradients times the mean's 1/N; None if not wanted)."""
+    n = student.shape[0]
+    compute_dtype = torch.promote_types(student.dtype, torch.float32)
+    pre = row_targets(labels, None, opts, n, student.device)
+    divisor = pre.counted.sum().clamp(min=1).to(compute_dtype)
+    fwd_scale = forward_row_scale(pre.counted, divisor, opts.reduction)
+    grad_student = torch.empty_like(student) if want_student_grad else None
+    grad_teacher = torch.empty_like(teacher) if want_teacher_grad else None
+    rows = stream_rows(student, teacher, pre, fwd_scale, opts, vocab, chunk_rows, grad_student, grad_teacher)
+    return rows, (grad_student, grad_teacher)
 
 
 def stream_rows(
@@ -124,8 +132,10 @@ def stream_rows(
     compute_dtype = torch.promote_types(student.dtype, torch.float32)
     stats = [torch.empty(n, dtype=compute_dtype, device=student.device) for _ in range(3)]
     argmaxes = [torch.empty(n, dtype=torch.long, device=student.device) for _ in range(2)]
-    # Five [chunk, V] buffers reused by every chunk: no allocation (and no page faults) per chunk.
-    workspace = torch.empty(5, min(chunk_rows, n), vocab, dtype=compute_dtype, device=student.device)
+    # [chunk, V] buffers reused by every chunk (no allocation, no page faults per chunk): five for the
+    # math, plus one per gradient stored in a narrower dtype, which is accumulated in the compute dtype.
+    narrow = sum(g is not None and g.dtype != compute_dtype for g in (grad_student, grad_teacher))
+    workspace = torch.empty(5 + narrow, min(chunk_rows, n), vocab, dtype=compute_dtype, device=student.device)
     for start in range(0, n, chunk_rows):
         rows = slice(start, min(start + chunk_rows, n))
         chunk_stats = _chunk(
@@ -181,11 +191,16 @@ def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _chunk(s, t, targets: RowTargets, scale, opts: LossOptions, workspace, grad_s, grad_t):
     """Statistics of a chunk of rows ``[R, V]``; writes the scaled row-loss gradients into ``grad_s``/``grad_t``.
 
-    ``workspace`` is ``[5, R, V]`` in the compute dtype; ``grad_s``/``grad_t`` are views of the gradient
-    buffers (or None when not wanted).
+    ``workspace`` is ``[5 + k, R, V]`` in the compute dtype, k the number of gradients in a narrower dtype;
+    ``grad_s``/``grad_t`` are views of the gradient buffers (or None when not wanted).
     """
     inv_t = 1.0 / opts.temperature
-    lq, q, lp, p, scratch = workspace.unbind(0)
+    lq, q, lp, p, scratch, *spare = workspace.unbind(0)
+    out_s, out_t = grad_s, grad_t
+    if grad_s is not None and grad_s.dtype != lq.dtype:  # accumulate in fp32, round once at the end
+        grad_s = spare.pop(0)
+    if grad_t is not None and grad_t.dtype != lq.dtype:
+        grad_t = spare.pop(0)
     lse_a, student_argmax = _log_softmax_into(_load(s, lq, inv_t), lq, q)
     lse_b, teacher_argmax = _log_softmax_into(_load(t, lp, inv_t), lp, p)
     div = _divergence(opts, lq, lp, q, p, scratch, grad_s)
@@ -214,6 +229,9 @@ def _chunk(s, t, targets: RowTargets, scale, opts: LossOptions, workspace, grad_
         grad_t.mul_(keep)
         if ignored is not None:
             grad_t[ignored] = 0
+    for out, grad in ((out_s, grad_s), (out_t, grad_t)):
+        if out is not None and out is not grad:
+            out.copy_(grad)
     return stats
 
 
@@ -226,6 +244,15 @@ def _add_softmax_minus_onehot(grad, logits, probs_at_t, lse, target, weight, inv
     grad.scatter_add_(1, target.unsqueeze(1), torch.full_like(grad[:, :1], -weight))
 
 
+def _log_mixture(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w e^la + (1 - w) e^lb) from (clamped) log-probabilities, stable where probabilities underflow."""
+    lowest = torch.finfo(la.dtype).min
+    return torch.logaddexp(
+        la + math.log(w) if w > 0 else la.new_full((), lowest).expand_as(la),
+        lb + math.log(1 - w) if w < 1 else lb.new_full((), lowest).expand_as(lb),
+    ).clamp_(min=lowest)
+
+
 def _divergence(opts: LossOptions, lq, lp, q, p, scratch, grad):
     """Row divergence ``[R]``; if ``grad`` is given, writes dD/da (a = student logits / T) into it.
 
@@ -233,7 +260,7 @@ def _divergence(opts: LossOptions, lq, lp, q, p, scratch, grad):
     cancels catastrophically in fp32 when the distributions are close).
 
     For the KLs the gradient is closed-form. For the others, with g = dD/dq taken with q unconstrained,
-    the softmax Jacobian gives dD/da = q * (g - sum(q * g)).
+    the softmax Jacobian gives dD/da = q * g - q * sum(q * g).
     """
     kind, mix = opts.divergence, opts.mix
     if kind == "forward_kl":
@@ -247,29 +274,26 @@ def _divergence(opts: LossOptions, lq, lp, q, p, scratch, grad):
             torch.sub(log_ratio, div.unsqueeze(1), out=grad).mul_(q)
         return div
 
-    lowest, tiny = torch.finfo(q.dtype).min, torch.finfo(q.dtype).tiny
+    # q * g is formed directly (in log space where needed): at skew 0, q * p / m tends to p as q underflows.
     if kind == "jsd":
-        lm = (mix * p + (1.0 - mix) * q).log_().clamp_(min=lowest)
-        g = (lq - lm).mul_(1.0 - mix)  # dD/dq = (1 - beta) log(q / m)
-        q_term = _row_dot(q, g)  # = (1 - beta) KL(q || m)
-        div = mix * _row_dot(p, torch.sub(lp, lm, out=scratch)) + q_term
+        lm = _log_mixture(lp, lq, mix)
+        q_g = (lq - lm).mul_(q).mul_(1.0 - mix)  # g = (1 - beta) log(q / m)
+        div = mix * _row_dot(p, torch.sub(lp, lm, out=scratch)) + q_g.sum(-1)  # sum(q g) = (1 - beta) KL(q || m)
     elif kind == "skew_forward_kl":
-        m = mix * p + (1.0 - mix) * q
-        div = _row_dot(p, torch.sub(lp, m.log().clamp_(min=lowest), out=scratch))
-        g = (p / m.clamp_(min=tiny)).mul_(-(1.0 - mix))  # dD/dq = -(1 - skew) p / m
-        q_term = _row_dot(q, g)
+        lm = _log_mixture(lp, lq, mix)
+        div = _row_dot(p, torch.sub(lp, lm, out=scratch))
+        q_g = (lq + lp - lm).exp_().mul_(-(1.0 - mix))  # g = -(1 - skew) p / m
     elif kind == "skew_reverse_kl":
-        m = mix * q + (1.0 - mix) * p
-        g = lq - m.log().clamp_(min=lowest)
-        div = _row_dot(q, g)
-        # dD/dq = log(q / m) + 1 - skew * q / m; the constant 1 cancels in the softmax Jacobian.
-        g.sub_((q / m.clamp_(min=tiny)).mul_(mix))
-        q_term = _row_dot(q, g)
+        lm = _log_mixture(lq, lp, mix)
+        div = _row_dot(q, torch.sub(lq, lm, out=scratch))
+        if mix == 0:  # m = p: +inf where the teacher bans a token the student allows, as for reverse KL
+            div = torch.where(((p == 0) & (q > 0)).any(-1), math.inf, div)
+        # g = log(q / m) + 1 - skew * q / m; the constant 1 cancels in the softmax Jacobian.
+        q_g = scratch.mul_(q).sub_((2 * lq - lm).exp_().mul_(mix))
     else:  # tvd
         diff = q - p
         div = 0.5 * diff.abs().sum(-1)
-        g = diff.sign_().mul_(0.5)
-        q_term = _row_dot(q, g)
+        q_g = diff.sign_().mul_(q).mul_(0.5)
     if grad is not None:
-        torch.sub(g, q_term.unsqueeze(1), out=grad).mul_(q)
+        torch.mul(q, q_g.sum(-1, keepdim=True), out=grad).neg_().add_(q_g)
     return div
