@@ -94,13 +94,17 @@ def test_needs_a_loss_attribute():
 
 
 class Recorder(Callback):
-    """Records the loss's alpha and temperature as the model sees them, every step."""
+    """Records the loss's alpha and temperature as the model sees them, and the loss, every step."""
 
     def __init__(self):
         self.values = {}
+        self.losses = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.values[trainer.global_step] = (pl_module.loss.alpha, pl_module.loss.temperature)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = float(outputs["loss"])
 
 
 class StopAt(Callback):
@@ -130,17 +134,20 @@ def test_drives_the_loss_and_logs():
     assert "train/alpha" in t.callback_metrics and "train/temperature" in t.callback_metrics
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("technique", ["soft", "hard-argmax", "hard-generate", "co"])
+def test_resume_continues_exactly(tmp_path, technique):
+    """Stopped after 3 of 6 steps and resumed: same schedule values, losses and final weights (both models
+    and both parameter groups for co-distillation)."""
     batch = make_batch(padding=[(1, 2)])
     pl.seed_everything(0)
     full = Recorder()
-    uninterrupted = make_module("soft")
+    uninterrupted = make_module(technique)
     trainer(max_steps=6, callbacks=[*schedules(), full]).fit(uninterrupted, loader(batch))
 
     pl.seed_everything(0)
     first = Recorder()
     t = trainer(max_steps=6, callbacks=[*schedules(), first, StopAt(3)])
-    t.fit(make_module("soft"), loader(batch))
+    t.fit(make_module(technique), loader(batch))
     assert t.global_step == 3
     t.save_checkpoint(tmp_path / "stopped.ckpt")
     saved = torch.load(tmp_path / "stopped.ckpt", weights_only=False)["callbacks"]
@@ -148,7 +155,7 @@ def test_resume_continues_exactly(tmp_path):
     assert saved[alpha.state_key]["total_steps"] == 6 and saved[temperature.state_key]["start"] == 3.0
 
     second = Recorder()
-    resumed = make_module("soft")
+    resumed = make_module(technique)
     trainer(max_steps=6, callbacks=[*schedules(), second]).fit(
         resumed, loader(batch), ckpt_path=tmp_path / "stopped.ckpt"
     )
@@ -156,8 +163,9 @@ def test_resume_continues_exactly(tmp_path):
     for step in range(6):
         got = (first.values | second.values)[step]
         assert got == pytest.approx(full.values[step]), f"step {step}"
-    for key, value in uninterrupted.student.state_dict().items():
-        torch.testing.assert_close(resumed.student.state_dict()[key], value, msg=key)
+    for key, value in uninterrupted.state_dict().items():  # the teacher too (trained or frozen)
+        torch.testing.assert_close(resumed.state_dict()[key], value, msg=key)
+    assert full.losses == pytest.approx(first.losses | second.losses)
 
 
 def test_state_key_distinguishes_the_schedules():
