@@ -34,10 +34,11 @@ def cli_main(args: list[str] | None = None):
     if argv[:1] == ["kernels"]:
         _kernels(_kernels_parser().parse_args(argv[1:]))
         return None
-    return _lightning_cli(argv)
+    # From the console LightningCLI reads sys.argv itself (passing both makes it warn).
+    return _lightning_cli(None if args is None else argv)
 
 
-def _lightning_cli(argv: list[str]):
+def _lightning_cli(argv: list[str] | None):
     from lightning.pytorch.cli import LightningCLI
 
     from .data import TextDataModule
