@@ -266,6 +266,17 @@ def test_extreme_logits_and_banned_tokens(backend_device, divergence):
     assert_grad_close(grad_s, ref_grad, 1e-2)
 
 
+@pytest.mark.parametrize(("divergence", "skew"), [("reverse_kl", 0.1), ("skew_reverse_kl", 0.0)])
+def test_one_banned_token_makes_reverse_kl_infinite(backend_device, divergence, skew):
+    backend, device = backend_device
+    student, teacher = make_logits(shape=(2,))
+    teacher[0, 7] = -math.inf  # a single banned token in row 0; row 1 is untouched
+    out = distillation_loss(
+        student.to(device), teacher.to(device), divergence=divergence, skew=skew, reduction="none", backend=backend
+    )
+    assert out.loss[0].item() == math.inf and math.isfinite(out.loss[1].item())
+
+
 def test_nan_input_propagates_to_loss(backend_device):
     backend, device = backend_device
     student, teacher = make_logits()

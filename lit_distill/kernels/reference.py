@@ -253,6 +253,14 @@ def _log_mixture(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
     ).clamp_(min=lowest)
 
 
+def _infinite_where_banned(div: torch.Tensor, lp: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(q || p) is +inf in a row where the teacher bans a token (a -inf logit, so a log-prob clamped to the
+    lowest float) that the student allows (q > 0). The clamped log-probabilities would give a huge finite
+    number there instead (about q * 3.4e38); a merely tiny teacher probability stays finite."""
+    banned = lp == torch.finfo(lp.dtype).min
+    return torch.where((banned & (q > 0)).any(-1), math.inf, div)
+
+
 def _divergence(opts: LossOptions, lq, lp, q, p, scratch, grad):
     """Row divergence ``[R]``; if ``grad`` is given, writes dD/da (a = student logits / T) into it.
 
@@ -269,7 +277,7 @@ def _divergence(opts: LossOptions, lq, lp, q, p, scratch, grad):
         return _row_dot(p, torch.sub(lp, lq, out=scratch))
     if kind == "reverse_kl":
         log_ratio = torch.sub(lq, lp, out=scratch)
-        div = _row_dot(q, log_ratio)
+        div = _infinite_where_banned(_row_dot(q, log_ratio), lp, q)
         if grad is not None:
             torch.sub(log_ratio, div.unsqueeze(1), out=grad).mul_(q)
         return div
@@ -286,8 +294,8 @@ def _divergence(opts: LossOptions, lq, lp, q, p, scratch, grad):
     elif kind == "skew_reverse_kl":
         lm = _log_mixture(lq, lp, mix)
         div = _row_dot(q, torch.sub(lq, lm, out=scratch))
-        if mix == 0:  # m = p: +inf where the teacher bans a token the student allows, as for reverse KL
-            div = torch.where(((p == 0) & (q > 0)).any(-1), math.inf, div)
+        if mix == 0:  # m = p: reverse KL
+            div = _infinite_where_banned(div, lp, q)
         # g = log(q / m) + 1 - skew * q / m; the constant 1 cancels in the softmax Jacobian.
         q_g = scratch.mul_(q).sub_((2 * lq - lm).exp_().mul_(mix))
     else:  # tvd
