@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AlphaScheduler",
     "CausalLM",
+    "CheckpointOnInterrupt",
     "CoDistillation",
     "DistillationLoss",
     "DistillationModule",
@@ -28,6 +29,7 @@ __all__ = [
 
 _LAZY = {
     "AlphaScheduler": "callbacks",
+    "CheckpointOnInterrupt": "callbacks",
     "ExportModel": "callbacks",
     "TemperatureScheduler": "callbacks",
     "TextDataModule": "data",

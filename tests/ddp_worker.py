@@ -1,7 +1,12 @@
 """One optimizer step of a technique on a fixed global batch, on 1 or 2 CPU processes; saves the result.
 
-Run by ``test_distributed.py`` as ``python tests/ddp_worker.py <technique> <devices> <out.pt>``. With two
-devices Lightning's DDP launcher starts the second process by running this script again.
+Run by ``test_distributed.py`` as ``python tests/ddp_worker.py <technique> <devices> <out.pt> [fault]``. With
+two devices Lightning's DDP launcher starts the second process by running this script again. Faults:
+
+- ``trim``: each process trims its batch's trailing all-padding columns, so the processes see sequences of
+  different lengths (as a pad-to-longest collator gives them);
+- ``nan-skip`` / ``nan-raise``: the second process's student produces NaN, with ``on_nonfinite`` skip or
+  raise. The single-process reference of ``nan-skip`` has that process's rows all padding instead.
 """
 
 import sys
@@ -18,40 +23,62 @@ warnings.filterwarnings("ignore")
 
 
 class Rows(Dataset):
-    """The global batch row by row; DistributedSampler gives rank r the rows r, r + 2, ..."""
+    """This process's rows of the global batch: process r of W gets rows r, r + W, ... (no sampler involved)."""
 
-    def __init__(self, batch):
+    def __init__(self, batch, devices):
         self.batch = batch
+        self.devices = devices
 
     def __len__(self):
-        return self.batch["input_ids"].shape[0]
+        return self.batch["input_ids"].shape[0] // self.devices
 
     def __getitem__(self, i):
-        return {k: v[i] for k, v in self.batch.items()}
+        rank = torch.distributed.get_rank() if self.devices > 1 else 0
+        return {k: v[i * self.devices + rank] for k, v in self.batch.items()}
 
 
-def main(technique: str, devices: int, out: str) -> None:
-    # Rows 0 and 2 (rank 0 under DDP) are heavily padded, rows 1 and 3 (rank 1) not at all.
+def trim(rows):
+    """Collate rows and drop the trailing columns that are padding in every row."""
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    length = int(batch["attention_mask"].any(0).nonzero().max()) + 1
+    return {k: v[:, :length] for k, v in batch.items()}
+
+
+def main(technique: str, devices: int, out: str, fault: str = "") -> None:
+    # Rows 0 and 2 (process 0 under DDP) are heavily padded, rows 1 and 3 (process 1) not at all.
     batch = make_batch(rows=4, length=12, seed=5, padding=[(0, 8), (2, 6)])
     pl.seed_everything(0)
-    module = make_module(technique)
+    module = make_module(technique, on_nonfinite="skip" if fault == "nan-skip" else "raise")
     module.optimizer = lambda params: torch.optim.SGD(params, lr=1.0)
+    if fault == "nan-skip" and devices == 1:
+        batch["attention_mask"][1::2] = 0  # what the second process contributes once skipped: nothing
+    if fault.startswith("nan") and devices > 1:
+        poison_on_rank_1(module)
     before = {k: v.clone() for k, v in module.student.state_dict().items()}
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
+        use_distributed_sampler=False,
         max_steps=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, DataLoader(Rows(batch), batch_size=4 // devices, shuffle=False))
+    collate = trim if fault == "trim" else None
+    trainer.fit(module, DataLoader(Rows(batch, devices), batch_size=4 // devices, shuffle=False, collate_fn=collate))
     if trainer.global_rank == 0:
         delta = {k: before[k] - v for k, v in module.student.state_dict().items()}
         torch.save({"delta": delta, "loss": float(trainer.callback_metrics["train/loss"])}, out)
 
 
+def poison_on_rank_1(module) -> None:
+    def hook(embeddings, args, output):
+        return output * float("nan") if torch.distributed.get_rank() == 1 else output
+
+    module.student.get_input_embeddings().register_forward_hook(hook)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(*sys.argv[1:2], int(sys.argv[2]), *sys.argv[3:])

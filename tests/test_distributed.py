@@ -9,28 +9,50 @@ import pytest
 import torch
 
 HERE = Path(__file__).parent
+needs_distributed = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is missing")
 
 
-def run(technique: str, devices: int, out: Path) -> dict:
+def launch(technique: str, devices: int, out: Path, fault: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "ddp_worker.py"), technique, str(devices), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=HERE,
-    )
+    command = [sys.executable, str(HERE / "ddp_worker.py"), technique, str(devices), str(out), fault]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=HERE)
+
+
+def run(technique: str, devices: int, out: Path, fault: str = "") -> dict:
+    proc = launch(technique, devices, out, fault)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("technique", ["soft", "hard-argmax", "co"])
-def test_two_processes_equal_one(tmp_path, technique):
-    single = run(technique, 1, tmp_path / "single.pt")
-    ddp = run(technique, 2, tmp_path / "ddp.pt")
+def assert_same_step(single: dict, ddp: dict) -> None:
     assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)
     for key, delta in single["delta"].items():
         torch.testing.assert_close(ddp["delta"][key], delta, rtol=1e-4, atol=1e-6, msg=key)
     assert any(bool((d != 0).any()) for d in single["delta"].values())
+
+
+@needs_distributed
+@pytest.mark.parametrize("technique", ["soft", "hard-argmax", "hard-generate", "co"])
+def test_two_processes_equal_one(tmp_path, technique):
+    assert_same_step(run(technique, 1, tmp_path / "single.pt"), run(technique, 2, tmp_path / "ddp.pt"))
+
+
+@needs_distributed
+def test_processes_with_sequences_of_different_lengths(tmp_path):
+    """A pad-to-longest collator gives the processes different sequence lengths; the step is unchanged."""
+    assert_same_step(run("soft", 1, tmp_path / "single.pt"), run("soft", 2, tmp_path / "ddp.pt", "trim"))
+
+
+@needs_distributed
+def test_skip_a_nan_on_one_process(tmp_path):
+    """The second process's loss is NaN and skipped: the step is the first process's rows alone."""
+    single = run("soft", 1, tmp_path / "single.pt", "nan-skip")
+    assert_same_step(single, run("soft", 2, tmp_path / "ddp.pt", "nan-skip"))
+
+
+@needs_distributed
+def test_a_nan_on_one_process_stops_both(tmp_path):
+    proc = launch("soft", 2, tmp_path / "ddp.pt", "nan-raise")
+    assert proc.returncode != 0
+    assert "the training loss is nan on at least one process at step 0 (epoch 0, batch 0)" in proc.stderr
+    assert not (tmp_path / "ddp.pt").exists()

@@ -21,11 +21,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from ..checkpoints import VerifiedCheckpointIO
 from ..kernels import DistillationOutput
 from ..losses import DistillationLoss
 from ..models import CausalLM, build, vocab_size
@@ -36,6 +38,7 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode",
 # Config attributes of heads that transform the logits after the lm_head matmul; the fused-linear path
 # would skip the transform, so such models use the logits path.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+NONFINITE_ACTIONS = ("raise", "skip")
 
 
 class DistillationModule(pl.LightningModule):
@@ -58,10 +61,16 @@ class DistillationModule(pl.LightningModule):
         chunk_size: tokens per chunk of the fused-linear path (None: from a memory budget).
         vocab_size: the tokenizer's size; models described by a ``CausalLM`` config get it as their
             ``vocab_size`` (the command line links it from the data module).
+        on_nonfinite: what a NaN or infinite training loss does. ``"raise"`` (default) stops the run with a
+            ``FloatingPointError`` naming the optimizer step, before the optimizer applies anything;
+            ``"skip"`` drops the micro-batch (it adds no gradient and no tokens; an optimizer step whose
+            micro-batches were all dropped changes nothing), warns with the step, and counts the drops in
+            ``train/skipped_batches``.
 
     Raises:
-        ValueError: when the technique needs a teacher and none is given, or the vocabularies differ
-            beyond what ``loss.vocab_size`` declares as padding.
+        ValueError: when the technique needs a teacher and none is given, the vocabularies differ beyond
+            what ``loss.vocab_size`` declares as padding, a model's vocabulary is smaller than the
+            tokenizer's ``vocab_size``, or ``on_nonfinite`` is unknown.
     """
 
     #: the teacher is trained too (co-distillation); otherwise it is frozen and left out of checkpoints
@@ -70,6 +79,8 @@ class DistillationModule(pl.LightningModule):
     needs_teacher: bool = True
     #: fields of the loss output logged every training step
     logged_statistics: tuple[str, ...] = ("soft", "hard", "teacher_ce", "agreement")
+    #: check a checkpoint file's CRCs and format before resuming from it (reads the file once more)
+    verify_checkpoints: bool = True
 
     def __init__(
         self,
@@ -81,10 +92,13 @@ class DistillationModule(pl.LightningModule):
         fused_linear: bool = True,
         chunk_size: int | None = None,
         vocab_size: int | None = None,
+        on_nonfinite: str = "raise",
     ) -> None:
         super().__init__()
         if teacher is None and self.needs_teacher:
             raise ValueError(f"{type(self).__name__} needs a teacher model (teacher=...)")
+        if on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"unknown on_nonfinite={on_nonfinite!r}; choose 'raise' or 'skip'")
         self.student = build(student, vocab_size)
         self.teacher = build(teacher, vocab_size) if self.needs_teacher else None
         self.loss = loss if loss is not None else DistillationLoss()
@@ -92,8 +106,8 @@ class DistillationModule(pl.LightningModule):
         self.lr_scheduler = lr_scheduler
         self.fused_linear = fused_linear
         self.chunk_size = chunk_size
-        if self.teacher is not None:
-            self._check_vocabularies()
+        self.on_nonfinite = on_nonfinite
+        self._check_vocabularies(vocab_size)
         if self.teacher is not None and not self.teacher_trains:
             self.teacher.requires_grad_(False)
             self.teacher.eval()
@@ -101,10 +115,22 @@ class DistillationModule(pl.LightningModule):
         self.val_student_ce = MeanMetric()
         self.val_teacher_ce = MeanMetric()
         self._reset_step()
+        self._loss_norm: float | None = None
+        self._skipped_batches = 0
         self._batch_start: float | None = None
 
     # ----------------------------------------------------------------- setup
-    def _check_vocabularies(self) -> None:
+    def _check_vocabularies(self, tokenizer_size: int | None) -> None:
+        for name, model in (("student", self.student), ("teacher", self.teacher)):
+            size = vocab_size(model) if model is not None else None
+            if tokenizer_size is not None and size is not None and size < tokenizer_size:
+                raise ValueError(
+                    f"the tokenizer has {tokenizer_size} tokens but the {name}'s vocabulary has only {size}: the"
+                    f" {name} was trained with another tokenizer; use that tokenizer (data.tokenizer) or a {name}"
+                    " of this vocabulary"
+                )
+        if self.teacher is None:
+            return
         v_s, v_t = vocab_size(self.student), vocab_size(self.teacher)
         declared = self.loss.vocab_size
         if v_s is None or v_t is None:
@@ -118,6 +144,12 @@ class DistillationModule(pl.LightningModule):
             raise ValueError(
                 f"loss vocab_size={declared} exceeds the student's ({v_s}) or the teacher's ({v_t}) vocabulary"
             )
+
+    @override
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        if self.verify_checkpoints and type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = VerifiedCheckpointIO(strategy.checkpoint_io)
 
     @override
     def train(self, mode: bool = True) -> DistillationModule:
@@ -200,20 +232,50 @@ class DistillationModule(pl.LightningModule):
     def _reset_step(self) -> None:
         self._step_tokens: torch.Tensor | None = None
         self._step_loss: torch.Tensor | None = None
-        self._step_norm: float | None = None
+        self._step_batches: list[int] = []
+
+    @override
+    def on_train_start(self) -> None:
+        self._loss_norm = None  # agreed again by the processes of this run
 
     @override
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.compute_loss(batch)
-        if self._step_norm is None:  # first micro-batch of an optimizer step
-            self._step_norm = float(max(1, batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)))
+        if self._loss_norm is None:
+            self._loss_norm = self._agreed_loss_norm(batch)
+        if self._step_tokens is None:  # first micro-batch of an optimizer step
             self._step_tokens = torch.zeros((), dtype=torch.float32, device=out.loss.device)
             self._step_loss = torch.zeros((), dtype=torch.float32, device=out.loss.device)
+        self._step_batches.append(batch_idx)
+        if self.on_nonfinite == "skip" and not bool(torch.isfinite(out.loss)):
+            return self._skip(out.loss, batch_idx)
         self._step_tokens = self._step_tokens + out.num_tokens
         self._step_loss = self._step_loss + out.loss.detach().float()
         for name in self.logged_statistics:
             self.log(f"train/{name}", getattr(out, name), on_step=True, on_epoch=False)
-        return out.loss / self._step_norm
+        return out.loss / self._loss_norm
+
+    def _agreed_loss_norm(self, batch: Mapping[str, torch.Tensor]) -> float:
+        """The constant ``c`` (label positions of the first micro-batch), the largest over the processes:
+        any constant cancels in ``on_before_optimizer_step``, but only if every process divides by the same."""
+        ids = batch["input_ids"]
+        norm = torch.tensor(float(max(1, ids.shape[0] * (ids.shape[1] - 1))), device=self.device)
+        if self.trainer.world_size > 1:
+            norm = self.trainer.strategy.reduce(norm, reduce_op="max")
+        return float(norm)
+
+    def _skip(self, loss: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self._skipped_batches += 1
+        warnings.warn(
+            f"skipped batch {batch_idx} at step {self.trainer.global_step} (process {self.global_rank}): its loss"
+            f" is {loss.item()} (on_nonfinite='skip'; {self._skipped_batches} skipped so far)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        self.log("train/skipped_batches", float(self._skipped_batches), on_step=True, on_epoch=False)
+        # A zero that still reaches every trainable parameter: under DDP each process must run a backward.
+        params = [p for group in self.parameter_groups() for p in group["params"]]
+        return sum((p.sum() * 0.0 for p in params), torch.zeros((), device=loss.device))
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -223,14 +285,30 @@ class DistillationModule(pl.LightningModule):
         if self.trainer.world_size > 1:
             tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
             loss = self.trainer.strategy.reduce(loss, reduce_op="sum")
-        tokens = tokens.clamp(min=1)
-        scale = self._step_norm * self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.mul_(scale.to(p.grad.dtype))
-        self.log("train/loss", loss / tokens, on_step=True, on_epoch=False, prog_bar=True)
+        if not bool(torch.isfinite(loss)):  # every process sees the same sum, so all stop here together
+            raise FloatingPointError(self._nonfinite_message(loss))
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not bool(tokens > 0):  # nothing counted (all skipped, or all padding): leave the weights as they are
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+        else:
+            scale = self._loss_norm * self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
+            for grad in grads:
+                grad.mul_(scale.to(grad.dtype))
+        self.log("train/loss", loss / tokens.clamp(min=1), on_step=True, on_epoch=False, prog_bar=True)
         self._reset_step()
+
+    def _nonfinite_message(self, loss: torch.Tensor) -> str:
+        batches = self._step_batches
+        where = f"batch {batches[0]}" if len(batches) == 1 else f"batches {batches[0]}-{batches[-1]}"
+        processes = " on at least one process" if self.trainer.world_size > 1 else ""
+        return (
+            f"the training loss is {loss.item()}{processes} at step {self.trainer.global_step} (epoch"
+            f" {self.current_epoch}, {where}); nothing was applied, the weights are those after step"
+            f" {self.trainer.global_step - 1}. Look for NaN or inf in the inputs or the models' activations (a"
+            " learning rate too high, fp16 overflow), or set on_nonfinite='skip' to drop such batches"
+        )
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -275,10 +353,34 @@ class DistillationModule(pl.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        self._check_checkpoint_shapes(state)
         if self.teacher is not None and not self.teacher_trains:
-            state = checkpoint["state_dict"]
             for key, value in self.teacher.state_dict().items():
                 state.setdefault(f"teacher.{key}", value)
+
+    def _check_checkpoint_shapes(self, state: Mapping[str, torch.Tensor]) -> None:
+        """A checkpoint of other models (another vocabulary, width or depth) is an error that says so."""
+        own = self.state_dict()
+        mismatched = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if not mismatched:
+            return
+        path = getattr(self.trainer, "ckpt_path", None) if self._trainer is not None else None
+        shown = "; ".join(f"{k} is {tuple(state[k].shape)} there, {tuple(own[k].shape)} here" for k in mismatched[:3])
+        hint = ""
+        for name, model in (("student", self.student), ("teacher", self.teacher)):
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            key = next((k for k, v in self.named_parameters() if head is not None and v is head.weight), None)
+            if key in mismatched:
+                hint = (
+                    f" The {name}'s vocabulary differs: {state[key].shape[0]} tokens in the checkpoint,"
+                    f" {own[key].shape[0]} here; resume with the tokenizer the checkpoint was trained with."
+                )
+                break
+        raise ValueError(
+            f"checkpoint {path or ''} was saved from models of other shapes than this run's: {shown}"
+            f"{' (and more)' if len(mismatched) > 3 else ''}.{hint}"
+        )
 
     def save_student(self, directory: str) -> None:
         """Write the student in Hugging Face format (``from_pretrained`` loads it)."""

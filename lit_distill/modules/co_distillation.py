@@ -42,6 +42,7 @@ class CoDistillation(DistillationModule):
         fused_linear: bool = True,
         chunk_size: int | None = None,
         vocab_size: int | None = None,
+        on_nonfinite: str = "raise",
         teacher_ce_weight: float = 1.0,
         teacher_lr: float | None = None,
     ) -> None:
@@ -49,7 +50,9 @@ class CoDistillation(DistillationModule):
             raise ValueError(
                 f"co-distillation trains the teacher through teacher_ce_weight > 0, got {teacher_ce_weight}"
             )
-        super().__init__(student, teacher, loss, optimizer, lr_scheduler, fused_linear, chunk_size, vocab_size)
+        super().__init__(
+            student, teacher, loss, optimizer, lr_scheduler, fused_linear, chunk_size, vocab_size, on_nonfinite
+        )
         self.loss.teacher_ce_weight = teacher_ce_weight
         self.teacher_lr = teacher_lr
         self.teacher.requires_grad_(True)

@@ -52,6 +52,7 @@ class HardLabelDistillation(DistillationModule):
         fused_linear: bool = True,
         chunk_size: int | None = None,
         vocab_size: int | None = None,
+        on_nonfinite: str = "raise",
         mode: str = "argmax",
         prompt_length: int = 16,
         max_new_tokens: int = 32,
@@ -67,7 +68,9 @@ class HardLabelDistillation(DistillationModule):
             raise ValueError(f"sampling_temperature must be > 0, got {sampling_temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-        super().__init__(student, teacher, loss, optimizer, lr_scheduler, fused_linear, chunk_size, vocab_size)
+        super().__init__(
+            student, teacher, loss, optimizer, lr_scheduler, fused_linear, chunk_size, vocab_size, on_nonfinite
+        )
         can_generate = getattr(self.teacher, "can_generate", None)
         if mode == "generate" and not (
             callable(getattr(self.teacher, "generate", None)) and (can_generate is None or can_generate())

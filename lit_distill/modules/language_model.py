@@ -36,8 +36,11 @@ class LanguageModelTraining(DistillationModule):
         fused_linear: bool = True,
         chunk_size: int | None = None,
         vocab_size: int | None = None,
+        on_nonfinite: str = "raise",
     ) -> None:
-        super().__init__(student, None, loss, optimizer, lr_scheduler, fused_linear, chunk_size, vocab_size)
+        super().__init__(
+            student, None, loss, optimizer, lr_scheduler, fused_linear, chunk_size, vocab_size, on_nonfinite
+        )
 
     @override
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
