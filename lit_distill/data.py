@@ -13,13 +13,13 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 BUNDLED_CORPUS = Path(__file__).parent / "assets" / "shakespeare.txt.gz"
 CORPUS_CREDIT = "Open Knowledge Foundation, shakespeare package 0.6 (CC BY 2.5); Project Gutenberg texts"
@@ -213,6 +213,38 @@ class _Blocks(Dataset):
         return {"input_ids": self.blocks[index]}
 
 
+class EpochShuffle(Sampler[int]):
+    """``RandomSampler``'s order, made resumable in the middle of an epoch.
+
+    The first epoch's seed is drawn from the global RNG as ``RandomSampler`` draws it (so ``seed_everything``
+    decides it and the first epoch's order is the same), epoch ``e`` uses ``seed + e``, and the seed is saved
+    in checkpoints with the data module. After a resume in the middle of an epoch, the batches already
+    trained on (``batches_done()``, from Lightning's progress) are not drawn again: the resumed run sees
+    exactly the batches the uninterrupted run would have.
+    """
+
+    def __init__(self, size: int, batch_size: int, batches_done: Callable[[], int]) -> None:
+        self.size, self.batch_size, self.batches_done = size, batch_size, batches_done
+        self.seed: int | None = None
+        self.epoch = 0
+        self.resuming = False
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls it before every epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        if self.seed is None:
+            self.seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        skip = self.batches_done() * self.batch_size if self.resuming else 0
+        self.resuming = False
+        return iter(order[skip:])
+
+
 class TextDataModule(pl.LightningDataModule):
     """Packed fixed-length token sequences for causal-LM training and distillation.
 
@@ -267,6 +299,8 @@ class TextDataModule(pl.LightningDataModule):
         )
         self.train_blocks: torch.Tensor | None = None
         self.val_blocks: torch.Tensor | None = None
+        self.sampler: EpochShuffle | None = None
+        self._resumed_seed: int | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -282,13 +316,25 @@ class TextDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(
-            _Blocks(self.train_blocks),
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
-        )
+        blocks = _Blocks(self.train_blocks)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # Lightning swaps in a DistributedSampler (one order per epoch); a resume restarts the epoch.
+            return DataLoader(blocks, self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers)
+        self.sampler = EpochShuffle(len(blocks), self.batch_size, self._batches_done)
+        if self._resumed_seed is not None:
+            self.sampler.seed, self.sampler.resuming = self._resumed_seed, True
+            self._resumed_seed = None
+        return DataLoader(blocks, self.batch_size, sampler=self.sampler, drop_last=True, num_workers=self.num_workers)
+
+    def _batches_done(self) -> int:
+        """Batches of the current epoch the trainer has finished (restored from a checkpoint on resume)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer is not None else 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shuffle_seed": self.sampler.seed} if self.sampler is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resumed_seed = state_dict.get("shuffle_seed")
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

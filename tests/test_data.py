@@ -4,17 +4,24 @@ import gzip
 import json
 import os
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
+from test_faults import InterruptAt
+from test_modules import adam, tiny
 
+from lit_distill.callbacks import CheckpointOnInterrupt
 from lit_distill.data import (
     BUNDLED_CORPUS,
+    EpochShuffle,
     TextDataModule,
     read_documents,
     split_documents,
     split_works,
     writable_dir,
 )
+from lit_distill.modules import LanguageModelTraining
 
 TEXT = "\n".join(f"Line {i}: the quality of mercy is not strained, it droppeth as the gentle rain." for i in range(400))
 
@@ -138,3 +145,47 @@ def test_batches_are_dicts_of_long_tensors(cache, tmp_path):
     data = TextDataModule(files=[str(tmp_path / "a.txt")], vocab_size=300, seq_len=8, batch_size=2, cache_dir=cache)
     batch = next(iter(data.val_dataloader()))
     assert set(batch) == {"input_ids"} and batch["input_ids"].dtype == torch.long
+
+
+class SeenBatches(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.global_step, batch["input_ids"][:, :4].tolist()))
+
+
+def test_first_epoch_order_is_random_samplers():
+    """Same draw from the global RNG, same permutation: seeded runs keep their data order."""
+    torch.manual_seed(3)
+    expected = list(torch.utils.data.RandomSampler(range(50)))
+    torch.manual_seed(3)
+    assert list(EpochShuffle(50, 4, lambda: 0)) == expected
+
+
+@pytest.mark.parametrize("interrupt_step", [3, 5])  # mid-epoch, and the epoch's last step
+def test_ctrl_c_and_resume_see_the_batches_of_the_uninterrupted_run(tmp_path, cache, interrupt_step):
+    """6 batches per epoch, 10 steps: the interrupted and resumed run trains on the same batches in the same
+    order (none repeated, none lost) and ends with the same weights."""
+    (tmp_path / "a.txt").write_text(TEXT)
+
+    def run(callbacks, ckpt_path=None):
+        data = TextDataModule(files=[str(tmp_path / "a.txt")], vocab_size=300, seq_len=16, batch_size=4,
+                              val_fraction=0.1, cache_dir=cache, max_train_tokens=16 * 4 * 6)  # fmt: skip
+        pl.seed_everything(0)
+        module = LanguageModelTraining(tiny(vocab_size=data.vocab_size), optimizer=adam)
+        t = pl.Trainer(max_steps=10, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                       limit_val_batches=0, default_root_dir=tmp_path, callbacks=callbacks)  # fmt: skip
+        t.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return module
+
+    full = SeenBatches()
+    uninterrupted = run([full])
+    first, second = SeenBatches(), SeenBatches()
+    with pytest.raises(SystemExit):
+        run([first, CheckpointOnInterrupt(dirpath=str(tmp_path)), InterruptAt(interrupt_step)])
+    assert first.seen[-1][0] == interrupt_step
+    resumed = run([second], ckpt_path=tmp_path / "interrupted.ckpt")
+    assert first.seen + second.seen == full.seen
+    for key, value in uninterrupted.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, msg=key)
