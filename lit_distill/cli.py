@@ -41,6 +41,7 @@ def cli_main(args: list[str] | None = None):
 def _lightning_cli(argv: list[str] | None):
     from lightning.pytorch.cli import LightningCLI
 
+    from .callbacks import CheckpointOnInterrupt
     from .data import TextDataModule
     from .modules import DistillationModule
 
@@ -54,6 +55,7 @@ def _lightning_cli(argv: list[str] | None):
         TextDataModule,
         subclass_mode_model=True,
         args=argv,
+        trainer_defaults={"callbacks": [CheckpointOnInterrupt()]},  # added to the config's callbacks
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": DESCRIPTION},
     )

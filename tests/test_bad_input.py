@@ -16,11 +16,15 @@ Y = torch.randint(0, 50, (4,))
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"teacher_logits": torch.randn(5, 50)}, ValueError, "same leading shape"),
+        (
+            {"teacher_logits": torch.randn(5, 50)},
+            ValueError,
+            r"student_logits \(4, 50\) and teacher_logits \(5, 50\) must have the same leading shape",
+        ),
         (
             {"teacher_logits": torch.randn(4, 64)},
             ValueError,
-            "student vocabulary size 50 differs from teacher",
+            "student vocabulary size 50 differs from teacher vocabulary size 64",
         ),
         ({"teacher_logits": torch.randn(4, 64), "vocab_size": 60}, ValueError, "vocab_size=60 is larger"),
         ({"vocab_size": 0}, ValueError, "vocab_size must be positive"),

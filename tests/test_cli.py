@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from lit_distill.cli import cli_main
@@ -48,6 +49,20 @@ def test_every_config_trains_a_few_steps_and_exports(workdir, monkeypatch, confi
     assert student.config.hidden_size == 96
     if config == "co_distillation.yaml":
         assert (workdir / "artifacts" / "teacher-co-distillation" / "config.json").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_the_command_line_resumes_from(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("LIT_DISTILL_CACHE", str(workdir / "cache"))
+    interrupt = '{"class_path": "test_faults.InterruptAt", "init_args": {"step": 1}}'
+    args = ["fit", "--config", str(CONFIGS / "soft_label.yaml"), *QUICK, "--trainer.max_steps", "3"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([*args, f"--trainer.callbacks+={interrupt}"])
+    assert exit_info.value.code == 1
+    saved = sorted(workdir.glob("**/checkpoints/interrupted.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
+    assert torch.load(saved, weights_only=False)["global_step"] == 2  # step 1 finished, then saved
+    cli = cli_main([*args, "--ckpt_path", str(saved)])
+    assert cli.trainer.ckpt_path == str(saved) and cli.trainer.global_step == 3
 
 
 def test_teacher_config_exported_the_teacher_and_tokenizer(workdir):

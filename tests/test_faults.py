@@ -119,13 +119,15 @@ def test_unknown_on_nonfinite():
 
 # -------------------------------------------------------------------------------------------- Ctrl-C
 class InterruptAt(Callback):
-    """Sends this process SIGINT (as Ctrl-C does) at the start of one batch."""
+    """Sends this process SIGINT (as Ctrl-C does) at the start of one batch (None: the step's first)."""
 
-    def __init__(self, step, batch_idx):
+    def __init__(self, step: int, batch_idx: int | None = None):
         self.step, self.batch_idx = step, batch_idx
+        self.sent = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if (trainer.global_step, batch_idx) == (self.step, self.batch_idx):
+        if trainer.global_step == self.step and self.batch_idx in (None, batch_idx) and not self.sent:
+            self.sent = True
             os.kill(os.getpid(), signal.SIGINT)
 
 
