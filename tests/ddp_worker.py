@@ -6,18 +6,25 @@ two devices Lightning's DDP launcher starts the second process by running this s
 - ``trim``: each process trims its batch's trailing all-padding columns, so the processes see sequences of
   different lengths (as a pad-to-longest collator gives them);
 - ``nan-skip`` / ``nan-raise``: the second process's student produces NaN, with ``on_nonfinite`` skip or
-  raise. The single-process reference of ``nan-skip`` has that process's rows all padding instead.
+  raise. The single-process reference of ``nan-skip`` has that process's rows all padding instead;
+- ``interrupt``: Ctrl-C reaches the second process only, during step 0 of 2; both must save after step 0.
 """
 
+import os
+import signal
 import sys
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from test_modules import make_batch, make_module
+
+from lit_distill.callbacks import CheckpointOnInterrupt
 
 warnings.filterwarnings("ignore")
 
@@ -55,12 +62,16 @@ def main(technique: str, devices: int, out: str, fault: str = "") -> None:
     if fault.startswith("nan") and devices > 1:
         poison_on_rank_1(module)
     before = {k: v.clone() for k, v in module.student.state_dict().items()}
+    callbacks = []
+    if fault == "interrupt":
+        callbacks = [CheckpointOnInterrupt(dirpath=str(Path(out).parent)), InterruptOnRank1()]
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         use_distributed_sampler=False,
-        max_steps=1,
+        max_steps=2 if fault == "interrupt" else 1,
+        callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -71,6 +82,12 @@ def main(technique: str, devices: int, out: str, fault: str = "") -> None:
     if trainer.global_rank == 0:
         delta = {k: before[k] - v for k, v in module.student.state_dict().items()}
         torch.save({"delta": delta, "loss": float(trainer.callback_metrics["train/loss"])}, out)
+
+
+class InterruptOnRank1(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == 0:
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def poison_on_rank_1(module) -> None:

@@ -56,3 +56,11 @@ def test_a_nan_on_one_process_stops_both(tmp_path):
     assert proc.returncode != 0
     assert "the training loss is nan on at least one process at step 0 (epoch 0, batch 0)" in proc.stderr
     assert not (tmp_path / "ddp.pt").exists()
+
+
+@needs_distributed
+def test_ctrl_c_on_one_process_saves_the_same_step_on_both(tmp_path):
+    proc = launch("soft", 2, tmp_path / "ddp.pt", "interrupt")
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert f"Saved a resumable checkpoint at step 1 to {tmp_path / 'interrupted.ckpt'}" in proc.stderr
+    assert torch.load(tmp_path / "interrupted.ckpt", weights_only=False)["global_step"] == 1
