@@ -12,6 +12,8 @@ from typing_extensions import override
 class ExportModel(Callback):
     """Write the student (and, with ``teacher_directory``, a co-trained teacher) with ``save_pretrained``.
 
+    Works under DDP, FSDP, FSDP2 and DeepSpeed: process 0 writes the full weights, gathered from every process.
+
     Args:
         directory: where the student goes (created if needed); ``from_pretrained(directory)`` loads it.
         teacher_directory: where a co-distillation teacher goes; None skips it.
@@ -29,15 +31,16 @@ class ExportModel(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_rank != 0:
-            return
+        # Every process saves: sharded weights (FSDP, ZeRO-3) are gathered first; process 0 writes the files.
         pl_module.save_student(self.directory)
         targets = [self.directory]
         if self.teacher_directory is not None:
             pl_module.save_teacher(self.teacher_directory)
             targets.append(self.teacher_directory)
-        tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
-        if self.tokenizer and tokenizer is not None:
-            for directory in targets:
-                tokenizer.save_pretrained(directory)
-        print(f"exported {' and '.join(str(Path(d).resolve()) for d in targets)}")
+        if trainer.global_rank == 0:
+            tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
+            if self.tokenizer and tokenizer is not None:
+                for directory in targets:
+                    tokenizer.save_pretrained(directory)
+            print(f"exported {' and '.join(str(Path(d).resolve()) for d in targets)}")
+        trainer.strategy.barrier("export")  # the files are complete when any process returns from fit

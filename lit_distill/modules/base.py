@@ -8,6 +8,12 @@ then multiplies it by ``c k W / N``, where N is the number of counted tokens of 
 all processes (one all-reduce of a scalar). The result is the gradient of the token-mean loss over the
 whole step: with gradient accumulation or several processes it equals one big batch's, however unevenly
 the padding falls.
+
+DeepSpeed keeps the gradients in its own partitions, out of ``on_before_optimizer_step``'s reach. There each
+micro-batch's loss is normalized in ``training_step`` instead, by the counted tokens of that micro-batch on
+all processes (one all-reduce of a scalar per micro-batch). That is token-exact without gradient accumulation;
+with it, the step's gradient is the mean of the micro-batches' token means, and ``train/loss`` is logged per
+micro-batch (Lightning calls ``on_before_optimizer_step`` for each one under DeepSpeed).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
@@ -65,7 +72,7 @@ class DistillationModule(pl.LightningModule):
             ``FloatingPointError`` naming the optimizer step, before the optimizer applies anything;
             ``"skip"`` drops the micro-batch (it adds no gradient and no tokens; an optimizer step whose
             micro-batches were all dropped changes nothing), warns with the step, and counts the drops in
-            ``train/skipped_batches``.
+            ``train/skipped_batches``; on one process or with DDP only (FSDP and DeepSpeed refuse it).
 
     Raises:
         ValueError: when the technique needs a teacher and none is given, the vocabularies differ beyond
@@ -73,7 +80,7 @@ class DistillationModule(pl.LightningModule):
             tokenizer's ``vocab_size``, or ``on_nonfinite`` is unknown.
     """
 
-    #: the teacher is trained too (co-distillation); otherwise it is frozen and left out of checkpoints
+    #: the teacher is trained too (co-distillation); otherwise it is frozen and left out of checkpoints (not FSDP's)
     teacher_trains: bool = False
     #: the technique needs a teacher model
     needs_teacher: bool = True
@@ -111,6 +118,7 @@ class DistillationModule(pl.LightningModule):
         if self.teacher is not None and not self.teacher_trains:
             self.teacher.requires_grad_(False)
             self.teacher.eval()
+        self.register_load_state_dict_post_hook(_allow_missing_frozen_teacher)
         self.val_loss = MeanMetric()
         self.val_student_ce = MeanMetric()
         self.val_teacher_ce = MeanMetric()
@@ -148,8 +156,30 @@ class DistillationModule(pl.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
+        if self.on_nonfinite == "skip" and (self._sharded() or self._deepspeed()):
+            # A dropped micro-batch sends a zero gradient straight to the parameters, outside the per-layer
+            # collectives: FSDP waits for them forever, ZeRO reduces gradients in a mismatched order.
+            raise ValueError(
+                f"on_nonfinite='skip' works on one process or with DDP, not with {type(strategy).__name__}: a"
+                " dropped micro-batch cannot take part in its gradient collectives. Use on_nonfinite='raise'"
+            )
         if self.verify_checkpoints and type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = VerifiedCheckpointIO(strategy.checkpoint_io)
+
+    @override
+    def configure_model(self) -> None:
+        # ModelParallelStrategy (FSDP2) provides a device mesh: shard both models over its data-parallel ranks.
+        if self.device_mesh is not None:
+            from ..sharding import shard
+
+            shard(self, self.device_mesh["data_parallel"])
+
+    def _sharded(self) -> bool:
+        """Whether the strategy shards the weights and restores them itself (FSDP1, FSDP2)."""
+        return self._trainer is not None and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+
+    def _deepspeed(self) -> bool:
+        return self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy)
 
     @override
     def train(self, mode: bool = True) -> DistillationModule:
@@ -253,7 +283,16 @@ class DistillationModule(pl.LightningModule):
         self._step_loss = self._step_loss + out.loss.detach().float()
         for name in self.logged_statistics:
             self.log(f"train/{name}", getattr(out, name), on_step=True, on_epoch=False)
+        if self._deepspeed():
+            return self._deepspeed_loss(out)
         return out.loss / self._loss_norm
+
+    def _deepspeed_loss(self, out: DistillationOutput) -> torch.Tensor:
+        """The micro-batch's loss normalized by its counted tokens on all processes (module docstring)."""
+        tokens = self.trainer.strategy.reduce(out.num_tokens.float(), reduce_op="sum")
+        # DeepSpeed averages the gradients over the W processes and divides the loss by k (the accumulation steps)
+        # a second time after Lightning: times W k, one division by k is left, the mean over the micro-batches.
+        return out.loss * (self.trainer.world_size * self.trainer.accumulate_grad_batches / tokens.clamp(min=1))
 
     def _agreed_loss_norm(self, batch: Mapping[str, torch.Tensor]) -> float:
         """The constant ``c`` (label positions of the first micro-batch), the largest over the processes:
@@ -287,17 +326,23 @@ class DistillationModule(pl.LightningModule):
             loss = self.trainer.strategy.reduce(loss, reduce_op="sum")
         if not bool(torch.isfinite(loss)):  # every process sees the same sum, so all stop here together
             raise FloatingPointError(self._nonfinite_message(loss))
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not self._deepspeed():  # DeepSpeed holds the gradients; training_step normalized its losses instead
+            self._rescale_gradients(optimizer, tokens)
+        self.log("train/loss", loss / tokens.clamp(min=1), on_step=True, on_epoch=False, prog_bar=True)
+        self._reset_step()
+
+    def _rescale_gradients(self, optimizer: torch.optim.Optimizer, tokens: torch.Tensor) -> None:
+        """Turn the gradient of ``sum_i loss_i / (c k W)`` into that of the step's token mean (module docstring)."""
         if not bool(tokens > 0):  # nothing counted (all skipped, or all padding): leave the weights as they are
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
-        else:
-            scale = self._loss_norm * self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
-            for grad in grads:
-                grad.mul_(scale.to(grad.dtype))
-        self.log("train/loss", loss / tokens.clamp(min=1), on_step=True, on_epoch=False, prog_bar=True)
-        self._reset_step()
+            return
+        scale = self._loss_norm * self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.dtype))
 
     def _nonfinite_message(self, loss: torch.Tensor) -> str:
         batches = self._step_batches
@@ -344,20 +389,17 @@ class DistillationModule(pl.LightningModule):
     # ---------------------------------------------------------- checkpoints
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if (
-            self.teacher is not None and not self.teacher_trains
-        ):  # a frozen teacher is rebuilt from its source, not stored
+        # A frozen teacher is rebuilt from its source, not stored (loading lets it be missing). FSDP keeps it:
+        # a sharded checkpoint cannot be read without every key the module has.
+        if self.teacher is not None and not self.teacher_trains and not self._sharded():
             checkpoint["state_dict"] = {
                 k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")
             }
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        self._check_checkpoint_shapes(state)
-        if self.teacher is not None and not self.teacher_trains:
-            for key, value in self.teacher.state_dict().items():
-                state.setdefault(f"teacher.{key}", value)
+        if "state_dict" in checkpoint:  # FSDP, FSDP2 and DeepSpeed load the weights themselves, leaving none here
+            self._check_checkpoint_shapes(checkpoint["state_dict"])
 
     def _check_checkpoint_shapes(self, state: Mapping[str, torch.Tensor]) -> None:
         """A checkpoint of other models (another vocabulary, width or depth) is an error that says so."""
@@ -383,8 +425,22 @@ class DistillationModule(pl.LightningModule):
         )
 
     def save_student(self, directory: str) -> None:
-        """Write the student in Hugging Face format (``from_pretrained`` loads it)."""
-        _save_pretrained(self.student, directory, "student")
+        """Write the student in Hugging Face format (``from_pretrained`` loads it).
+
+        In a multi-process run every process must call it (as :class:`~lit_distill.callbacks.ExportModel`
+        does): sharded weights are gathered first, which takes all processes; process 0 writes.
+        """
+        self._save_pretrained("student", directory)
+
+    def _save_pretrained(self, name: str, directory: str) -> None:
+        model = getattr(self, name)
+        if not hasattr(model, "save_pretrained"):
+            raise TypeError(f"the {name} ({type(model).__name__}) has no save_pretrained; save its state_dict instead")
+        from ..sharding import full_state_dict
+
+        state = full_state_dict(self, name)  # a collective under FSDP, FSDP2 and ZeRO-3
+        if self._trainer is None or self.trainer.is_global_zero:
+            model.save_pretrained(directory, state_dict=dict(state))  # a copy: save_pretrained empties it
 
 
 def cross_entropy_output(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> DistillationOutput:
@@ -398,11 +454,12 @@ def cross_entropy_output(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     return DistillationOutput(loss, nan, loss.detach() / num_tokens.clamp(min=1), nan, nan, num_tokens)
 
 
+def _allow_missing_frozen_teacher(module: DistillationModule, incompatible_keys: Any) -> None:
+    """``load_state_dict`` hook: a frozen teacher may be missing (it keeps its weights), even when loading strictly."""
+    if module.teacher is not None and not module.teacher_trains:
+        missing = incompatible_keys.missing_keys
+        missing[:] = [k for k in missing if not k.startswith("teacher.")]
+
+
 def _logits(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
-
-
-def _save_pretrained(model: nn.Module, directory: str, what: str) -> None:
-    if not hasattr(model, "save_pretrained"):
-        raise TypeError(f"the {what} ({type(model).__name__}) has no save_pretrained; save its state_dict instead")
-    model.save_pretrained(directory)

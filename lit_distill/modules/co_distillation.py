@@ -10,7 +10,7 @@ from torch import nn
 
 from ..losses import DistillationLoss
 from ..models import CausalLM
-from .base import DistillationModule, _save_pretrained
+from .base import DistillationModule
 
 
 class CoDistillation(DistillationModule):
@@ -64,5 +64,5 @@ class CoDistillation(DistillationModule):
         return [*super().parameter_groups(), teacher]
 
     def save_teacher(self, directory: str) -> None:
-        """Write the co-trained teacher in Hugging Face format."""
-        _save_pretrained(self.teacher, directory, "teacher")
+        """Write the co-trained teacher in Hugging Face format (every process calls it, as ``save_student``)."""
+        self._save_pretrained("teacher", directory)

@@ -115,6 +115,9 @@ class HardLabelDistillation(DistillationModule):
             max_new_tokens=self.max_new_tokens,
             do_sample=self.do_sample,
             pad_token_id=pad,
+            # ZeRO-3 gathers each layer's weights from all processes: all must keep decoding until the last one
+            # stops (Hugging Face turns this on by itself under FSDP, not under Lightning's DeepSpeed).
+            synced_gpus=self._deepspeed() and self.trainer.world_size > 1,
             **sampling,
         )
         generated = sequences[:, self.prompt_length :]
