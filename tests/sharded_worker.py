@@ -27,11 +27,12 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from ddp_worker import Rows
 from test_modules import make_batch, make_module
 
 from lit_distill.callbacks import ExportModel
@@ -39,22 +40,6 @@ from lit_distill.sharding import full_state_dict
 
 warnings.filterwarnings("ignore")
 STATS = ("in_optimizer", "with_state", "with_grad")
-
-
-class Rows(Dataset):
-    """This process's rows of the global batch: process r of W gets rows r, r + W, ... (no sampler involved:
-    Lightning's distributed sampler would shuffle them)."""
-
-    def __init__(self, batch, devices):
-        self.batch = batch
-        self.devices = devices
-
-    def __len__(self):
-        return self.batch["input_ids"].shape[0] // self.devices
-
-    def __getitem__(self, i):
-        rank = dist.get_rank() if self.devices > 1 else 0
-        return {k: v[i * self.devices + rank] for k, v in self.batch.items()}
 
 
 class CPUFSDPStrategy(FSDPStrategy):
