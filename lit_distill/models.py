@@ -11,6 +11,7 @@ are constructed, so that LightningCLI can take a model straight from a config fi
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -107,8 +108,30 @@ def build(model: nn.Module | CausalLM | None, vocab_size: int | None = None) -> 
     if not isinstance(model, CausalLM):
         return model
     if vocab_size is not None and model.config is not None:
+        # A copy with the tokenizer's size: the caller's spec stays as it was given.
+        model = copy.copy(model)
         model.config = {**model.config, "vocab_size": vocab_size}
     return model.build()
+
+
+# Config attributes of heads that transform the logits after the lm_head matmul; the fused-linear path
+# would skip the transform, so such models use the logits path.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def fusable_head(model: nn.Module) -> nn.Linear | None:
+    """The model's lm_head when the loss may read its weight directly instead of calling the model on it.
+
+    That holds for a plain ``nn.Linear`` head over a base model (``model.base_model``) whose config applies
+    no transform to the logits after the matmul (soft-capping, logit scaling); otherwise None.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if not isinstance(head, nn.Linear) or getattr(model, "base_model", model) is model:
+        return None
+    if any(getattr(config, name, None) for name in LOGIT_TRANSFORMS):
+        return None
+    return head
 
 
 def vocab_size(model: nn.Module) -> int | None:
