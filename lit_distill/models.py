@@ -103,14 +103,19 @@ def _from_pretrained(name_or_path: str, dtype, trust_remote_code: bool) -> nn.Mo
         ) from err
 
 
-def build(model: nn.Module | CausalLM | None, vocab_size: int | None = None) -> nn.Module | None:
-    """A module as it is, or the model a :class:`CausalLM` describes (``vocab_size`` overrides its config's)."""
+def build(
+    model: nn.Module | CausalLM | None, vocab_size: int | None = None, special_tokens: dict[str, int] | None = None
+) -> nn.Module | None:
+    """A module as it is, or the model a :class:`CausalLM` describes; a config-described model takes the
+    tokenizer's ``vocab_size`` and special-token ids (``bos_token_id``, ``eos_token_id``, ``pad_token_id``)."""
     if not isinstance(model, CausalLM):
         return model
-    if vocab_size is not None and model.config is not None:
-        # A copy with the tokenizer's size: the caller's spec stays as it was given.
+    if model.config is not None and (vocab_size is not None or special_tokens):
+        # A copy for the tokenizer: the caller's spec stays as it was given.
         model = copy.copy(model)
-        model.config = {**model.config, "vocab_size": vocab_size}
+        model.config = {**model.config, **(special_tokens or {})}
+        if vocab_size is not None:
+            model.config["vocab_size"] = vocab_size
     return model.build()
 
 
