@@ -4,8 +4,8 @@ PyTorch checkpoints are zip archives whose members carry a CRC-32. Left to itsel
 fails with a low-level zip error, an empty or foreign file with an unpickling or ``KeyError``, and a file
 damaged in the middle (a bad disk, an incomplete copy) loads without complaint. :func:`verify_checkpoint`
 reads the whole file once and checks every member's CRC; :class:`VerifiedCheckpointIO` runs it before
-Lightning loads a local file, and checks that what was loaded is a Lightning checkpoint. The distillation
-modules install it in ``setup`` (``DistillationModule.verify_checkpoints``).
+Lightning loads a local file, and checks that what was loaded is a Lightning checkpoint. ``lit-distill fit``
+uses it; with ``Trainer.fit`` pass it as a plugin: ``Trainer(plugins=[VerifiedCheckpointIO()])``.
 """
 
 from __future__ import annotations

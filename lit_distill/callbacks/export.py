@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 
@@ -42,5 +43,5 @@ class ExportModel(Callback):
             if self.tokenizer and tokenizer is not None:
                 for directory in targets:
                     tokenizer.save_pretrained(directory)
-            print(f"exported {' and '.join(str(Path(d).resolve()) for d in targets)}")
+            rank_zero_info(f"exported {' and '.join(str(Path(d).resolve()) for d in targets)}")
         trainer.strategy.barrier("export")  # the files are complete when any process returns from fit

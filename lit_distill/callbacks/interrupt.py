@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 
@@ -66,11 +66,10 @@ class CheckpointOnInterrupt(Callback):
     def _on_interrupt(self, signum: int, frame: Any) -> None:
         self.requested = True
         self._restore_handler()  # a second Ctrl-C interrupts at once
-        print(
-            "\nInterrupted: finishing the current optimizer step, then saving a checkpoint (Ctrl-C again to stop"
+        rank_zero_warn(
+            "Interrupted: finishing the current optimizer step, then saving a checkpoint (Ctrl-C again to stop"
             " at once, without it)",
-            file=sys.stderr,
-            flush=True,
+            category=UserWarning,
         )
 
     @override
@@ -91,13 +90,11 @@ class CheckpointOnInterrupt(Callback):
         path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         self.saved_path = path
-        if trainer.is_global_zero:
-            print(
-                f"Saved a resumable checkpoint at step {trainer.global_step} to {path}. Resume with"
-                f" Trainer.fit(..., ckpt_path={str(path)!r}) or lit-distill fit ... --ckpt_path {path}",
-                file=sys.stderr,
-                flush=True,
-            )
+        rank_zero_warn(
+            f"Saved a resumable checkpoint at step {trainer.global_step} to {path}. Resume with"
+            f" Trainer.fit(..., ckpt_path={str(path)!r}) or lit-distill fit ... --ckpt_path {path}",
+            category=UserWarning,
+        )
         raise KeyboardInterrupt  # Lightning's own Ctrl-C shutdown from here on
 
     def checkpoint_path(self, trainer: pl.Trainer) -> Path:

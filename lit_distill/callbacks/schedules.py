@@ -10,6 +10,8 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 STRATEGIES = ("constant", "linear", "cosine", "step", "exponential")
+#: what a checkpoint keeps of a schedule: its settings, with ``total_steps`` as resolved when fitting started
+STATE_KEYS = ("start", "end", "strategy", "warmup_steps", "warmup_start", "total_steps", "stages")
 
 
 class HyperparameterSchedule(Callback):
@@ -128,19 +130,16 @@ class HyperparameterSchedule(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "start": self.start,
-            "end": self.end,
-            "strategy": self.strategy,
-            "warmup_steps": self.warmup_steps,
-            "warmup_start": self.warmup_start,
-            "total_steps": self.total_steps,
-            "stages": self.stages,
-        }
+        return {key: getattr(self, key) for key in STATE_KEYS}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.__dict__.update(state_dict)
+        unknown = sorted(set(state_dict) - set(STATE_KEYS))
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: the checkpoint's schedule state has unknown keys {unknown}")
+        for key in STATE_KEYS:
+            if key in state_dict:
+                setattr(self, key, state_dict[key])
 
     @property
     def state_key(self) -> str:

@@ -1,12 +1,20 @@
-"""LightningModules for the three ways one LLM trains another."""
+"""LightningModules for the ways one LLM trains another, over two bases.
 
-from .base import DistillationModule
+``CausalLMModule`` (causal_lm.py) trains one model on next tokens: the shift, optimizers, token-exact
+normalization (normalization.py), validation, export and checkpoint checks. ``DistillationModule``
+(distillation.py) adds the teacher, frozen or trained, and the fused loss call. Each technique overrides
+``compute_loss``.
+"""
+
+from .causal_lm import CausalLMModule
 from .co_distillation import CoDistillation
+from .distillation import DistillationModule
 from .hard_label import HardLabelDistillation
 from .language_model import LanguageModelTraining
 from .soft_label import SoftLabelDistillation
 
 __all__ = [
+    "CausalLMModule",
     "CoDistillation",
     "DistillationModule",
     "HardLabelDistillation",

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import nn
 
 from ..kernels import DistillationOutput
-from ..losses import DistillationLoss
-from ..models import CausalLM
-from .base import DistillationModule, cross_entropy_output
+from .causal_lm import cross_entropy_output
+from .distillation import DistillationModule
 
 MODES = ("argmax", "generate")
 
@@ -35,7 +33,7 @@ class HardLabelDistillation(DistillationModule):
         do_sample: sample (True) or decode greedily (False).
         sampling_temperature: the teacher's sampling temperature (not the distillation temperature).
         top_p: nucleus-sampling mass.
-        Other arguments as in :class:`DistillationModule`.
+        *args, **kwargs: as in :class:`~lit_distill.modules.distillation.DistillationModule`.
 
     Raises:
         ValueError: for an unknown mode, non-positive lengths, a sampling temperature <= 0, top_p outside
@@ -44,21 +42,14 @@ class HardLabelDistillation(DistillationModule):
 
     def __init__(
         self,
-        student: nn.Module | CausalLM,
-        teacher: nn.Module | CausalLM | None = None,
-        loss: DistillationLoss | None = None,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        fused_linear: bool = True,
-        chunk_size: int | None = None,
-        vocab_size: int | None = None,
-        on_nonfinite: str = "raise",
+        *args: Any,
         mode: str = "argmax",
         prompt_length: int = 16,
         max_new_tokens: int = 32,
         do_sample: bool = True,
         sampling_temperature: float = 1.0,
         top_p: float = 1.0,
+        **kwargs: Any,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose 'argmax' or 'generate'")
@@ -68,9 +59,7 @@ class HardLabelDistillation(DistillationModule):
             raise ValueError(f"sampling_temperature must be > 0, got {sampling_temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-        super().__init__(
-            student, teacher, loss, optimizer, lr_scheduler, fused_linear, chunk_size, vocab_size, on_nonfinite
-        )
+        super().__init__(*args, **kwargs)
         can_generate = getattr(self.teacher, "can_generate", None)
         if mode == "generate" and not (
             callable(getattr(self.teacher, "generate", None)) and (can_generate is None or can_generate())
@@ -115,9 +104,7 @@ class HardLabelDistillation(DistillationModule):
             max_new_tokens=self.max_new_tokens,
             do_sample=self.do_sample,
             pad_token_id=pad,
-            # ZeRO-3 gathers each layer's weights from all processes: all must keep decoding until the last one
-            # stops (Hugging Face turns this on by itself under FSDP, not under Lightning's DeepSpeed).
-            synced_gpus=self._deepspeed() and self.trainer.world_size > 1,
+            synced_gpus=self.generates_in_lockstep(),
             **sampling,
         )
         generated = sequences[:, self.prompt_length :]

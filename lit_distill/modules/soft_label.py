@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import DistillationModule
+from .distillation import DistillationModule
 
 
 class SoftLabelDistillation(DistillationModule):

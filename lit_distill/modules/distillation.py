@@ -1,0 +1,185 @@
+"""The distillation base: a causal-LM module with a teacher, frozen or trained, and the fused loss call."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from ..kernels import DistillationOutput
+from ..models import CausalLM, build, fusable_head, vocab_size
+from .causal_lm import CausalLMModule
+from .normalization import is_deepspeed, is_sharded
+
+
+class DistillationModule(CausalLMModule):
+    """Student, teacher and loss: teacher freezing, the fused loss call, the teacher in checkpoints.
+
+    Technique modules override :meth:`compute_loss` (default: :meth:`distill`, soft-label distillation). A
+    frozen teacher is in eval mode without gradients and is left out of checkpoints (it is rebuilt from its
+    source; FSDP keeps it, as a sharded checkpoint must hold every key); a trained one (co-distillation,
+    ``teacher_trains``) is a second model like the student.
+
+    Args:
+        student: the model to train: a Hugging Face causal LM or a :class:`~lit_distill.models.CausalLM`.
+        teacher: the model to learn from (same vocabulary, up to head padding: see ``loss.vocab_size``).
+        fused_linear: compute the loss from hidden states and lm_head weights without the full logits,
+            where both models allow it (plain linear heads; not heads with soft-capping or logit scaling).
+        chunk_size: tokens per chunk of the fused-linear path (None: from a memory budget).
+        *args, **kwargs: ``loss``, ``optimizer``, ``lr_scheduler``, ``vocab_size``, ``special_tokens``,
+            ``on_nonfinite``, as in :class:`~lit_distill.modules.causal_lm.CausalLMModule`.
+
+    Raises:
+        ValueError: when there is no teacher, or the vocabularies differ beyond what ``loss.vocab_size``
+            declares as padding, or as :class:`~lit_distill.modules.causal_lm.CausalLMModule` does.
+    """
+
+    #: the teacher is trained too (co-distillation); otherwise it is frozen
+    teacher_trains: bool = False
+    logged_statistics = ("soft", "hard", "teacher_ce", "agreement")
+
+    def __init__(
+        self,
+        student: nn.Module | CausalLM,
+        teacher: nn.Module | CausalLM | None = None,
+        *args: Any,
+        fused_linear: bool = True,
+        chunk_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if teacher is None:
+            raise ValueError(f"{type(self).__name__} needs a teacher model (teacher=...)")
+        super().__init__(student, *args, **kwargs)
+        self.teacher = build(teacher, self.tokenizer_size, self.special_tokens)
+        self.fused_linear = fused_linear
+        self.chunk_size = chunk_size
+        self.check_tokenizer_fits("teacher", self.teacher, self.tokenizer_size)
+        self._check_vocabularies()
+        if self.frozen_teacher:
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
+        self.register_load_state_dict_post_hook(_allow_missing_frozen_teacher)
+        self.val_teacher_ce = MeanMetric()
+
+    @property
+    def frozen_teacher(self) -> bool:
+        """Whether the teacher only gives targets (no gradient, eval mode, not in non-sharded checkpoints)."""
+        return not self.teacher_trains
+
+    def _check_vocabularies(self) -> None:
+        v_s, v_t = vocab_size(self.student), vocab_size(self.teacher)
+        declared = self.loss.vocab_size
+        if v_s is None or v_t is None:
+            return
+        if declared is None and v_s != v_t:
+            raise ValueError(
+                f"the student's vocabulary ({v_s}) differs from the teacher's ({v_t}). Distillation needs one"
+                " tokenizer; if one head is only padded, set the loss's vocab_size to the tokenizer's size"
+            )
+        if declared is not None and declared > min(v_s, v_t):
+            raise ValueError(
+                f"loss vocab_size={declared} exceeds the student's ({v_s}) or the teacher's ({v_t}) vocabulary"
+            )
+
+    @override
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.frozen_teacher:
+            # Lightning warns at every fit that modules are in eval mode: a frozen teacher is, on purpose.
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", module="lightning")
+        datamodule = getattr(self.trainer, "datamodule", None)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None:
+            from ..data import check_tokenizer
+
+            check_tokenizer(self.teacher, tokenizer)
+
+    @override
+    def train(self, mode: bool = True) -> DistillationModule:
+        super().train(mode)
+        if self.frozen_teacher:
+            self.teacher.eval()  # a frozen teacher never runs dropout
+        return self
+
+    # ------------------------------------------------------------- the loss
+    @override
+    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
+        return self.distill(batch)
+
+    def distill(self, batch: Mapping[str, torch.Tensor], **overrides: Any) -> DistillationOutput:
+        """Both forward passes and the distillation loss (sum over counted tokens); ``overrides`` go to the loss."""
+        input_ids, attention_mask, labels = self.shifted_inputs(batch)
+        with torch.set_grad_enabled(self.teacher_trains and torch.is_grad_enabled()):
+            teacher_out = self._forward(self.teacher, input_ids, attention_mask)
+        student_out = self._forward(self.student, input_ids, attention_mask)
+        overrides = {"reduction": "sum", **overrides}
+        if isinstance(student_out, tuple) and isinstance(teacher_out, tuple):
+            (h_s, w_s, b_s), (h_t, w_t, b_t) = student_out, teacher_out
+            return self.loss.fused_linear(
+                h_s[:, :-1],
+                w_s,
+                h_t[:, :-1],
+                w_t,
+                labels,
+                student_bias=b_s,
+                teacher_bias=b_t,
+                chunk_size=self.chunk_size,
+                **overrides,
+            )
+        return self.loss(_logits(student_out)[:, :-1], _logits(teacher_out)[:, :-1], labels, **overrides)
+
+    def _forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Any:
+        """(hidden states, head weight, head bias) when the head can be fused, else the model output."""
+        head = fusable_head(model) if self.fused_linear else None
+        if head is None:
+            return model(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return hidden, head.weight, head.bias
+
+    def generates_in_lockstep(self) -> bool:
+        """Whether ``generate`` must keep all processes decoding until the last stops (ZeRO-3 gathers each
+        layer's weights from all of them; Hugging Face does this by itself under FSDP, not under DeepSpeed)."""
+        return is_deepspeed(self._trainer) and self.trainer.world_size > 1
+
+    # ----------------------------------------------------------- validation
+    @override
+    def validation_output(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
+        out = self.distill(batch, hard_labels="labels")  # cross-entropies on the true next tokens
+        self.val_teacher_ce.update(out.teacher_ce, weight=out.num_tokens.clamp(min=1).float())
+        return out
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        teacher_ce = self.val_teacher_ce.compute()
+        self.log("val/teacher_ce", teacher_ce)
+        self.log("val/teacher_ppl", torch.exp(teacher_ce))
+        self.val_teacher_ce.reset()
+        super().on_validation_epoch_end()
+
+    # ---------------------------------------------------------- checkpoints
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.frozen_teacher and not is_sharded(self._trainer):
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")
+            }
+
+    def save_teacher(self, directory: str) -> None:
+        """Write the teacher in Hugging Face format (every process calls it, as ``save_student``)."""
+        self._save_pretrained("teacher", directory)
+
+
+def _allow_missing_frozen_teacher(module: DistillationModule, incompatible_keys: Any) -> None:
+    """``load_state_dict`` hook: a frozen teacher may be missing (it keeps its weights), even when loading strictly."""
+    if module.frozen_teacher:
+        missing = incompatible_keys.missing_keys
+        missing[:] = [k for k in missing if not k.startswith("teacher.")]
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
