@@ -43,7 +43,7 @@ def _lightning_cli(argv: list[str] | None):
 
     from .callbacks import CheckpointOnInterrupt
     from .data import TextDataModule
-    from .modules import DistillationModule
+    from .modules import CausalLMModule
 
     class LitDistillCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -51,7 +51,7 @@ def _lightning_cli(argv: list[str] | None):
             parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
     return LitDistillCLI(
-        DistillationModule,
+        CausalLMModule,
         TextDataModule,
         subclass_mode_model=True,
         args=argv,
