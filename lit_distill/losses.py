@@ -8,28 +8,18 @@ import torch
 from torch import nn
 
 from .kernels import DistillationOutput, distillation_loss, fused_linear_distillation_loss
-from .kernels.common import LossOptions
+from .kernels.options import LOSS_KEYWORDS, LossOptions, loss_keywords
 
 
+@loss_keywords
 class DistillationLoss(nn.Module):
     """Distillation loss with its options as attributes, so callbacks can change them between steps.
 
     Callbacks (alpha or temperature schedules) set ``loss.alpha`` / ``loss.temperature``; the new value is
-    validated at the next call. See :func:`lit_distill.kernels.distillation_loss` for every keyword.
+    validated at the next call. See :func:`lit_distill.kernels.distillation_loss` for the math.
 
     Args:
-        divergence: ``forward_kl``, ``reverse_kl``, ``jsd``, ``skew_forward_kl``, ``skew_reverse_kl`` or ``tvd``.
-        beta: JSD weight in [0, 1].
-        skew: skew in [0, 1] of the skew divergences.
-        temperature: softmax temperature > 0 of the soft term.
-        t2_scaling: multiply the soft term by T².
-        alpha: weight of the soft term; the hard cross-entropy gets ``1 - alpha``.
-        hard_labels: ``"labels"`` or ``"teacher_argmax"``.
-        teacher_ce_weight: weight of the teacher's cross-entropy (co-distillation).
-        vocab_size: number of real tokens when heads are padded.
-        ignore_index: label value of positions to skip.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        **options: the loss options, the fields of :class:`~lit_distill.kernels.options.LossOptions`.
 
     Raises:
         ValueError, TypeError: on invalid options, at construction.
@@ -40,52 +30,15 @@ class DistillationLoss(nn.Module):
         >>> loss_fn(s, t, y).loss.backward()
     """
 
-    def __init__(
-        self,
-        divergence: str = "forward_kl",
-        beta: float = 0.5,
-        skew: float = 0.1,
-        temperature: float = 1.0,
-        t2_scaling: bool = True,
-        alpha: float = 1.0,
-        hard_labels: str = "labels",
-        teacher_ce_weight: float = 0.0,
-        vocab_size: int | None = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        backend: str = "auto",
-    ) -> None:
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        self.divergence = divergence
-        self.beta = beta
-        self.skew = skew
-        self.temperature = temperature
-        self.t2_scaling = t2_scaling
-        self.alpha = alpha
-        self.hard_labels = hard_labels
-        self.teacher_ce_weight = teacher_ce_weight
-        self.vocab_size = vocab_size
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.backend = backend
-        LossOptions.create(**self._options())
-        if backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', 'triton', 'torch'")
+        LossOptions(**options)  # invalid options fail here, not at the first step
+        for name, value in options.items():
+            setattr(self, name, value)
 
-    def _options(self) -> dict:
-        return {
-            "divergence": self.divergence,
-            "beta": self.beta,
-            "skew": self.skew,
-            "temperature": self.temperature,
-            "t2_scaling": self.t2_scaling,
-            "alpha": self.alpha,
-            "hard_labels": self.hard_labels,
-            "teacher_ce_weight": self.teacher_ce_weight,
-            "vocab_size": self.vocab_size,
-            "ignore_index": self.ignore_index,
-            "reduction": self.reduction,
-        }
+    def options(self) -> dict[str, Any]:
+        """The loss keywords as they are now (a callback may have changed some since construction)."""
+        return {name: getattr(self, name) for name in LOSS_KEYWORDS}
 
     def forward(
         self,
@@ -98,7 +51,7 @@ class DistillationLoss(nn.Module):
 
         ``overrides`` replace attributes for this call only (e.g. ``reduction="sum"``).
         """
-        options = {**self._options(), "backend": self.backend, **overrides}
+        options = {**self.options(), **overrides}
         return distillation_loss(student_logits, teacher_logits, labels, **options)
 
     def fused_linear(
@@ -119,7 +72,7 @@ class DistillationLoss(nn.Module):
         See :func:`lit_distill.kernels.fused_linear_distillation_loss` for the shapes; ``overrides`` as in
         :meth:`forward`.
         """
-        options = {**self._options(), "backend": self.backend, **overrides}
+        options = {**self.options(), **overrides}
         return fused_linear_distillation_loss(
             student_hidden,
             student_weight,
@@ -133,4 +86,4 @@ class DistillationLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in {**self._options(), "backend": self.backend}.items())
+        return ", ".join(f"{k}={v!r}" for k, v in self.options().items())

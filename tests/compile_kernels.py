@@ -21,16 +21,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lit_distill.kernels import divergence as dv
+from lit_distill.kernels import triton_backend as tb
+from lit_distill.kernels.options import DIVERGENCE_CODES
 
 ARCHS = (80, 90)
-THREE_PASS = ("jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 # Pointer element types by argument role; the logits' (and gradients') dtype is the variant's.
 INDEX_POINTERS = {"argmax_ptr", "hard_ptr", "label_ptr"}
 FP32_POINTERS = {"stats_ptr", "scale_ptr"}
 I64_SCALARS = {"s_stride", "t_stride", "grad_s_stride", "grad_t_stride"}
 FLOAT_SCALARS = {"inv_t", "mix", "soft_coef", "hard_coef", "teacher_coef"}
-KERNELS = {"row_stats": dv._row_stats_kernel, "soft_pass": dv._soft_pass_kernel, "grad": dv._grad_kernel}
+KERNELS = {"row_stats": tb._row_stats_kernel, "soft_pass": tb._soft_pass_kernel, "grad": tb._grad_kernel}
 
 
 def signature(kernel, dtype: str, constexprs: dict) -> dict[str, str]:
@@ -55,9 +55,9 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict[str, str]:
 
 def variants(vocab: int = 128256) -> list[dict]:
     """Every divergence in bf16 (the training dtype), forward KL also in fp16 and fp32; launch config of ``vocab``."""
-    cfg = dv.launch_config(vocab)
+    cfg = tb.launch_config(vocab)
     out = []
-    for div, code in dv.DIVERGENCE_CODES.items():
+    for div, code in DIVERGENCE_CODES.items():
         for dtype in ["bf16", "fp16", "fp32"] if div == "forward_kl" else ["bf16"]:
             for same_t in (True, False):
                 out.append(
@@ -69,7 +69,7 @@ def variants(vocab: int = 128256) -> list[dict]:
                         "name": f"row_stats-{div}-{dtype}-sameT{same_t}",
                     }
                 )
-            if div in THREE_PASS:
+            if div not in tb.ONLINE_DIVERGENCES:  # the second forward pass
                 out.append(
                     {
                         "kernel": "soft_pass",

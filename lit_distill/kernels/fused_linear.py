@@ -12,24 +12,23 @@ per-token ``grad_output`` is unknown in the forward, so the backward recomputes 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import reference
-from .common import (
+from . import torch_backend
+from .backend import use_triton
+from .inputs import check_labels, check_linear_inputs, resolve_vocab_size
+from .options import LossOptions, loss_keywords
+from .rows import (
     DistillationOutput,
-    LossOptions,
     RowStatistics,
     RowTargets,
-    check_labels,
     finish_rows,
     forward_row_scale,
-    gather_target_logits,
-    resolve_vocab_size,
     row_grad_scale,
     row_targets,
-    use_triton,
 )
 
 #: Bytes the per-chunk buffers may take: the logits of both models (and, on the PyTorch path, the
@@ -56,6 +55,7 @@ def choose_chunk_size(
     return max(1, min(chunk, num_tokens))
 
 
+@loss_keywords
 def fused_linear_distillation_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -66,18 +66,7 @@ def fused_linear_distillation_loss(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
-    temperature: float = 1.0,
-    t2_scaling: bool = True,
-    alpha: float = 1.0,
-    hard_labels: str = "labels",
-    teacher_ce_weight: float = 0.0,
-    vocab_size: int | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    backend: str = "auto",
+    **options: Any,
 ) -> DistillationOutput:
     """Distillation loss of ``hidden @ weight.T + bias`` logits, without materializing them.
 
@@ -94,8 +83,7 @@ def fused_linear_distillation_loss(
         student_bias: ``(V_s,)`` or None.
         teacher_bias: ``(V_t,)`` or None.
         chunk_size: tokens per chunk; None picks it from a memory budget (see :func:`choose_chunk_size`).
-        divergence, beta, skew, temperature, t2_scaling, alpha, hard_labels, teacher_ce_weight, vocab_size,
-            ignore_index, reduction, backend: as in :func:`lit_distill.kernels.distillation_loss`.
+        **options: the keyword-only loss options, as in :func:`lit_distill.kernels.distillation_loss`.
 
     Returns:
         :class:`DistillationOutput`. Gradients reach the student's hidden states, weight and bias; with
@@ -104,22 +92,10 @@ def fused_linear_distillation_loss(
     Under autocast the projections run in the autocast dtype, as ``nn.Linear`` would; the weight and bias
     gradients still accumulate in fp32 across chunks.
     """
-    opts = LossOptions.create(
-        divergence=divergence,
-        beta=beta,
-        skew=skew,
-        temperature=temperature,
-        t2_scaling=t2_scaling,
-        alpha=alpha,
-        hard_labels=hard_labels,
-        teacher_ce_weight=teacher_ce_weight,
-        vocab_size=vocab_size,
-        ignore_index=ignore_index,
-        reduction=reduction,
-    )
+    opts = LossOptions(**options)
     device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
     autocast = torch.is_autocast_enabled(device_type)
-    tensors = _check_tensors(
+    tensors = check_linear_inputs(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, autocast
     )
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
@@ -137,7 +113,7 @@ def fused_linear_distillation_loss(
     h_s, w_s, b_s, h_t, w_t, b_t = tensors
     h_s = h_s.reshape(-1, h_s.shape[-1])
     h_t = h_t.reshape(-1, h_t.shape[-1])
-    triton = use_triton(backend, h_s)
+    triton = use_triton(opts.backend, h_s)
     if chunk_size is None:
         chunk_size = choose_chunk_size(h_s.shape[0], w_s.shape[0], w_t.shape[0], h_s.dtype, h_s.device, triton)
     grad = torch.is_grad_enabled()
@@ -152,49 +128,6 @@ def fused_linear_distillation_loss(
     if opts.reduction == "none":
         out = out._replace(loss=out.loss.reshape(lead))
     return out
-
-
-def _check_tensors(h_s, w_s, b_s, h_t, w_t, b_t, autocast: bool) -> list[torch.Tensor | None]:
-    named = {
-        "student_hidden": h_s,
-        "student_weight": w_s,
-        "student_bias": b_s,
-        "teacher_hidden": h_t,
-        "teacher_weight": w_t,
-        "teacher_bias": b_t,
-    }
-    for name, x in named.items():
-        if x is None and name.endswith("bias"):
-            continue
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {x.dtype}")
-    for side, h, w, b in (("student", h_s, w_s, b_s), ("teacher", h_t, w_t, b_t)):
-        if h.dim() < 1 or w.dim() != 2 or h.shape[-1] != w.shape[1]:
-            raise ValueError(
-                f"{side}_hidden {tuple(h.shape)} and {side}_weight {tuple(w.shape)} do not match: the weight"
-                f" must be (vocab, hidden) with hidden = the last dimension of {side}_hidden"
-            )
-        if b is not None and tuple(b.shape) != (w.shape[0],):
-            raise ValueError(f"{side}_bias {tuple(b.shape)} must have shape ({w.shape[0]},) to match {side}_weight")
-        for name, x in ((f"{side}_weight", w), (f"{side}_bias", b)):
-            if x is None:
-                continue
-            if x.device != h.device:
-                raise ValueError(f"{name} is on {x.device} but {side}_hidden on {h.device}; move them together")
-            if x.dtype != h.dtype and not autocast:
-                raise ValueError(
-                    f"{name} is {x.dtype} but {side}_hidden is {h.dtype}; cast one of them (or run under autocast)"
-                )
-    if h_t.device != h_s.device:
-        raise ValueError(f"teacher_hidden is on {h_t.device} but student_hidden on {h_s.device}")
-    if h_s.shape[:-1] != h_t.shape[:-1]:
-        raise ValueError(
-            f"student_hidden {tuple(h_s.shape)} and teacher_hidden {tuple(h_t.shape)} must have the same"
-            " leading shape (the same tokens)"
-        )
-    return [h_s, w_s, b_s, h_t, w_t, b_t]
 
 
 class _Accumulators:
@@ -305,6 +238,7 @@ def _run_chunks(tensors, labels, pre: RowTargets, opts, vocab, chunk_size, trito
     """
     h_s, w_s, b_s, h_t, w_t, b_t = tensors
     n = h_s.shape[0]
+    step = _chunk_step(triton)
     parts = []
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
@@ -313,7 +247,6 @@ def _run_chunks(tensors, labels, pre: RowTargets, opts, vocab, chunk_size, trito
         chunk_labels = None if labels is None else labels[rows]
         chunk_pre = RowTargets(*(None if x is None else x[rows] for x in pre))
         chunk_scale = None if scale is None else scale[rows]
-        step = _triton_chunk if triton else _torch_chunk
         part, (grad_s, grad_t) = step(
             logits_s,
             logits_t,
@@ -334,34 +267,13 @@ def _run_chunks(tensors, labels, pre: RowTargets, opts, vocab, chunk_size, trito
     return _concatenate(parts, n, h_s.device)
 
 
-def _triton_chunk(logits_s, logits_t, labels, pre, scale, opts, vocab, student_grad, teacher_grad):
-    from . import divergence as dv
+def _chunk_step(triton: bool):
+    """The backend's ``fused_linear_chunk``: statistics and scaled row-loss gradients of a chunk of logits."""
+    if triton:
+        from . import triton_backend  # imported on the first Triton call only
 
-    stats, argmax = dv.row_statistics(logits_s, logits_t, vocab, opts)
-    rows = RowStatistics(stats[0], stats[3], stats[4], argmax[0], argmax[1])
-    targets = row_targets(labels, argmax[1], opts, logits_s.shape[0], logits_s.device)
-    s_y, t_y = gather_target_logits(logits_s, logits_t, targets, torch.float32)  # before the in-place gradient
-    grad_s = logits_s if student_grad else None
-    grad_t = logits_t if teacher_grad else None
-    if student_grad or teacher_grad:
-        hard = targets.hard if targets.hard is not None else argmax[1]
-        label = targets.teacher if targets.teacher is not None else argmax[1]
-        dv.write_gradients(
-            logits_s, logits_t, grad_s, grad_t, stats, hard, label, scale.float().contiguous(), vocab, opts
-        )
-    return (rows, targets, s_y, t_y), (grad_s, grad_t)
-
-
-def _torch_chunk(logits_s, logits_t, labels, pre, scale, opts, vocab, student_grad, teacher_grad):
-    grad_s = torch.empty_like(logits_s) if student_grad else None
-    grad_t = torch.empty_like(logits_t) if teacher_grad else None
-    if scale is None:
-        scale = torch.zeros(logits_s.shape[0], dtype=torch.float32, device=logits_s.device)
-    chunk_rows = reference.default_chunk_rows(vocab)
-    rows = reference.stream_rows(logits_s, logits_t, pre, scale, opts, vocab, chunk_rows, grad_s, grad_t)
-    targets = row_targets(labels, rows.teacher_argmax, opts, logits_s.shape[0], logits_s.device)
-    s_y, t_y = gather_target_logits(logits_s, logits_t, targets, rows.divergence.dtype)
-    return (rows, targets, s_y, t_y), (grad_s, grad_t)
+        return triton_backend.fused_linear_chunk
+    return torch_backend.fused_linear_chunk
 
 
 def _concatenate(parts, n: int, device: torch.device):
@@ -370,7 +282,11 @@ def _concatenate(parts, n: int, device: torch.device):
         index = torch.empty(0, dtype=torch.long, device=device)
         rows = RowStatistics(empty, empty, empty, index, index)
         return rows, RowTargets(torch.empty(0, dtype=torch.bool, device=device), None, None), None, None
-    rows = RowStatistics(*(torch.cat([p[0][i] for p in parts]) for i in range(5)))
-    targets = RowTargets(*(None if parts[0][1][i] is None else torch.cat([p[1][i] for p in parts]) for i in range(3)))
-    s_y, t_y = (None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in (2, 3))
-    return rows, targets, s_y, t_y
+
+    def cat(chunks: tuple) -> torch.Tensor | None:
+        return None if chunks[0] is None else torch.cat(chunks)
+
+    rows, targets, s_y, t_y = zip(*parts, strict=True)  # per field, its value in every chunk
+    rows = RowStatistics(*(cat(field) for field in zip(*rows, strict=True)))
+    targets = RowTargets(*(cat(field) for field in zip(*targets, strict=True)))
+    return rows, targets, cat(s_y), cat(t_y)

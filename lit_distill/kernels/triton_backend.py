@@ -7,52 +7,53 @@ Passes over the two logit rows, per divergence:
 Each pass reads both rows once; the backward writes the gradient once, already multiplied by grad_output,
 so no ``[N, V]`` buffer lives between forward and backward and gradient accumulation costs nothing extra.
 
-Set ``TRITON_INTERPRET=1`` before this module is imported to run the kernels on CPU tensors.
+Set ``TRITON_INTERPRET=1`` before this module is imported to run the kernels on CPU tensors
+(``backend.py`` decides without importing it).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .common import (
-    DistillationOutput,
-    FlatInputs,
-    LossOptions,
-    RowStatistics,
-    finish_rows,
-    gather_target_logits,
-    row_grad_scale,
-    row_targets,
-)
+from .inputs import FlatInputs
+from .options import DIVERGENCE_CODES, LossOptions
+from .rows import DistillationOutput, RowStatistics, finish_rows, gather_target_logits, row_grad_scale, row_targets
 
-FORWARD_KL = tl.constexpr(0)
-REVERSE_KL = tl.constexpr(1)
-JSD = tl.constexpr(2)
-SKEW_FORWARD_KL = tl.constexpr(3)
-SKEW_REVERSE_KL = tl.constexpr(4)
-TVD = tl.constexpr(5)
-DIVERGENCE_CODES = {
-    "forward_kl": 0,
-    "reverse_kl": 1,
-    "jsd": 2,
-    "skew_forward_kl": 3,
-    "skew_reverse_kl": 4,
-    "tvd": 5,
-}
+# The kernels' divergence codes, from the one table in options.py.
+FORWARD_KL = tl.constexpr(DIVERGENCE_CODES["forward_kl"])
+REVERSE_KL = tl.constexpr(DIVERGENCE_CODES["reverse_kl"])
+JSD = tl.constexpr(DIVERGENCE_CODES["jsd"])
+SKEW_FORWARD_KL = tl.constexpr(DIVERGENCE_CODES["skew_forward_kl"])
+SKEW_REVERSE_KL = tl.constexpr(DIVERGENCE_CODES["skew_reverse_kl"])
+TVD = tl.constexpr(DIVERGENCE_CODES["tvd"])
 #: Divergences whose loss is accumulated online in the statistics pass (no second forward pass).
 ONLINE_DIVERGENCES = ("forward_kl", "reverse_kl")
 
-# Rows of the fp32 statistics buffer ``[STATS_ROWS, N]``, in this order.
-STAT_DIVERGENCE = tl.constexpr(0)  # D at temperature T
-STAT_LSE_A = tl.constexpr(1)  # logsumexp(s / T)
-STAT_LSE_B = tl.constexpr(2)  # logsumexp(t / T)
-STAT_LSE_S = tl.constexpr(3)  # logsumexp(s)
-STAT_LSE_T = tl.constexpr(4)  # logsumexp(t)
-STAT_Q_DOT_G = tl.constexpr(5)  # sum(q * dD/dq), three-pass divergences only
-STATS_ROWS = 6
+
+class StatRows(NamedTuple):
+    """The rows of the fp32 statistics buffer ``[STATS_ROWS, N]``, in order: the host's view of the buffer."""
+
+    divergence: torch.Tensor  # D at temperature T
+    lse_a: torch.Tensor  # logsumexp(s / T)
+    lse_b: torch.Tensor  # logsumexp(t / T)
+    lse_s: torch.Tensor  # logsumexp(s)
+    lse_t: torch.Tensor  # logsumexp(t)
+    q_dot_g: torch.Tensor  # sum(q * dD/dq), three-pass divergences only
+
+
+STATS_ROWS = len(StatRows._fields)
+# The kernels' indices of the same rows, by name.
+STAT_DIVERGENCE = tl.constexpr(StatRows._fields.index("divergence"))
+STAT_LSE_A = tl.constexpr(StatRows._fields.index("lse_a"))
+STAT_LSE_B = tl.constexpr(StatRows._fields.index("lse_b"))
+STAT_LSE_S = tl.constexpr(StatRows._fields.index("lse_s"))
+STAT_LSE_T = tl.constexpr(StatRows._fields.index("lse_t"))
+STAT_Q_DOT_G = tl.constexpr(StatRows._fields.index("q_dot_g"))
 
 
 @triton.jit
@@ -293,6 +294,10 @@ def _grad_kernel(
         )
 
 
+#: True when the kernels were defined under ``TRITON_INTERPRET=1`` (they then run on CPU tensors).
+INTERPRETED = isinstance(_row_stats_kernel, InterpretedFunction)
+
+
 def launch_config(vocab: int) -> dict[str, int]:
     """Block sizes and warps from the vocabulary size.
 
@@ -310,11 +315,6 @@ def launch_config(vocab: int) -> dict[str, int]:
     }
 
 
-def is_interpreted() -> bool:
-    """True when the kernels were defined under ``TRITON_INTERPRET=1`` and run on CPU tensors."""
-    return isinstance(_row_stats_kernel, InterpretedFunction)
-
-
 def triton_distillation_loss(inputs: FlatInputs, opts: LossOptions) -> DistillationOutput:
     """Distillation loss on flattened inputs with the Triton kernels (CUDA tensors, or CPU under the interpreter)."""
     student, teacher = inputs.student, inputs.teacher
@@ -326,16 +326,25 @@ def triton_distillation_loss(inputs: FlatInputs, opts: LossOptions) -> Distillat
     return DistillationOutput(*out)
 
 
-def row_statistics(student: torch.Tensor, teacher: torch.Tensor, vocab: int, opts: LossOptions):
-    """Forward passes over ``[N, *]`` logits: (fp32 stats ``[STATS_ROWS, N]``, int64 argmaxes ``[2, N]``)."""
+def row_statistics(
+    student: torch.Tensor, teacher: torch.Tensor, vocab: int, opts: LossOptions
+) -> tuple[torch.Tensor, RowStatistics]:
+    """Forward passes over ``[N, *]`` logits.
+
+    Returns the fp32 statistics buffer ``[STATS_ROWS, N]`` (the gradient pass reads it again) and the
+    :class:`RowStatistics` views of it and of the int64 argmax buffer ``[2, N]``.
+    """
     n = student.shape[0]
     stats = torch.empty(STATS_ROWS, n, dtype=torch.float32, device=student.device)
     argmax = torch.empty(2, n, dtype=torch.long, device=student.device)
+    rows = StatRows(*stats.unbind(0))
+    student_argmax, teacher_argmax = argmax.unbind(0)
+    view = RowStatistics(rows.divergence, rows.lse_s, rows.lse_t, student_argmax, teacher_argmax)
     if n == 0:
-        return stats, argmax
+        return stats, view
     cfg = launch_config(vocab)
     inv_t = 1.0 / opts.temperature
-    code = DIVERGENCE_CODES[opts.divergence]
+    code = opts.divergence_code
     _row_stats_kernel[(n,)](
         student,
         teacher,
@@ -351,7 +360,7 @@ def row_statistics(student: torch.Tensor, teacher: torch.Tensor, vocab: int, opt
         BLOCK=cfg["row_block"],
         num_warps=cfg["row_warps"],
     )
-    if opts.divergence not in ONLINE_DIVERGENCES:
+    if opts.resolved_divergence not in ONLINE_DIVERGENCES:
         _soft_pass_kernel[(n,)](
             student,
             teacher,
@@ -366,7 +375,7 @@ def row_statistics(student: torch.Tensor, teacher: torch.Tensor, vocab: int, opt
             BLOCK=cfg["row_block"],
             num_warps=cfg["row_warps"],
         )
-    return stats, argmax
+    return stats, view
 
 
 def write_gradients(student, teacher, grad_s, grad_t, stats, hard, label, scale, vocab: int, opts: LossOptions):
@@ -406,7 +415,7 @@ def write_gradients(student, teacher, grad_s, grad_t, stats, hard, label, scale,
         opts.alpha * opts.soft_scale / opts.temperature,
         1.0 - opts.alpha,
         opts.teacher_ce_weight,
-        DIVERGENCE=DIVERGENCE_CODES[opts.divergence],
+        DIVERGENCE=opts.divergence_code,
         SAME_T=opts.temperature == 1.0,
         STUDENT_GRAD=grad_s is not None,
         HARD=opts.alpha < 1.0,
@@ -414,6 +423,25 @@ def write_gradients(student, teacher, grad_s, grad_t, stats, hard, label, scale,
         BLOCK=cfg["grad_block"],
         num_warps=cfg["grad_warps"],
     )
+
+
+def fused_linear_chunk(logits_s, logits_t, labels, pre, scale, opts, vocab, student_grad, teacher_grad):
+    """One token chunk of ``fused_linear_distillation_loss``: row statistics of ``[R, *]`` logits and, where
+    wanted, the row-loss gradients times ``scale`` ``[R]``, written over the logits themselves.
+
+    Returns ``(rows, targets, student target logit, teacher target logit), (grad_s, grad_t)``, the
+    contract ``torch_backend.fused_linear_chunk`` shares (``pre``, the label targets, is not needed here).
+    """
+    stats, rows = row_statistics(logits_s, logits_t, vocab, opts)
+    targets = row_targets(labels, rows.teacher_argmax, opts, logits_s.shape[0], logits_s.device)
+    s_y, t_y = gather_target_logits(logits_s, logits_t, targets, torch.float32)  # before the in-place gradient
+    grad_s = logits_s if student_grad else None
+    grad_t = logits_t if teacher_grad else None
+    if student_grad or teacher_grad:
+        hard = targets.hard if targets.hard is not None else rows.teacher_argmax
+        label = targets.teacher if targets.teacher is not None else rows.teacher_argmax
+        write_gradients(logits_s, logits_t, grad_s, grad_t, stats, hard, label, scale.float().contiguous(), vocab, opts)
+    return (rows, targets, s_y, t_y), (grad_s, grad_t)
 
 
 class TritonDistillationFunction(torch.autograd.Function):
@@ -431,14 +459,12 @@ class TritonDistillationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, opts: LossOptions, vocab: int, want_student_grad, want_teacher_grad):
         n = student.shape[0]
-        stats, argmax = row_statistics(student, teacher, vocab, opts)
-        divergence, _, _, lse_s, lse_t, _ = stats.unbind(0)
-        rows = RowStatistics(divergence, lse_s, lse_t, argmax[0], argmax[1])
-        targets = row_targets(labels, argmax[1], opts, n, student.device)
+        stats, rows = row_statistics(student, teacher, vocab, opts)
+        targets = row_targets(labels, rows.teacher_argmax, opts, n, student.device)
         target_logits = gather_target_logits(student, teacher, targets, torch.float32)
         output, divisor = finish_rows(rows, targets, *target_logits, opts)
-        hard = targets.hard if targets.hard is not None else argmax[1]  # unused unless alpha < 1
-        label = targets.teacher if targets.teacher is not None else argmax[1]  # unused unless w > 0
+        hard = targets.hard if targets.hard is not None else rows.teacher_argmax  # unused unless alpha < 1
+        label = targets.teacher if targets.teacher is not None else rows.teacher_argmax  # unused unless w > 0
         ctx.save_for_backward(student, teacher, stats, targets.counted, hard, label, divisor)
         ctx.opts, ctx.vocab = opts, vocab
         ctx.wants = (want_student_grad, want_teacher_grad)

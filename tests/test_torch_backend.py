@@ -5,8 +5,9 @@ import torch
 from oracle import oracle
 
 from lit_distill.kernels import distillation_loss
-from lit_distill.kernels.common import LossOptions, flatten_inputs
-from lit_distill.kernels.reference import reference_distillation_loss
+from lit_distill.kernels.inputs import flatten_inputs
+from lit_distill.kernels.options import LossOptions
+from lit_distill.kernels.torch_backend import torch_distillation_loss
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 3, 7, 64])
@@ -17,8 +18,8 @@ def test_chunk_boundaries_do_not_change_the_result(chunk_rows, divergence):
     teacher = torch.randn(10, 301, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, 301, (10,), generator=gen)
     labels[[2, 7]] = -100
-    opts = LossOptions.create(divergence=divergence, alpha=0.4, temperature=1.7)
-    out = reference_distillation_loss(flatten_inputs(student, teacher, labels, opts), opts, chunk_rows=chunk_rows)
+    opts = LossOptions(divergence=divergence, alpha=0.4, temperature=1.7)
+    out = torch_distillation_loss(flatten_inputs(student, teacher, labels, opts), opts, chunk_rows=chunk_rows)
     out.loss.backward()
     s64 = student.detach().clone().requires_grad_()
     ref, _ = oracle(s64, teacher, labels, divergence_name=divergence, alpha=0.4, temperature=1.7)

@@ -1,4 +1,7 @@
-"""Chunked pure-PyTorch distillation loss: the CPU path, and the Triton kernels' oracle at scale.
+"""Chunked pure-PyTorch distillation loss: the CPU path, and the fallback wherever Triton cannot run.
+
+It is not the test oracle (that is ``tests/oracle.py``, plain float64 PyTorch with autograd); it is a
+production backend with the same per-row contract as the Triton kernels (``rows.py``).
 
 The rows are processed a chunk at a time, so the peak extra memory is a few ``[chunk, V]`` temporaries
 instead of the several full ``[N, V]`` fp32 tensors that ``log_softmax`` + ``kl_div`` + autograd keep.
@@ -9,14 +12,12 @@ the backward only rescales it by ``grad_output``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .common import (
+from .inputs import FlatInputs
+from .options import LossOptions
+from .rows import (
     DistillationOutput,
-    FlatInputs,
-    LossOptions,
     RowStatistics,
     RowTargets,
     finish_rows,
@@ -24,12 +25,13 @@ from .common import (
     gather_target_logits,
     row_targets,
 )
+from .torch_divergence import divergence_and_gradient
 
 #: Elements per ``[chunk, V]`` temporary (4 MiB in fp32); about eight such temporaries live at once.
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
 
 
-def reference_distillation_loss(
+def torch_distillation_loss(
     inputs: FlatInputs, opts: LossOptions, *, chunk_rows: int | None = None
 ) -> DistillationOutput:
     """Distillation loss on flattened inputs with the chunked PyTorch implementation.
@@ -60,7 +62,7 @@ class _ChunkedDistillation(torch.autograd.Function):
     Per row, with a = s/T, b = t/T, q = softmax(a), p = softmax(b) over the valid columns:
     loss = alpha * c * D(p, q) + (1 - alpha) * CE(s, y) + w * CE(t, labels), c = T² if t2_scaling else 1.
     d loss/ds = alpha * c / T * dD/da + (1 - alpha) * (softmax(s) - onehot(y)), and
-    d loss/dt = w * (softmax(t) - onehot(labels)); dD/da per divergence is in ``_divergence``.
+    d loss/dt = w * (softmax(t) - onehot(labels)); dD/da per divergence is in ``torch_divergence.py``.
 
     The first backward hands over the buffers written in the forward (no copy); a second one (gradcheck,
     ``retain_graph=True``) recomputes them from the saved inputs.
@@ -153,6 +155,24 @@ def stream_rows(
     return RowStatistics(*stats, *argmaxes)
 
 
+def fused_linear_chunk(logits_s, logits_t, labels, pre, scale, opts, vocab, student_grad, teacher_grad):
+    """One token chunk of ``fused_linear_distillation_loss``: row statistics of ``[R, *]`` logits and, where
+    wanted, the row-loss gradients times ``scale`` ``[R]`` (None: statistics only) in fresh buffers.
+
+    Returns ``(rows, targets, student target logit, teacher target logit), (grad_s, grad_t)``, the
+    contract ``triton_backend.fused_linear_chunk`` shares; ``pre`` holds the label targets.
+    """
+    grad_s = torch.empty_like(logits_s) if student_grad else None
+    grad_t = torch.empty_like(logits_t) if teacher_grad else None
+    if scale is None:
+        scale = torch.zeros(logits_s.shape[0], dtype=torch.float32, device=logits_s.device)
+    chunk_rows = default_chunk_rows(vocab)
+    rows = stream_rows(logits_s, logits_t, pre, scale, opts, vocab, chunk_rows, grad_s, grad_t)
+    targets = row_targets(labels, rows.teacher_argmax, opts, logits_s.shape[0], logits_s.device)
+    s_y, t_y = gather_target_logits(logits_s, logits_t, targets, rows.divergence.dtype)
+    return (rows, targets, s_y, t_y), (grad_s, grad_t)
+
+
 def default_chunk_rows(vocab: int) -> int:
     """Rows per chunk so that one ``[chunk, V]`` temporary holds ``DEFAULT_CHUNK_ELEMENTS``."""
     return max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
@@ -183,11 +203,6 @@ def _load(x: torch.Tensor, buffer: torch.Tensor, inv_t: float) -> torch.Tensor:
     return buffer.mul_(inv_t) if inv_t != 1.0 else buffer
 
 
-def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product ``[R]`` of two ``[R, V]`` tensors (``bmm`` is 15x slower on CPU at these shapes)."""
-    return torch.linalg.vecdot(x, y)
-
-
 def _chunk(s, t, targets: RowTargets, scale, opts: LossOptions, workspace, grad_s, grad_t):
     """Statistics of a chunk of rows ``[R, V]``; writes the scaled row-loss gradients into ``grad_s``/``grad_t``.
 
@@ -203,7 +218,7 @@ def _chunk(s, t, targets: RowTargets, scale, opts: LossOptions, workspace, grad_
         grad_t = spare.pop(0)
     lse_a, student_argmax = _log_softmax_into(_load(s, lq, inv_t), lq, q)
     lse_b, teacher_argmax = _log_softmax_into(_load(t, lp, inv_t), lp, p)
-    div = _divergence(opts, lq, lp, q, p, scratch, grad_s)
+    div = divergence_and_gradient(opts, lq, lp, q, p, scratch, grad_s)
     if opts.temperature == 1.0:
         lse_s, lse_t = lse_a, lse_b
     else:  # the cross-entropies are at T=1
@@ -242,66 +257,3 @@ def _add_softmax_minus_onehot(grad, logits, probs_at_t, lse, target, weight, inv
     else:
         grad.add_((logits.to(grad.dtype) - lse.unsqueeze(1)).exp_(), alpha=weight)
     grad.scatter_add_(1, target.unsqueeze(1), torch.full_like(grad[:, :1], -weight))
-
-
-def _log_mixture(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
-    """log(w e^la + (1 - w) e^lb) from (clamped) log-probabilities, stable where probabilities underflow."""
-    lowest = torch.finfo(la.dtype).min
-    return torch.logaddexp(
-        la + math.log(w) if w > 0 else la.new_full((), lowest).expand_as(la),
-        lb + math.log(1 - w) if w < 1 else lb.new_full((), lowest).expand_as(lb),
-    ).clamp_(min=lowest)
-
-
-def _infinite_where_banned(div: torch.Tensor, lp: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """KL(q || p) is +inf in a row where the teacher bans a token (a -inf logit, so a log-prob clamped to the
-    lowest float) that the student allows (q > 0). The clamped log-probabilities would give a huge finite
-    number there instead (about q * 3.4e38); a merely tiny teacher probability stays finite."""
-    banned = lp == torch.finfo(lp.dtype).min
-    return torch.where((banned & (q > 0)).any(-1), math.inf, div)
-
-
-def _divergence(opts: LossOptions, lq, lp, q, p, scratch, grad):
-    """Row divergence ``[R]``; if ``grad`` is given, writes dD/da (a = student logits / T) into it.
-
-    Differences of log-probs are formed before the row sums (not as a difference of two sums, which
-    cancels catastrophically in fp32 when the distributions are close).
-
-    For the KLs the gradient is closed-form. For the others, with g = dD/dq taken with q unconstrained,
-    the softmax Jacobian gives dD/da = q * g - q * sum(q * g).
-    """
-    kind, mix = opts.divergence, opts.mix
-    if kind == "forward_kl":
-        if grad is not None:
-            torch.sub(q, p, out=grad)
-        return _row_dot(p, torch.sub(lp, lq, out=scratch))
-    if kind == "reverse_kl":
-        log_ratio = torch.sub(lq, lp, out=scratch)
-        div = _infinite_where_banned(_row_dot(q, log_ratio), lp, q)
-        if grad is not None:
-            torch.sub(log_ratio, div.unsqueeze(1), out=grad).mul_(q)
-        return div
-
-    # q * g is formed directly (in log space where needed): at skew 0, q * p / m tends to p as q underflows.
-    if kind == "jsd":
-        lm = _log_mixture(lp, lq, mix)
-        q_g = (lq - lm).mul_(q).mul_(1.0 - mix)  # g = (1 - beta) log(q / m)
-        div = mix * _row_dot(p, torch.sub(lp, lm, out=scratch)) + q_g.sum(-1)  # sum(q g) = (1 - beta) KL(q || m)
-    elif kind == "skew_forward_kl":
-        lm = _log_mixture(lp, lq, mix)
-        div = _row_dot(p, torch.sub(lp, lm, out=scratch))
-        q_g = (lq + lp - lm).exp_().mul_(-(1.0 - mix))  # g = -(1 - skew) p / m
-    elif kind == "skew_reverse_kl":
-        lm = _log_mixture(lq, lp, mix)
-        div = _row_dot(q, torch.sub(lq, lm, out=scratch))
-        if mix == 0:  # m = p: reverse KL
-            div = _infinite_where_banned(div, lp, q)
-        # g = log(q / m) + 1 - skew * q / m; the constant 1 cancels in the softmax Jacobian.
-        q_g = scratch.mul_(q).sub_((2 * lq - lm).exp_().mul_(mix))
-    else:  # tvd
-        diff = q - p
-        div = 0.5 * diff.abs().sum(-1)
-        q_g = diff.sign_().mul_(q).mul_(0.5)
-    if grad is not None:
-        torch.mul(q, q_g.sum(-1, keepdim=True), out=grad).neg_().add_(q_g)
-    return div

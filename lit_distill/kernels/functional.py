@@ -1,0 +1,72 @@
+"""The public loss functions: validate the options once, check and flatten the inputs, pick a backend.
+
+``distillation_loss`` runs the fused Triton kernels (``triton_backend.py``) for CUDA tensors when Triton is
+importable, and the chunked PyTorch path (``torch_backend.py``) otherwise. The Triton module is imported only
+when a Triton call is made, so ``import lit_distill`` works on machines without a GPU.
+``fused_linear_distillation_loss`` (the same loss from hidden states and lm_head weights) lives in
+``fused_linear.py`` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .backend import use_triton
+from .fused_linear import fused_linear_distillation_loss
+from .inputs import flatten_inputs
+from .options import LossOptions, loss_keywords
+from .rows import DistillationOutput
+from .torch_backend import torch_distillation_loss
+
+__all__ = ["distillation_loss", "fused_linear_distillation_loss"]
+
+
+@loss_keywords
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    **options: Any,
+) -> DistillationOutput:
+    """Distillation loss between student and teacher logits, without materializing softmaxes.
+
+    Per counted token, with ``p = softmax(teacher / T)`` and ``q = softmax(student / T)``:
+    ``loss = alpha * soft + (1 - alpha) * hard + teacher_ce_weight * teacher_ce``, where ``soft`` is the
+    divergence (times T² when ``t2_scaling``), ``hard`` the student's cross-entropy at T=1 on the hard
+    labels and ``teacher_ce`` the teacher's cross-entropy at T=1 on ``labels`` (the only term whose gradient
+    reaches the teacher's logits).
+
+    Args:
+        student_logits: ``(..., V_s)`` floating logits; gets a gradient.
+        teacher_logits: ``(..., V_t)`` floating logits; ``-inf`` entries (banned tokens) are allowed.
+        labels: ``(...)`` integer targets aligned with the logits (already shifted), or None.
+            Positions equal to ``ignore_index`` count for nothing.
+        **options: the keyword-only loss options, the fields of :class:`~lit_distill.kernels.options.LossOptions`.
+
+    Returns:
+        :class:`DistillationOutput` ``(loss, soft, hard, teacher_ce, agreement, num_tokens)``; only ``loss``
+        carries a gradient, the rest are statistics from the same pass.
+
+    Raises:
+        ValueError: on inconsistent shapes, devices, out-of-range options or labels (on CUDA, labels are
+            checked by a device-side assert instead, which does not sync the host).
+        TypeError: on non-floating logits, non-integer labels or non-numeric options.
+
+    Example:
+        >>> s, t = torch.randn(4, 10, 1000, requires_grad=True), torch.randn(4, 10, 1000)
+        >>> out = distillation_loss(s, t, divergence="jsd", beta=0.5, temperature=2.0)
+        >>> out.loss.backward()
+    """
+    opts = LossOptions(**options)
+    inputs = flatten_inputs(student_logits, teacher_logits, labels, opts)
+    if use_triton(opts.backend, inputs.student):
+        from .triton_backend import triton_distillation_loss
+
+        out = triton_distillation_loss(inputs, opts)
+    else:
+        out = torch_distillation_loss(inputs, opts)
+    if opts.reduction == "none":
+        out = out._replace(loss=out.loss.reshape(inputs.leading_shape))
+    return out
