@@ -19,29 +19,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from test_modules import make_batch, make_module
+from helpers import Rows, make_batch, make_module
 
 from lit_distill.callbacks import CheckpointOnInterrupt
 
 warnings.filterwarnings("ignore")
-
-
-class Rows(Dataset):
-    """This process's rows of the global batch: process r of W gets rows r, r + W, ... (no sampler involved)."""
-
-    def __init__(self, batch, devices):
-        self.batch = batch
-        self.devices = devices
-
-    def __len__(self):
-        return self.batch["input_ids"].shape[0] // self.devices
-
-    def __getitem__(self, i):
-        rank = torch.distributed.get_rank() if self.devices > 1 else 0
-        return {k: v[i * self.devices + rank] for k, v in self.batch.items()}
 
 
 def trim(rows):

@@ -14,10 +14,9 @@ import sys
 import warnings
 
 import torch
+from helpers import GradientCount, accumulation_batch, build, export_diff, fit, resume
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-from sharded_worker import GradientCount, build, export_diff, fit, resume
-from test_modules import make_batch
 
 from lit_distill.callbacks import ExportModel
 from lit_distill.sharding import full_state_dict
@@ -49,11 +48,6 @@ def make_strategy(kind: str) -> CPUDeepSpeedStrategy:
     return CPUDeepSpeedStrategy(process_group_backend="gloo", config=config, exclude_frozen_parameters=True)
 
 
-def accumulation_batch() -> dict[str, torch.Tensor]:
-    """8 rows: the even ones (rank 0) padded, the odd ones (rank 1) not at all."""
-    return make_batch(rows=8, length=12, seed=5, padding=[(0, 8), (2, 6), (4, 3), (6, 9)])
-
-
 def main(technique: str, kind: str, out: str, option: str = "") -> None:
     module = build(technique)
     accumulate = 2 if option == "accumulate" else 1
@@ -65,7 +59,7 @@ def main(technique: str, kind: str, out: str, option: str = "") -> None:
         kind,
         1,
         callbacks=[GradientCount(), export],
-        strategy=None if kind == "single" else make_strategy(kind),
+        strategy="auto" if kind == "single" else make_strategy(kind),
         batch=accumulation_batch() if accumulate > 1 else None,
         limit_val_batches=1,
         accumulate_grad_batches=accumulate,

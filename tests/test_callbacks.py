@@ -5,10 +5,10 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import KINDS, loader, make_batch, make_module, trainer
 from lightning.pytorch.callbacks import Callback
-from test_modules import loader, make_batch, make_module, trainer
 
-from lit_distill.callbacks import AlphaScheduler, HyperparameterSchedule, TemperatureScheduler
+from lit_distill.callbacks import AlphaScheduler, TemperatureScheduler
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -134,7 +134,7 @@ def test_drives_the_loss_and_logs():
     assert "train/alpha" in t.callback_metrics and "train/temperature" in t.callback_metrics
 
 
-@pytest.mark.parametrize("technique", ["soft", "hard-argmax", "hard-generate", "co"])
+@pytest.mark.parametrize("technique", KINDS)
 def test_resume_continues_exactly(tmp_path, technique):
     """Stopped after 3 of 6 steps and resumed: same schedule values, losses and final weights (both models
     and both parameter groups for co-distillation)."""
@@ -168,7 +168,24 @@ def test_resume_continues_exactly(tmp_path, technique):
     assert full.losses == pytest.approx(first.losses | second.losses)
 
 
-def test_state_key_distinguishes_the_schedules():
+def test_state_key_names_the_attribute_and_the_state_restores_the_schedule():
     alpha, temperature = schedules()
-    assert alpha.state_key != temperature.state_key
-    assert isinstance(alpha, HyperparameterSchedule)
+    assert alpha.state_key == "AlphaScheduler{'attribute': 'alpha'}"
+    assert temperature.state_key == "TemperatureScheduler{'attribute': 'temperature'}"
+    alpha.total_steps = 10  # as resolved from the trainer when fitting starts
+    assert alpha.state_dict() == {
+        "start": 1.0,
+        "end": 0.2,
+        "strategy": "cosine",
+        "warmup_steps": 1,
+        "warmup_start": None,
+        "total_steps": 10,
+        "stages": 4,
+    }
+    restored = AlphaScheduler(start=0.5, strategy="step", total_steps=3)
+    restored.load_state_dict(alpha.state_dict())
+    assert [restored.value_at(s) for s in range(12)] == [alpha.value_at(s) for s in range(12)]
+    with pytest.raises(
+        ValueError, match=r"AlphaScheduler: the checkpoint's schedule state has unknown keys \['rate'\]"
+    ):
+        restored.load_state_dict({"start": 1.0, "rate": 2.0})

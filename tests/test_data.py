@@ -7,9 +7,8 @@ import os
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import InterruptAt, adam, tiny
 from lightning.pytorch.callbacks import Callback
-from test_faults import InterruptAt
-from test_modules import adam, tiny
 
 from lit_distill.callbacks import CheckpointOnInterrupt
 from lit_distill.data import (
@@ -173,7 +172,7 @@ def test_ctrl_c_and_resume_see_the_batches_of_the_uninterrupted_run(tmp_path, ca
         data = TextDataModule(files=[str(tmp_path / "a.txt")], vocab_size=300, seq_len=16, batch_size=4,
                               val_fraction=0.1, cache_dir=cache, max_train_tokens=16 * 4 * 6)  # fmt: skip
         pl.seed_everything(0)
-        module = LanguageModelTraining(tiny(vocab_size=data.vocab_size), optimizer=adam)
+        module = LanguageModelTraining(student=tiny(vocab_size=data.vocab_size), optimizer=adam)
         t = pl.Trainer(max_steps=10, logger=False, enable_progress_bar=False, enable_model_summary=False,
                        limit_val_batches=0, default_root_dir=tmp_path, callbacks=callbacks)  # fmt: skip
         t.fit(module, datamodule=data, ckpt_path=ckpt_path)

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from helpers import TOLERANCES, assert_grad_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import oracle
-from test_kernels import TOLERANCES, assert_grad_close
 
 from lit_distill.kernels import DIVERGENCES, distillation_loss
 

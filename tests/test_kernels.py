@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import TOLERANCES, assert_grad_close
 from oracle import oracle
 
 from lit_distill import DistillationLoss, distillation_loss
@@ -11,12 +12,6 @@ from lit_distill.kernels import DIVERGENCES
 
 N_ROWS = (2, 3)  # leading shape: 6 rows
 VOCAB = 5003  # not a power of two, more than one 4096-column block
-# dtype: (loss rtol, gradient rtol); gradients are stored in the input dtype, so they round to it.
-TOLERANCES = {
-    torch.float32: (2e-5, 1e-4),
-    torch.bfloat16: (2e-5, 1.6e-2),
-    torch.float16: (2e-5, 2e-3),
-}
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf - inf inside the interpreter
 
 
@@ -60,23 +55,6 @@ def run_both(student, teacher, labels, backend_device, grad_scale=1.0, teacher_g
 
 def _row_weights(shape):
     return torch.linspace(0.5, 2.0, math.prod(shape)).reshape(shape)
-
-
-def assert_grad_close(actual, expected, rtol, what="gradient", atol=0.0):
-    if expected is None or not bool((expected != 0).any()):
-        assert actual is None or bool((actual == 0).all()), f"{what}: expected zero/None"
-        return
-    assert actual is not None, f"{what}: missing"
-    actual = actual.detach().cpu().double()
-    assert not torch.isnan(actual).any(), f"{what} has NaN"
-    # Elementwise relative error with a floor at a fraction of the largest entry (tiny entries round freely).
-    floor = rtol * 0.1 * expected.abs().max() + atol
-    err = (actual - expected).abs()
-    bound = rtol * expected.abs() + floor
-    worst = (err - bound).argmax()
-    assert bool((err <= bound).all()), (
-        f"{what}: max excess at {worst.item()}: got {actual.flatten()[worst]:.6g}, want {expected.flatten()[worst]:.6g}"
-    )
 
 
 def assert_matches(result, reference, dtype=torch.float32, check_teacher=True):

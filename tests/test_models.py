@@ -2,9 +2,13 @@
 
 import pytest
 import torch
-from test_modules import TINY, make_batch, make_module
+from helpers import TINY, VOCAB, make_batch
+from torch import nn
 
-from lit_distill.models import CausalLM, vocab_size
+from lit_distill import distillation_loss
+from lit_distill.losses import DistillationLoss
+from lit_distill.models import CausalLM, fusable_head, vocab_size
+from lit_distill.modules import SoftLabelDistillation
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -39,11 +43,79 @@ def test_unknown_dtype():
         CausalLM(config=TINY, dtype="float8")
 
 
-def test_logit_transforming_heads_use_the_logits_path():
-    module = make_module("soft")
-    batch = make_batch()
-    assert isinstance(module._forward(module.student, batch["input_ids"], None), tuple)  # fused
-    module.student.config.final_logit_softcapping = 30.0  # e.g. Gemma 2: not a plain linear head
-    assert not isinstance(module._forward(module.student, batch["input_ids"], None), tuple)
-    module.fused_linear = False
-    assert not isinstance(module._forward(module.teacher, batch["input_ids"], None), tuple)
+@pytest.mark.parametrize(
+    "transform",
+    [
+        {"final_logit_softcapping": 30.0},  # Gemma 2
+        {"logit_scale": 0.0625},  # Cohere
+        {"logits_scaling": 8.0},  # Granite
+        {"output_multiplier_scale": 0.5},
+    ],
+    ids=lambda transform: next(iter(transform)),
+)
+def test_heads_that_transform_the_logits_are_not_fused(transform):
+    torch.manual_seed(0)
+    plain = CausalLM(config=TINY).build()
+    assert fusable_head(plain) is plain.lm_head
+    torch.manual_seed(0)
+    transformed = CausalLM(config={**TINY, **transform}).build()
+    assert fusable_head(transformed) is None
+
+
+def test_only_a_linear_head_over_a_base_model_is_fused():
+    assert fusable_head(nn.Linear(4, 4)) is None  # no base model to take hidden states from
+    model = CausalLM(config=TINY).build()
+    model.lm_head = nn.Sequential(model.lm_head)  # not a plain linear layer
+    assert fusable_head(model) is None
+
+
+GEMMA2 = {
+    "model_type": "gemma2",
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 64,
+    "final_logit_softcapping": 0.2,  # small, so that capping changes random-init logits a lot
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+MIXED_HEADS_BUG = pytest.mark.xfail(
+    strict=True,
+    raises=TypeError,
+    reason="a fused teacher head with an unfused student head: distill indexes the teacher's (hidden, weight, bias)"
+    " tuple as logits",
+)
+
+
+@pytest.mark.parametrize(
+    ("teacher_type", "fused_linear"),
+    [("gemma2", True), ("gemma2", False), ("llama", False), pytest.param("llama", True, marks=MIXED_HEADS_BUG)],
+)
+def test_a_soft_capped_student_is_distilled_on_its_capped_logits(teacher_type, fused_linear):
+    """Gemma 2 caps its logits after the head: a module that fused the head would distill uncapped logits."""
+    torch.manual_seed(0)
+    student = CausalLM(config=GEMMA2).build()
+    student.lm_head.weight.data.mul_(10)  # logits of a few units, far past the cap
+    teacher_config = GEMMA2 if teacher_type == "gemma2" else TINY
+    teacher = CausalLM(config={**teacher_config, "hidden_size": 48}).build()
+    loss = DistillationLoss(temperature=2.0, alpha=0.5)
+    module = SoftLabelDistillation(student=student, teacher=teacher, loss=loss, fused_linear=fused_linear)
+    batch = make_batch(padding=[(1, 3)])
+    labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+    with torch.no_grad():
+        out = module.distill(batch)
+        capped = student(**batch).logits[:, :-1]
+        uncapped = student.model(**batch).last_hidden_state[:, :-1] @ student.lm_head.weight.T
+        teacher_logits = teacher(**batch).logits[:, :-1]
+    expected = distillation_loss(capped, teacher_logits, labels, temperature=2.0, alpha=0.5, reduction="sum")
+    wrong = distillation_loss(uncapped, teacher_logits, labels, temperature=2.0, alpha=0.5, reduction="sum")
+    assert not torch.allclose(expected.loss, wrong.loss, rtol=0.1)  # the test can tell them apart
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-5)

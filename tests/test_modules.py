@@ -7,6 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import KINDS, VOCAB, loader, make_batch, make_module, tiny, trainer
 from torch import nn
 
 from lit_distill import distillation_loss
@@ -15,81 +16,6 @@ from lit_distill.models import CausalLM
 from lit_distill.modules import CoDistillation, HardLabelDistillation, SoftLabelDistillation
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
-VOCAB = 96
-TINY = {
-    "model_type": "llama",
-    "vocab_size": VOCAB,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": 0,
-}
-
-
-def tiny(hidden=32, seed=0, **extra):
-    torch.manual_seed(seed)
-    return CausalLM(config={**TINY, "hidden_size": hidden, **extra}).build()
-
-
-def make_batch(rows=4, length=12, seed=0, padding=()):
-    """Token batch; ``padding`` lists (row, count) of right-padding positions."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (rows, length), generator=gen)
-    mask = torch.ones_like(ids)
-    for row, count in padding:
-        ids[row, length - count :] = 0
-        mask[row, length - count :] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def loader(*batches):
-    return torch.utils.data.DataLoader(list(batches), batch_size=None)
-
-
-def trainer(**kwargs):
-    defaults = {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-    }
-    return pl.Trainer(**{**defaults, **kwargs})
-
-
-def adam(params):
-    return torch.optim.Adam(params, lr=1e-2)
-
-
-def make_module(kind, **kwargs):
-    student, teacher = tiny(hidden=32, seed=0), tiny(hidden=48, seed=1)
-    loss = kwargs.pop("loss", DistillationLoss(temperature=2.0, alpha=0.7))
-    if kind == "soft":
-        return SoftLabelDistillation(student, teacher, loss=loss, optimizer=adam, **kwargs)
-    if kind == "hard-argmax":
-        return HardLabelDistillation(student, teacher, loss=loss, optimizer=adam, **kwargs)
-    if kind == "hard-generate":
-        return HardLabelDistillation(
-            student,
-            teacher,
-            loss=loss,
-            optimizer=adam,
-            mode="generate",
-            prompt_length=4,
-            max_new_tokens=6,
-            do_sample=False,
-            **kwargs,
-        )
-    return CoDistillation(student, teacher, loss=loss, optimizer=adam, teacher_ce_weight=0.5, **kwargs)
-
-
-KINDS = ["soft", "hard-argmax", "hard-generate", "co"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -201,11 +127,24 @@ def test_exported_student_reloads_with_the_same_logits(tmp_path):
         torch.testing.assert_close(reloaded(**batch).logits, module.student(**batch).logits)
 
 
-def test_co_distillation_exports_both(tmp_path):
+def test_co_distillation_exports_both_trained_models(tmp_path):
+    from transformers import AutoModelForCausalLM
+
     module = make_module("co")
+    initial_teacher = copy.deepcopy(module.teacher.state_dict())
+    trainer(max_steps=2).fit(module, loader(make_batch()))
     module.save_student(str(tmp_path / "s"))
     module.save_teacher(str(tmp_path / "t"))
-    assert (tmp_path / "s" / "config.json").exists() and (tmp_path / "t" / "config.json").exists()
+    for name, directory in (("student", "s"), ("teacher", "t")):
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / directory).state_dict()
+        trained = getattr(module, name).state_dict()
+        assert exported.keys() == trained.keys(), name
+        for key, value in trained.items():
+            torch.testing.assert_close(exported[key], value, rtol=0, atol=0, msg=f"{name}.{key}")
+    exported_teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "t").state_dict()
+    assert exported_teacher["model.embed_tokens.weight"].shape == (VOCAB, 48)  # the teacher, not the student
+    moved = [k for k, v in initial_teacher.items() if not torch.equal(exported_teacher[k], v)]
+    assert "lm_head.weight" in moved and len(moved) > len(initial_teacher) // 2, moved
 
 
 def test_frozen_teacher_is_left_out_of_checkpoints_and_restored(tmp_path):
@@ -250,19 +189,19 @@ def test_training_logs_the_statistics():
 
 def test_bad_input():
     with pytest.raises(ValueError, match="needs a teacher"):
-        SoftLabelDistillation(tiny())
+        SoftLabelDistillation(student=tiny())
     with pytest.raises(ValueError, match=r"student's vocabulary \(96\) differs from the teacher's \(128\)"):
-        SoftLabelDistillation(tiny(), tiny(vocab_size=128))
-    padded = SoftLabelDistillation(tiny(), tiny(vocab_size=128), loss=DistillationLoss(vocab_size=96))
+        SoftLabelDistillation(student=tiny(), teacher=tiny(vocab_size=128))
+    padded = SoftLabelDistillation(student=tiny(), teacher=tiny(vocab_size=128), loss=DistillationLoss(vocab_size=96))
     assert padded.loss.vocab_size == 96
     with pytest.raises(ValueError, match="exceeds"):
-        SoftLabelDistillation(tiny(), tiny(vocab_size=128), loss=DistillationLoss(vocab_size=100))
+        SoftLabelDistillation(student=tiny(), teacher=tiny(vocab_size=128), loss=DistillationLoss(vocab_size=100))
     with pytest.raises(ValueError, match="cannot"):
-        HardLabelDistillation(tiny(), nn.Linear(4, 4), mode="generate")
+        HardLabelDistillation(student=tiny(), teacher=nn.Linear(4, 4), mode="generate")
     with pytest.raises(ValueError, match="unknown mode"):
-        HardLabelDistillation(tiny(), tiny(), mode="beam")
+        HardLabelDistillation(student=tiny(), teacher=tiny(), mode="beam")
     with pytest.raises(ValueError, match="teacher_ce_weight > 0"):
-        CoDistillation(tiny(), tiny(), teacher_ce_weight=0.0)
+        CoDistillation(student=tiny(), teacher=tiny(), teacher_ce_weight=0.0)
     module = make_module("soft")
     with pytest.raises(ValueError, match="must be a dict with 'input_ids'"):
         module.compute_loss({"tokens": torch.zeros(2, 4, dtype=torch.long)})

@@ -14,16 +14,16 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from helpers import accumulation_batch, build, make_module
 from jsonargparse import ArgumentParser
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
-from test_modules import make_module
 
 from lit_distill.cli import cli_main
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 HERE = Path(__file__).parent
 CONFIGS = HERE.parent / "configs"
-LAYERS = 2  # decoder layers of each tiny model (test_modules.TINY)
+LAYERS = 2  # decoder layers of each tiny model (helpers.TINY)
 needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="torch.distributed with the gloo backend is not available",
@@ -159,9 +159,6 @@ def test_deepspeed_step_equals_one_process(tmp_path, single, technique, stage):
 @needs_gloo
 @needs_deepspeed
 def test_deepspeed_step_with_accumulation_is_the_mean_of_micro_batch_means(tmp_path):
-    from deepspeed_worker import accumulation_batch
-    from sharded_worker import build
-
     sharded = run("soft", "ds3", tmp_path / "ds.pt", "accumulate", worker="deepspeed_worker.py")
     module, batch = build("soft"), accumulation_batch()
     means = [module.distill({k: v[rows] for k, v in batch.items()}) for rows in (slice(0, 4), slice(4, 8))]

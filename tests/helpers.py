@@ -1,0 +1,248 @@
+"""What several test files and the multi-process workers share, so that no test file imports another.
+
+- tiny random Llamas, their token batches, a quiet CPU trainer, and a module of each technique built on them;
+- the per-dtype tolerances and the gradient comparison the kernel tests use against ``tests/oracle.py``;
+- ``InterruptAt``, a Ctrl-C sent at a chosen batch;
+- for the DDP, FSDP and DeepSpeed workers: each process's rows of a global batch, and a fit, an export check
+  and a resume on a given strategy.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset
+
+from lit_distill.losses import DistillationLoss
+from lit_distill.models import CausalLM
+from lit_distill.modules import CoDistillation, HardLabelDistillation, SoftLabelDistillation
+
+# ------------------------------------------------------------------------------------------ tiny models
+VOCAB = 96
+TINY = {
+    "model_type": "llama",
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+KINDS = ["soft", "hard-argmax", "hard-generate", "co"]
+
+
+def tiny(hidden=32, seed=0, **extra):
+    """A seeded random Llama of ``TINY``'s shape; ``extra`` overrides config entries."""
+    torch.manual_seed(seed)
+    return CausalLM(config={**TINY, "hidden_size": hidden, **extra}).build()
+
+
+def make_batch(rows=4, length=12, seed=0, padding=()):
+    """Token batch; ``padding`` lists (row, count) of right-padding positions."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (rows, length), generator=gen)
+    mask = torch.ones_like(ids)
+    for row, count in padding:
+        ids[row, length - count :] = 0
+        mask[row, length - count :] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def loader(*batches):
+    return DataLoader(list(batches), batch_size=None)
+
+
+def trainer(**kwargs):
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def adam(params):
+    return torch.optim.Adam(params, lr=1e-2)
+
+
+def make_module(kind, **kwargs):
+    """A module of technique ``kind`` (one of ``KINDS``): student of width 32, teacher of width 48."""
+    student, teacher = tiny(hidden=32, seed=0), tiny(hidden=48, seed=1)
+    common = {
+        "student": student,
+        "teacher": teacher,
+        "loss": kwargs.pop("loss", DistillationLoss(temperature=2.0, alpha=0.7)),
+        "optimizer": adam,
+    }
+    if kind == "soft":
+        return SoftLabelDistillation(**common, **kwargs)
+    if kind == "hard-argmax":
+        return HardLabelDistillation(**common, **kwargs)
+    if kind == "hard-generate":
+        generate = {"mode": "generate", "prompt_length": 4, "max_new_tokens": 6, "do_sample": False}
+        return HardLabelDistillation(**common, **generate, **kwargs)
+    if kind == "co":
+        return CoDistillation(**common, teacher_ce_weight=0.5, **kwargs)
+    raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+
+
+# ------------------------------------------------------------------------------- kernels vs the oracle
+# dtype: (loss rtol, gradient rtol); gradients are stored in the input dtype, so they round to it.
+TOLERANCES = {
+    torch.float32: (2e-5, 1e-4),
+    torch.bfloat16: (2e-5, 1.6e-2),
+    torch.float16: (2e-5, 2e-3),
+}
+
+
+def assert_grad_close(actual, expected, rtol, what="gradient", atol=0.0):
+    """``actual`` within ``rtol`` of the float64 ``expected``, entry by entry, with a floor of ``rtol / 10`` of
+    the largest entry (plus ``atol``); an all-zero or None ``expected`` needs an all-zero or None ``actual``."""
+    if expected is None or not bool((expected != 0).any()):
+        assert actual is None or bool((actual == 0).all()), f"{what}: expected zero/None"
+        return
+    assert actual is not None, f"{what}: missing"
+    actual = actual.detach().cpu().double()
+    assert not torch.isnan(actual).any(), f"{what} has NaN"
+    # Elementwise relative error with a floor at a fraction of the largest entry (tiny entries round freely).
+    floor = rtol * 0.1 * expected.abs().max() + atol
+    err = (actual - expected).abs()
+    bound = rtol * expected.abs() + floor
+    worst = (err - bound).argmax()
+    assert bool((err <= bound).all()), (
+        f"{what}: max excess at {worst.item()}: got {actual.flatten()[worst]:.6g}, want {expected.flatten()[worst]:.6g}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- Ctrl-C
+class InterruptAt(Callback):
+    """Sends this process SIGINT (as Ctrl-C does) at the start of one batch (None: the step's first)."""
+
+    def __init__(self, step: int, batch_idx: int | None = None):
+        self.step, self.batch_idx = step, batch_idx
+        self.sent = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and self.batch_idx in (None, batch_idx) and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+# ------------------------------------------------------------------------------- multi-process workers
+class Rows(Dataset):
+    """This process's rows of the global batch: process r of W gets rows r, r + W, ... (no sampler involved)."""
+
+    def __init__(self, batch, devices):
+        self.batch = batch
+        self.devices = devices
+
+    def __len__(self):
+        return self.batch["input_ids"].shape[0] // self.devices
+
+    def __getitem__(self, i):
+        rank = torch.distributed.get_rank() if self.devices > 1 else 0
+        return {k: v[i * self.devices + rank] for k, v in self.batch.items()}
+
+
+class GradientCount(Callback):
+    """How many student and teacher parameters have a gradient when the optimizer is about to step, and how
+    many optimizer steps this run took."""
+
+    steps = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.steps += 1
+        self.counts = {
+            name: sum(p.grad is not None for p in getattr(pl_module, name).parameters())
+            for name in ("student", "teacher")
+        }
+
+
+def build(technique: str, dtype: str = ""):
+    """``make_module(technique)`` seeded, with SGD with momentum; ``dtype="bf16"`` puts the teacher in bfloat16."""
+    pl.seed_everything(0)
+    module = make_module(technique)
+    if dtype == "bf16":
+        module.teacher.to(torch.bfloat16)
+    # Momentum's first step equals plain SGD's, and it leaves a state entry for every parameter it steps.
+    module.optimizer = lambda params: torch.optim.SGD(params, lr=1.0, momentum=0.9)
+    return module
+
+
+def fit(module, kind: str, steps: int, ckpt_path=None, callbacks=(), strategy="auto", batch=None, **kwargs):
+    """Train ``steps`` optimizer steps on ``batch`` (default: 4 unevenly padded rows), 4 rows a micro-batch, on
+    one process (``kind="single"``) or two under ``strategy``."""
+    devices = 1 if kind == "single" else 2
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=steps,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=list(callbacks),
+        **kwargs,
+    )
+    if batch is None:  # rows 0 and 2 (rank 0) are heavily padded, rows 1 and 3 (rank 1) not at all
+        batch = make_batch(rows=4, length=12, seed=5, padding=[(0, 8), (2, 6)])
+    rows = DataLoader(Rows(batch, devices), batch_size=4 // devices, shuffle=False)
+    trainer.fit(module, rows, rows if kwargs.get("limit_val_batches") else None, ckpt_path=ckpt_path)
+    return trainer
+
+
+def accumulation_batch() -> dict[str, torch.Tensor]:
+    """8 rows: the even ones (rank 0) padded, the odd ones (rank 1) not at all."""
+    return make_batch(rows=8, length=12, seed=5, padding=[(0, 8), (2, 6), (4, 3), (6, 9)])
+
+
+def export_diff(exported: dict[str, str], full: dict[str, dict]) -> float:
+    """The largest difference between the weights reloaded from the exported directories and ``full``."""
+    from transformers import AutoModelForCausalLM
+
+    diff = 0.0
+    for name, directory in exported.items():
+        state = AutoModelForCausalLM.from_pretrained(directory).state_dict()
+        assert state.keys() == full[name].keys(), (name, state.keys() ^ full[name].keys())
+        diff = max(diff, *(float((v - full[name][k].to(v.dtype)).abs().max()) for k, v in state.items()))
+    return diff
+
+
+def resume(technique: str, kind: str, out: str, strategy) -> None:
+    """2 steps in one run, and 1 step + checkpoint + 1 resumed step, in one process group; ``strategy(kind)``
+    builds each run's strategy. Rank 0 saves both runs' final weights to ``out``."""
+    from lit_distill.sharding import full_state_dict
+
+    module = build(technique)
+    fit(module, kind, 2, strategy=strategy(kind))
+    uninterrupted = {name: full_state_dict(module, name) for name in ("student", "teacher")}
+    directory = f"{out}.checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=directory, filename="mid")
+    fit(build(technique), kind, 1, callbacks=[checkpoint], strategy=strategy(kind))
+    module = build(technique)
+    trainer = fit(
+        module,
+        kind,
+        2,
+        ckpt_path=f"{directory}/mid.ckpt",
+        callbacks=[gradients := GradientCount()],
+        strategy=strategy(kind),
+    )
+    resumed = {name: full_state_dict(module, name) for name in ("student", "teacher")}
+    if trainer.global_rank == 0:
+        result = {"uninterrupted": uninterrupted, "resumed": resumed, "steps_run": gradients.steps}
+        torch.save(result, out)
