@@ -85,9 +85,48 @@ class CausalLM:
         return f"CausalLM({source}, dtype={self.dtype!r})"
 
 
+# Directories the shipped configs write, and the config that writes each.
+WRITTEN_BY = {("artifacts", "teacher"): "configs/teacher.yaml"}
+
+
+def missing_local_path(name_or_path: str | os.PathLike) -> str | None:
+    """Why a model or tokenizer name that means a local path cannot be used, or None.
+
+    A name means a local path when it is absolute or starts with ``.`` or ``~``, has more than two parts, its
+    first part is an existing directory, or it is a directory the shipped configs write (``artifacts/teacher``);
+    otherwise it may be a Hub name (``org/name``) and None is returned, as it is for an existing directory.
+    Such a missing path is not looked up on the Hub: saying that the Hub could not be reached would mislead.
+    """
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        return None
+    parts = Path(text).parts
+    written_by = next((config for tail, config in WRITTEN_BY.items() if parts[-len(tail) :] == tail), None)
+    local = (
+        text.startswith((".", "~", "/", "\\"))
+        or Path(text).is_absolute()
+        or len(parts) > 2
+        or (len(parts) == 2 and Path(parts[0]).is_dir())
+        or written_by is not None
+    )
+    if not local:
+        return None
+    message = f"there is no directory {path.resolve()} (a local path, so the Hugging Face Hub was not asked)"
+    if written_by is not None:
+        message += f"; `lit-distill fit --config {written_by}` writes it: run that first"
+    return message
+
+
 def _from_pretrained(name_or_path: str, dtype, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    missing = missing_local_path(name_or_path)
+    if missing is not None:
+        raise FileNotFoundError(
+            f"could not load a causal LM from {name_or_path!r}: {missing}. Point name_or_path at a directory"
+            " holding config.json and the weights (save_pretrained writes one), or at a Hugging Face Hub name"
+        )
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
