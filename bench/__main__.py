@@ -161,7 +161,7 @@ def _plot(rows, path: Path, env: dict) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
+        print("matplotlib is not installed (pip install -c constraints.txt matplotlib): no plot", file=sys.stderr)
         return None
     groups = list(dict.fromkeys((r["case"], r["divergence"], r["mode"], r["shape"]) for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))

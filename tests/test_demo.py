@@ -1,0 +1,128 @@
+"""The demo's pieces without a full run: help text, verdict, plot, curve recorder, quieting.
+
+The demo end to end (``--quick``) runs in tests/test_cli.py.
+"""
+
+import logging
+import math
+import warnings
+
+import pytest
+import torch
+
+from lit_distill.demo import QUICK_NOTE, Row, _Curve, _evaluate, _figure, _parser, _quiet, _report
+
+
+def test_help_is_plain_text():
+    text = _parser().format_help()
+    assert "``" not in text and ":func:" not in text
+    for needle in ("smoke test", "LIT_DISTILL_CACHE", "XDG_CACHE_HOME", "default 250 (--quick: 30)"):
+        assert needle in " ".join(text.split())
+
+
+def _rows(alone: float, soft: float) -> list[Row]:
+    return [
+        Row("teacher", 4.6, math.exp(4.6), math.nan, math.nan, 1.0),
+        Row("student: alone", alone, math.exp(alone), 0.5, 1000.0, 1.0),
+        Row("student: soft-label", soft, math.exp(soft), 0.6, 500.0, 2.0),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("alone", "soft", "quick", "expected"),
+    [
+        (4.9285, 4.7307, False, "soft-label distillation beats training alone by 0.1978 nats/token"),
+        (5.9381, 5.9527, True, "soft-label distillation trails training alone by 0.0146 nats/token"),
+    ],
+)
+def test_verdict_has_no_double_negative_and_quick_says_smoke_test(tmp_path, capsys, alone, soft, quick, expected):
+    curves = {"alone": [(10, alone + 1), (30, alone)], "soft-label": [(10, soft + 1), (30, soft)]}
+    _report(_rows(alone, soft), curves, {}, tmp_path, quick=quick)
+    out = capsys.readouterr().out
+    assert expected in out and "does not beat" not in out and "-0." not in out
+    assert (QUICK_NOTE in out) == quick
+    assert (QUICK_NOTE in (tmp_path / "results.md").read_text()) == quick
+    assert (tmp_path / "validation_curves.png").stat().st_size > 0
+
+
+def test_plot_integer_ticks_and_coinciding_curves_stay_visible():
+    import matplotlib.pyplot as plt
+
+    same = [(10, 6.44), (20, 6.11), (30, 5.95)]  # soft-label and co-distillation on top of each other
+    curves = {
+        "alone": [(10, 6.51), (20, 6.15), (30, 5.94)],
+        "soft-label": same,
+        "hard-label": [(10, 6.49), (20, 6.17), (30, 9.3)],
+        "co-distillation": same,
+    }
+    fig = _figure(curves, _rows(5.94, 5.95))
+    ax = fig.axes[0]
+    assert list(ax.get_xticks()) == [10, 20, 30]
+    lines = {line.get_label().split(":")[0]: line for line in ax.get_lines()}
+    soft, co = lines["soft-label"], lines["co-distillation"]
+    assert (soft.get_linestyle(), soft.get_linewidth()) != (co.get_linestyle(), co.get_linewidth())
+    assert soft.get_marker() != co.get_marker()
+    assert lines["alone"].get_label() == "alone: 5.940 at the end"
+    plt.close(fig)
+
+    many = {"alone": [(step, 6.0 - step / 1000) for step in range(5, 255, 5)]}
+    fig = _figure(many, _rows(5.75, 5.75))
+    ticks = fig.axes[0].get_xticks()
+    assert len(ticks) <= 12 and all(float(t).is_integer() for t in ticks)
+    plt.close(fig)
+
+
+class _Data:
+    """The part of TextDataModule the evaluation reads."""
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int) -> None:
+        self.val_blocks, self.batch_size = blocks, batch_size
+
+    def setup(self) -> None:
+        pass
+
+
+class _Module:
+    def __init__(self, student) -> None:
+        self.student = student
+
+
+class _Trainer:
+    def __init__(self, global_step: int) -> None:
+        self.global_step = global_step
+
+
+def test_curve_measures_the_whole_split_draws_no_rng_and_leaves_the_last_point_to_the_table():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1
+    )
+    model = LlamaForCausalLM(config).train()
+    data = _Data(torch.randint(0, 300, (70, 12)), batch_size=4)  # 70 rows: a last batch of 2, and of 6 at 64
+    curve = _Curve(data, max_steps=30)
+    rng = torch.get_rng_state()
+    curve.on_validation_end(_Trainer(10), _Module(model))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.training  # back to training mode
+    curve.on_validation_end(_Trainer(30), _Module(model))  # the table's evaluation gives the last point
+    assert [step for step, _ in curve.points] == [10]
+    model.eval()
+    expected, _ = _evaluate(model, None, data)  # the table's batches
+    assert curve.points[0][1] == pytest.approx(expected, rel=1e-6)
+
+
+def test_quiet_silences_lightning_info_pytree_warning_and_hf_bars_then_restores(recwarn):
+    from transformers.utils import logging as hf_logging
+
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level, bars = rank_zero.level, hf_logging.is_progress_bar_enabled()
+    with _quiet():
+        assert not rank_zero.isEnabledFor(logging.INFO)
+        assert not hf_logging.is_progress_bar_enabled()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+    assert not [w for w in recwarn if "LeafSpec" in str(w.message)]
+    assert rank_zero.level == level and hf_logging.is_progress_bar_enabled() == bars
+    warnings.warn("another warning", UserWarning, stacklevel=1)  # other warnings are untouched
+    assert len(recwarn) == 1
