@@ -108,7 +108,7 @@ def test_import_and_a_cpu_loss_import_no_triton():
     code = (
         "import sys, torch, lit_distill\n"
         "out = lit_distill.distillation_loss(torch.randn(3, 10), torch.randn(3, 10))\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton'), float(out.loss) >= 0)\n"
+        "print('triton' in sys.modules, float(out.loss) >= 0)\n"
     )
     out = run_without_interpreter(code)
-    assert out.stdout.strip() == "[] True", out.stdout + out.stderr
+    assert out.stdout.strip() == "False True", out.stdout + out.stderr

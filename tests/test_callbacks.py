@@ -134,6 +134,7 @@ def test_drives_the_loss_and_logs():
     assert "train/alpha" in t.callback_metrics and "train/temperature" in t.callback_metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("technique", KINDS)
 def test_resume_continues_exactly(tmp_path, technique):
     """Stopped after 3 of 6 steps and resumed: same schedule values, losses and final weights (both models

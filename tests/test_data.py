@@ -163,6 +163,7 @@ def test_first_epoch_order_is_random_samplers():
 
 
 @pytest.mark.parametrize("interrupt_step", [3, 5])  # mid-epoch, and the epoch's last step
+@pytest.mark.slow
 def test_ctrl_c_and_resume_see_the_batches_of_the_uninterrupted_run(tmp_path, cache, interrupt_step):
     """6 batches per epoch, 10 steps: the interrupted and resumed run trains on the same batches in the same
     order (none repeated, none lost) and ends with the same weights."""

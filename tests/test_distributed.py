@@ -10,6 +10,7 @@ import torch
 
 HERE = Path(__file__).parent
 needs_distributed = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is missing")
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # each test starts two or three Python processes
 
 
 def launch(technique: str, devices: int, out: Path, fault: str = "") -> subprocess.CompletedProcess:

@@ -61,6 +61,7 @@ def assert_same_weights(got, expected):
 
 
 # ------------------------------------------------------------------------------------------ NaN mid-run
+@pytest.mark.slow
 def test_nan_mid_run_stops_naming_the_step_before_any_update():
     data = batches(6)
     pl.seed_everything(0)
@@ -81,6 +82,7 @@ def test_nan_message_names_the_micro_batches_of_the_step():
 
 
 @pytest.mark.parametrize("technique", ["soft", "co"])
+@pytest.mark.slow
 def test_skip_drops_the_poisoned_micro_batch_only(technique):
     """accumulate=2; micro-batch 3 (step 1) is NaN and skipped: the run equals one whose micro-batch 3 is all
     padding (no tokens, no gradient), including for co-distillation's teacher."""
@@ -100,6 +102,7 @@ def test_skip_drops_the_poisoned_micro_batch_only(technique):
         torch.testing.assert_close(skipping.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_a_step_whose_batches_were_all_skipped_changes_nothing():
     """Step 2's only batch is NaN: with Adam, the run equals training on the other five batches."""
     data = batches(6)
@@ -119,6 +122,7 @@ def test_unknown_on_nonfinite():
 
 
 # -------------------------------------------------------------------------------------------- Ctrl-C
+@pytest.mark.slow
 def test_ctrl_c_finishes_the_step_saves_and_the_run_resumes_exactly(tmp_path, capsys):
     """accumulate=2, 4 micro-batches per epoch: Ctrl-C during micro-batch 2 (the first of step 1) saves after
     step 1 completes; resuming gives the uninterrupted run's weights."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # four benchmark processes, one at 4096 x 32000 eager
 
 
 def extra_mib(case: str, provider: str, shape: dict) -> float:

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
 def test_fits_and_the_loss_decreases(kind):
     pl.seed_everything(0)
     module = make_module(kind)
@@ -147,6 +148,7 @@ def test_co_distillation_exports_both_trained_models(tmp_path):
     assert "lm_head.weight" in moved and len(moved) > len(initial_teacher) // 2, moved
 
 
+@pytest.mark.slow
 def test_frozen_teacher_is_left_out_of_checkpoints_and_restored(tmp_path):
     module = make_module("soft")
     t = trainer(max_steps=2, enable_checkpointing=True, default_root_dir=tmp_path)

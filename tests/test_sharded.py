@@ -79,6 +79,8 @@ def assert_teacher_sharded(sharded: dict) -> None:
     assert all(rank["units"] == 1 + 2 * LAYERS for rank in sharded["ranks"])  # a unit per decoder layer + root
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 @needs_gloo
 @pytest.mark.parametrize("kind", ["fsdp", "fsdp2"])
 @pytest.mark.parametrize("technique", ["soft", "hard-argmax", "hard-generate", "co"])
@@ -100,6 +102,8 @@ def test_sharded_step_equals_one_process(tmp_path, single, kind, technique):
     assert teacher_moved == (technique == "co")
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 @needs_gloo
 def test_fsdp2_shards_a_bfloat16_teacher_with_a_float32_student(tmp_path, single):
     # FSDP1 cannot: it flattens both models' embeddings and heads into one buffer of one dtype.
@@ -108,6 +112,8 @@ def test_fsdp2_shards_a_bfloat16_teacher_with_a_float32_student(tmp_path, single
     assert_teacher_sharded(sharded)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 @needs_gloo
 @pytest.mark.parametrize(
     ("technique", "kind"),
@@ -147,6 +153,8 @@ def test_sharded_strategies_refuse_to_skip_nonfinite_batches():
         module.setup("fit")
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 @needs_gloo
 @needs_deepspeed
 @pytest.mark.parametrize(("technique", "stage"), [("soft", 2), ("soft", 3), ("co", 3), ("hard-generate", 3)])
@@ -156,6 +164,8 @@ def test_deepspeed_step_equals_one_process(tmp_path, single, technique, stage):
     assert_same_step(sharded, single(technique))
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 @needs_gloo
 @needs_deepspeed
 def test_deepspeed_step_with_accumulation_is_the_mean_of_micro_batch_means(tmp_path):
@@ -167,6 +177,8 @@ def test_deepspeed_step_with_accumulation_is_the_mean_of_micro_batch_means(tmp_p
         torch.testing.assert_close(sharded["delta"][f"student.{key}"], p.grad, rtol=1e-4, atol=1e-6, msg=key)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 @needs_gloo
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
