@@ -1,14 +1,20 @@
-"""The ``lit-distill`` command: every shipped config parses and trains a few steps, overrides, the demo."""
+"""The ``lit-distill`` command: every shipped config parses and trains a few steps, overrides, the demo,
+the exit status, errors in one message, the help, and what a run prints."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from lit_distill.cli import cli_main
+from lit_distill.checkpoints import VerifiedCheckpointIO
+from lit_distill.cli import cli_main, concise_error, run_cli, with_verified_checkpoints
 from lit_distill.kernels import DIVERGENCES
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::RuntimeWarning")
@@ -17,6 +23,7 @@ QUICK = [
     "--trainer.max_steps", "2", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
     "--trainer.enable_progress_bar", "false", "--data.batch_size", "2", "--data.max_train_tokens", "4096",
 ]  # fmt: skip
+CONSOLE_SCRIPT = str(Path(sys.executable).parent / "lit-distill")
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +33,20 @@ def workdir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(path)
         mp.setenv("LIT_DISTILL_CACHE", str(path / "cache"))
-        cli_main(["fit", "--config", str(CONFIGS / "teacher.yaml"), *QUICK])
+        run_cli(["fit", "--config", str(CONFIGS / "teacher.yaml"), *QUICK])
     return path
+
+
+def console(workdir: Path, *args: str, timeout: int = 600) -> tuple[int, str]:
+    """Run the installed console script in ``workdir``, stdout and stderr into a file as a redirected run would;
+    the exit status and what it wrote."""
+    log = workdir / "console.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LIT_DISTILL_CACHE": str(workdir / "cache")}
+    with open(log, "w") as out:
+        result = subprocess.run(
+            [CONSOLE_SCRIPT, *args], cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout
+        )
+    return result.returncode, log.read_text()
 
 
 @pytest.mark.parametrize(
@@ -42,9 +61,21 @@ def workdir(tmp_path_factory):
 def test_every_config_trains_a_few_steps_and_exports(workdir, monkeypatch, config, student_dir):
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("LIT_DISTILL_CACHE", str(workdir / "cache"))
-    cli = cli_main(["fit", "--config", str(CONFIGS / config), *QUICK])
+    cli = run_cli(["fit", "--config", str(CONFIGS / config), *QUICK])
     assert cli.trainer.global_step == 2
     assert cli.model.student.config.vocab_size == cli.datamodule.vocab_size  # linked from the data module
+    # The data is tokenized as the teacher was: its tokenizer, saved with it by configs/teacher.yaml.
+    teacher_tokenizer = AutoTokenizer.from_pretrained(workdir / "artifacts" / "teacher")
+    assert cli.datamodule.tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+    # The student's special-token ids are the tokenizer's (linked from the data module).
+    tokenizer = cli.datamodule.tokenizer
+    config = cli.model.student.config
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
+    assert isinstance(cli.trainer.strategy.checkpoint_io, VerifiedCheckpointIO)
     student = AutoModelForCausalLM.from_pretrained(workdir / "artifacts" / student_dir)
     assert student.config.hidden_size == 96
     if config == "co_distillation.yaml":
@@ -57,11 +88,11 @@ def test_ctrl_c_saves_a_checkpoint_the_command_line_resumes_from(workdir, monkey
     interrupt = '{"class_path": "test_faults.InterruptAt", "init_args": {"step": 1}}'
     args = ["fit", "--config", str(CONFIGS / "soft_label.yaml"), *QUICK, "--trainer.max_steps", "3"]
     with pytest.raises(SystemExit) as exit_info:
-        cli_main([*args, f"--trainer.callbacks+={interrupt}"])
+        run_cli([*args, f"--trainer.callbacks+={interrupt}"])
     assert exit_info.value.code == 1
     saved = sorted(workdir.glob("**/checkpoints/interrupted.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
     assert torch.load(saved, weights_only=False)["global_step"] == 2  # step 1 finished, then saved
-    cli = cli_main([*args, "--ckpt_path", str(saved)])
+    cli = run_cli([*args, "--ckpt_path", str(saved)])
     assert cli.trainer.ckpt_path == str(saved) and cli.trainer.global_step == 3
 
 
@@ -70,10 +101,21 @@ def test_teacher_config_exported_the_teacher_and_tokenizer(workdir):
     assert (workdir / "artifacts" / "teacher" / "tokenizer.json").exists()
 
 
+def test_exported_teacher_has_the_tokenizers_special_ids(workdir):
+    """Llama's defaults (bos 1, eos 2) are the BPE's pad and "!": generate() stopped at the first "!"."""
+    directory = workdir / "artifacts" / "teacher"
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    config = AutoConfig.from_pretrained(directory)
+    assert tokenizer.convert_ids_to_tokens([config.eos_token_id, config.pad_token_id]) == ["<|endoftext|>", "<|pad|>"]
+    assert (config.bos_token_id, config.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    generation = json.loads((directory / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tokenizer.eos_token_id
+
+
 def test_command_line_overrides(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("LIT_DISTILL_CACHE", str(workdir / "cache"))
-    cli = cli_main(
+    cli = run_cli(
         [
             "fit",
             "--config",
@@ -83,9 +125,13 @@ def test_command_line_overrides(workdir, monkeypatch):
             "3",
             "--trainer.max_steps",
             "1",
+            "--trainer.plugins",
+            "lightning.pytorch.plugins.environments.LightningEnvironment",
         ]
     )
     assert cli.model.loss.temperature == 3.0 and cli.trainer.global_step == 1
+    # plugins set on the command line or in a config keep the checkpoint check
+    assert isinstance(cli.trainer.strategy.checkpoint_io, VerifiedCheckpointIO)
 
 
 def test_gpu_example_config_parses(capsys):
@@ -110,19 +156,14 @@ def test_every_config_is_covered():
     assert {p.name for p in CONFIGS.glob("*.yaml")} == tested
 
 
-def test_unknown_config_key_is_lightnings_error(workdir, monkeypatch, capsys):
-    monkeypatch.chdir(workdir)
-    with pytest.raises(SystemExit):
-        cli_main(["fit", "--config", str(CONFIGS / "soft_label.yaml"), "--model.init_args.no_such_option", "1"])
-    assert "no_such_option" in capsys.readouterr().err
-
-
-def test_help_lists_the_techniques(capsys):
+def test_help_lists_the_techniques_and_every_command(capsys):
     with pytest.raises(SystemExit):
         cli_main(["--help"])
     out = capsys.readouterr().out
-    for name in ("SoftLabelDistillation", "HardLabelDistillation", "CoDistillation", "demo"):
+    for name in ("SoftLabelDistillation", "HardLabelDistillation", "CoDistillation", "LanguageModelTraining"):
         assert name in out
+    for command in ("fit", "validate", "demo", "kernels"):
+        assert re.search(rf"^    {command} +\S", out, flags=re.MULTILINE), command  # listed with its help
 
 
 def test_demo_quick_writes_table_logs_and_plot(tmp_path, capsys):
@@ -160,3 +201,183 @@ def test_kernels_prints_matching_losses_for_every_divergence(capsys):
         triton_loss, torch_loss, grad_diff = (float(x) for x in re.split(r"\s+", line)[1:4])
         assert triton_loss == pytest.approx(torch_loss, rel=1e-5)
         assert grad_diff < 1e-6
+
+
+# ------------------------------------------------------------ the command line as a new user meets it
+def without(args: list[str], option: str) -> list[str]:
+    i = args.index(option)
+    return args[:i] + args[i + 2 :]
+
+
+def test_a_successful_fit_exits_0_through_the_console_script_and_prints_progress_in_steps(workdir):
+    """Redirected to a file: exit status 0, no CLI object printed, no notices, one flushed line per step."""
+    args = without(QUICK, "--trainer.enable_progress_bar")
+    status, out = console(
+        workdir,
+        *["fit", "--config", str(CONFIGS / "soft_label.yaml"), *without(args, "--trainer.val_check_interval")],
+        *["--trainer.accumulate_grad_batches", "2", "--trainer.val_check_interval", "2"],
+        *["--trainer.log_every_n_steps", "1"],
+    )
+    assert status == 0, out
+    assert "object at 0x" not in out
+    for noise in ("GPU available", "TPU available", "Tip:", "LeafSpec", "Loading weights", "Writing model shards"):
+        assert noise not in out, noise
+    assert "v_num" not in out and "Epoch 0/-2" not in out
+    assert re.findall(r"^step (\d+/\d+)", out, flags=re.MULTILINE) == ["1/2", "2/2"]  # optimizer steps, not 4/2
+    assert re.search(r"^validation at step 1: val/", out, flags=re.MULTILINE)
+
+
+def test_an_abbreviated_option_is_an_error_not_another_option(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("LIT_DISTILL_CACHE", str(workdir / "cache"))
+    weights = workdir / "artifacts" / "teacher" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    with pytest.raises(SystemExit) as info:
+        cli_main(["fit", "--config", str(CONFIGS / "teacher.yaml"), *without(QUICK, "--trainer.max_steps"),
+                  "--trainer.max_step", "2"])  # fmt: skip
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --trainer.max_step 2" in err and "did you mean --trainer.max_steps" in err
+    assert weights.stat().st_mtime_ns == before  # nothing trained, artifacts/teacher left as it was
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--model.init_args.loss.init_args.temperature", "abc",
+         "--model.init_args.loss.init_args.temperature: Expected a float. Got value: abc"),
+        ("--model.init_args.no_such_option", "1",
+         "--model.init_args.no_such_option: no such option of lit_distill.modules.SoftLabelDistillation"),
+        ("--trainer.max_steps", "many", "--trainer.max_steps: Expected a int. Got value: many"),
+        ("--model.init_args.loss.init_args.divergence", "kl", "unknown divergence 'kl'; choose one of"),
+        ("--model.init_args.student.init_args.dtype", "float8", "unknown dtype 'float8'; choose one of"),
+        ("--data.files", "[missing.txt]", "corpus file missing.txt does not exist"),
+    ],
+    ids=["type", "unknown-option", "trainer-type", "library-check", "nested-union", "missing-file"],
+)  # fmt: skip
+def test_an_error_is_one_message_with_exit_status_2(workdir, monkeypatch, capsys, option, value, message):
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("LIT_DISTILL_CACHE", str(workdir / "cache"))
+    with pytest.raises(SystemExit) as info:
+        cli_main(["fit", "--config", str(CONFIGS / "soft_label.yaml"), *QUICK, option, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "usage:" not in err and "Union subtypes" not in err
+    error = err[err.index("fit: error: ") :]
+    assert error.startswith(f"fit: error: {message}"), err
+    assert len(error.strip().splitlines()) == 2  # the message and where to look next
+
+
+def test_concise_error_follows_jsonargparses_nesting():
+    message = """Parser key "model":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'lit_distill.modules.causal_lm.CausalLMModule'>, <class 'NoneType'>]
+  Errors:
+    - Problem with given class_path 'lit_distill.modules.SoftLabelDistillation':
+        Parser key "loss":
+          Does not validate against any of the Union subtypes
+          Subtypes: [<class 'lit_distill.losses.DistillationLoss'>, <class 'NoneType'>]
+          Errors:
+            - Problem with given class_path 'lit_distill.losses.DistillationLoss':
+                Parser key "temperature":
+                  Expected a <class 'float'>. Got value: abc
+            - Expected a <class 'NoneType'>
+          Given value type: <class 'jsonargparse._util.NestedArg'>
+          Given value: NestedArg(key='temperature', val='abc')
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'jsonargparse._util.NestedArg'>
+  Given value: NestedArg(key='loss.init_args.temperature', val='abc')"""
+    assert concise_error(message) == "--model.init_args.loss.init_args.temperature: Expected a float. Got value: abc"
+    assert concise_error("unrecognized arguments: --x 1") == "unrecognized arguments: --x 1"
+    truncated = 'Parser key "model":\n  Does not validate against any of the Union subtypes'
+    assert concise_error(truncated) == truncated  # a shape it does not know: the message as it is
+
+
+@pytest.mark.parametrize("tokenizer", [[], ["--data.tokenizer", "null"]], ids=["config-tokenizer", "no-tokenizer"])
+def test_a_missing_teacher_directory_says_to_run_the_teacher_config(workdir, tmp_path, monkeypatch, capsys, tokenizer):
+    monkeypatch.chdir(tmp_path)  # configs/teacher.yaml has not run here
+    monkeypatch.setenv("LIT_DISTILL_CACHE", str(workdir / "cache"))  # the bundled corpus's BPE is cached there
+    with pytest.raises(SystemExit) as info:
+        cli_main(["fit", "--config", str(CONFIGS / "soft_label.yaml"), *QUICK, *tokenizer])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    what = "could not find the tokenizer" if not tokenizer else "could not load a causal LM from"
+    assert f"{what} 'artifacts/teacher': there is no directory {tmp_path / 'artifacts' / 'teacher'}" in err
+    assert "`lit-distill fit --config configs/teacher.yaml` writes it: run that first" in err
+    assert "Hub or its local cache" not in err
+
+
+def test_the_teachers_tokenizer_is_the_default(workdir, tmp_path, monkeypatch):
+    """Without data.tokenizer, a teacher saved with its tokenizer tokenizes the data (not a BPE trained afresh)."""
+    import gzip
+
+    from lit_distill.data import BUNDLED_CORPUS
+
+    corpus = tmp_path / "my.txt"
+    with gzip.open(BUNDLED_CORPUS, "rt", encoding="utf-8") as f:
+        corpus.write_text(f.read()[:200_000])
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("LIT_DISTILL_CACHE", str(workdir / "cache"))
+    cli = run_cli(
+        ["fit", "--config", str(CONFIGS / "soft_label.yaml"), *QUICK, "--trainer.max_steps", "1",
+         "--data.tokenizer", "null", "--data.files", f"[{corpus}]"]
+    )  # fmt: skip
+    teacher_tokenizer = AutoTokenizer.from_pretrained(workdir / "artifacts" / "teacher")
+    assert cli.datamodule.tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+    assert cli.trainer.global_step == 1
+
+
+def test_a_tokenizer_that_is_not_the_teachers_is_an_error_naming_both(workdir, tmp_path, monkeypatch, capsys):
+    from test_tokenizers import permuted_tokenizer
+
+    other = permuted_tokenizer(workdir / "artifacts" / "teacher", tmp_path / "other-tokenizer")
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("LIT_DISTILL_CACHE", str(workdir / "cache"))
+    with pytest.raises(SystemExit) as info:
+        cli_main(["fit", "--config", str(CONFIGS / "soft_label.yaml"), *QUICK, "--data.tokenizer", str(other)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not the teacher's" in err and str(other) in err and "artifacts/teacher" in err
+
+
+def test_fit_help_shows_the_technique_and_loss_options_in_one_step(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--help"])
+    out = capsys.readouterr().out
+    for option in (
+        "--model.init_args.loss.init_args.temperature",
+        "--model.init_args.loss.init_args.divergence",
+        "--model.init_args.mode",
+        "--model.init_args.teacher_ce_weight",
+        "--model.init_args.teacher TEACHER",
+        "--trainer.max_steps",
+        "--data.tokenizer",
+    ):
+        assert option in out, option
+    assert "torch.nn.Conv2d" not in out and "--optimizer " not in out
+    assert len(out.splitlines()) < 450  # was 572, with neither the techniques' nor the loss's options
+
+
+def test_model_help_leaves_out_every_torch_module(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model.help", "SoftLabelDistillation"])
+    out = capsys.readouterr().out
+    assert "--model.student" in out and "--model.teacher" in out
+    assert "torch.nn.Conv2d" not in out and len(out.splitlines()) < 150  # was 1,011
+
+
+def test_checkpoints_are_verified_with_any_plugins():
+    class OtherIO(CheckpointIO):
+        save_checkpoint = load_checkpoint = remove_checkpoint = None
+
+    assert [type(p) for p in with_verified_checkpoints(None)] == [VerifiedCheckpointIO]
+    torch_io = TorchCheckpointIO()
+    (wrapped,) = with_verified_checkpoints([torch_io])
+    assert isinstance(wrapped, VerifiedCheckpointIO) and wrapped.inner is torch_io
+    other = OtherIO()
+    assert with_verified_checkpoints(other) == [other]  # someone else's checkpoint IO is theirs
+
+    class Strategy:
+        _checkpoint_io = torch_io
+
+    assert with_verified_checkpoints([], Strategy()) == []  # set on a strategy object: Lightning refuses a second
