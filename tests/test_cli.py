@@ -173,6 +173,12 @@ def test_demo_quick_writes_table_logs_and_plot(tmp_path, capsys):
         assert row in out
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert len(results["rows"]) == 5 and all(r["val_loss"] > 0 for r in results["rows"])
+    # the plot's curves are measured like the table: each ends at its student's number, at the last step
+    table = {r["model"]: r["val_loss"] for r in results["rows"]}
+    assert {name: curve[-1] for name, curve in results["curves"].items()} == {
+        name: [30, table[f"student: {name}"]] for name in ("alone", "soft-label", "hard-label", "co-distillation")
+    }
+    assert "--quick is a smoke test" in out and "does not beat" not in out
     assert (tmp_path / "demo" / "validation_curves.png").stat().st_size > 0
     assert list((tmp_path / "demo" / "tensorboard").rglob("events.out.tfevents.*"))
     # a second run reuses the cached teacher
