@@ -201,6 +201,14 @@ class LitDistillParser(LightningArgumentParser):
             options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
             close = difflib.get_close_matches(unknown.group(1).split("=")[0], options, n=3, cutoff=0.75)
             text += f" (did you mean {' or '.join(close)}?)" if close else ""
+        required = re.match(r"the following arguments are required: (.+)", text)
+        if required:  # "fit.model": the option --model of lit-distill fit
+            names = [name.strip() for name in required.group(1).split(",")]
+            subcommand = names[0].split(".")[0]
+            if subcommand in SUBCOMMANDS and all(name.startswith(f"{subcommand}.") for name in names):
+                options = ", ".join(f"--{name.split('.', 1)[1]}" for name in names)
+                text = f"{options} required (a --config sets it: lit-distill {subcommand} --config configs/<x>.yaml)"
+                prog = f"{prog} {subcommand}"
         hint = hint or f"`{prog} --help` lists the options"
         sys.stderr.write(f"{prog}: error: {text}\n  ({hint})\n")
         self.exit(2)

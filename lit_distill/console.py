@@ -226,9 +226,12 @@ class StepProgressBar(ProgressBar):
             self._bar.set_description(f"train (epoch {trainer.current_epoch})", refresh=False)
             self._bar.set_postfix_str(self._metrics_text(trainer, pl_module), refresh=False)
             self._bar.update(step - self._bar.n)
+            if step == total:  # closed now: Lightning's "`Trainer.fit` stopped" comes before on_train_end
+                self._bar.close()
+                self._bar = None
         else:
             self._line(self._step_line(trainer, pl_module))
-            self._printed_step = step
+        self._printed_step = step
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -237,7 +240,7 @@ class StepProgressBar(ProgressBar):
             self._bar.update(trainer.global_step - self._bar.n)
             self._bar.close()
             self._bar = None
-        elif self.is_enabled and self._printed_step != trainer.global_step:
+        elif self.is_enabled and self._printed_step != trainer.global_step and not self.interactive:
             self._line(self._step_line(trainer, pl_module))
 
     # ------------------------------------------------------------ validation and test

@@ -274,6 +274,15 @@ def test_an_error_is_one_message_with_exit_status_2(workdir, monkeypatch, capsys
     assert len(error.strip().splitlines()) == 2  # the message and where to look next
 
 
+def test_fit_without_a_technique_says_how_to_give_one(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["fit"])
+    assert info.value.code == 2
+    assert "fit: error: --model required (a --config sets it: lit-distill fit --config configs/<x>.yaml)" in (
+        capsys.readouterr().err
+    )
+
+
 def test_concise_error_follows_jsonargparses_nesting():
     message = """Parser key "model":
   Does not validate against any of the Union subtypes
