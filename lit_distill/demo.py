@@ -11,15 +11,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import hashlib
 import json
-import logging
 import math
 import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -119,33 +115,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence what every Trainer and Hugging Face call prints and the demo does not need, restoring it after.
-
-    Lightning's per-Trainer banner (GPU/TPU available, litlogger and litmodels tips, "fit stopped"), the
-    ``_pytree`` deprecation Lightning triggers in torch, and Hugging Face's save/load progress bars. Warnings
-    and Lightning's training progress bar stay. ``lit-distill fit`` needs the same: to be shared later.
-    """
-    from transformers.utils import logging as hf_logging
-
-    rank_zero = [logging.getLogger(f"lightning.{pkg}.utilities.rank_zero") for pkg in ("pytorch", "fabric")]
-    levels = [logger.level for logger in rank_zero]
-    bars = hf_logging.is_progress_bar_enabled()
-    try:
-        for logger in rank_zero:
-            logger.setLevel(logging.WARNING)
-        hf_logging.disable_progress_bar()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-            yield
-    finally:
-        for logger, level in zip(rank_zero, levels, strict=True):
-            logger.setLevel(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def demo_main(argv: list[str] | None = None) -> list[Row]:
     ns = _parser().parse_args(argv)
     sizes = dict(PRESETS["quick" if ns.quick else "default"])
@@ -157,8 +126,10 @@ def demo_main(argv: list[str] | None = None) -> list[Row]:
             sizes[key] = value
     import lightning.pytorch as pl
 
+    from .console import quiet
     from .data import TextDataModule, default_cache_dir, writable_dir
 
+    quiet()  # Lightning's banner and tips for each of the five trainers, Hugging Face's bars
     cache = writable_dir(ns.cache_dir or default_cache_dir())
     out = writable_dir(ns.out)
     pl.seed_everything(ns.seed, verbose=False)
@@ -178,13 +149,12 @@ def demo_main(argv: list[str] | None = None) -> list[Row]:
         f"{info['val_documents']} held out ({info['val_tokens']:,} tokens), vocabulary {info['vocab_size']}"
     )
 
-    with _quiet():
-        teacher, teacher_row = _teacher(data, sizes, ns, cache, out)
-        rows, curves = [teacher_row], {}
-        for technique in TECHNIQUES:
-            row, curve = _student(technique, teacher, data, sizes, ns, out)
-            rows.append(row)
-            curves[technique] = curve
+    teacher, teacher_row = _teacher(data, sizes, ns, cache, out)
+    rows, curves = [teacher_row], {}
+    for technique in TECHNIQUES:
+        row, curve = _student(technique, teacher, data, sizes, ns, out)
+        rows.append(row)
+        curves[technique] = curve
     _report(rows, curves, sizes, out, quick=ns.quick)
     return rows
 

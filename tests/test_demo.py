@@ -1,16 +1,14 @@
-"""The demo's pieces without a full run: help text, verdict, plot, curve recorder, quieting.
+"""The demo's pieces without a full run: help text, verdict, plot, curve recorder.
 
 The demo end to end (``--quick``) runs in tests/test_cli.py.
 """
 
-import logging
 import math
-import warnings
 
 import pytest
 import torch
 
-from lit_distill.demo import QUICK_NOTE, Row, _Curve, _evaluate, _figure, _parser, _quiet, _report
+from lit_distill.demo import QUICK_NOTE, Row, _Curve, _evaluate, _figure, _parser, _report
 
 
 def test_help_is_plain_text():
@@ -111,18 +109,3 @@ def test_curve_measures_the_whole_split_draws_no_rng_and_leaves_the_last_point_t
     model.eval()
     expected, _ = _evaluate(model, None, data)  # the table's batches
     assert curve.points[0][1] == pytest.approx(expected, rel=1e-6)
-
-
-def test_quiet_silences_lightning_info_pytree_warning_and_hf_bars_then_restores(recwarn):
-    from transformers.utils import logging as hf_logging
-
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    level, bars = rank_zero.level, hf_logging.is_progress_bar_enabled()
-    with _quiet():
-        assert not rank_zero.isEnabledFor(logging.INFO)
-        assert not hf_logging.is_progress_bar_enabled()
-        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
-    assert not [w for w in recwarn if "LeafSpec" in str(w.message)]
-    assert rank_zero.level == level and hf_logging.is_progress_bar_enabled() == bars
-    warnings.warn("another warning", UserWarning, stacklevel=1)  # other warnings are untouched
-    assert len(recwarn) == 1
