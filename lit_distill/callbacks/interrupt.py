@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from pathlib import Path
@@ -9,8 +10,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
+
+# Warnings, so that they reach stderr even where no logging is configured (Python's last-resort handler).
+log = logging.getLogger(__name__)
 
 
 class CheckpointOnInterrupt(Callback):
@@ -66,10 +69,9 @@ class CheckpointOnInterrupt(Callback):
     def _on_interrupt(self, signum: int, frame: Any) -> None:
         self.requested = True
         self._restore_handler()  # a second Ctrl-C interrupts at once
-        rank_zero_warn(
+        log.warning(
             "Interrupted: finishing the current optimizer step, then saving a checkpoint (Ctrl-C again to stop"
-            " at once, without it)",
-            category=UserWarning,
+            " at once, without it)"
         )
 
     @override
@@ -90,11 +92,11 @@ class CheckpointOnInterrupt(Callback):
         path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         self.saved_path = path
-        rank_zero_warn(
-            f"Saved a resumable checkpoint at step {trainer.global_step} to {path}. Resume with"
-            f" Trainer.fit(..., ckpt_path={str(path)!r}) or lit-distill fit ... --ckpt_path {path}",
-            category=UserWarning,
-        )
+        if trainer.is_global_zero:
+            log.warning(
+                f"Saved a resumable checkpoint at step {trainer.global_step} to {path}. Resume with"
+                f" Trainer.fit(..., ckpt_path={str(path)!r}) or lit-distill fit ... --ckpt_path {path}"
+            )
         raise KeyboardInterrupt  # Lightning's own Ctrl-C shutdown from here on
 
     def checkpoint_path(self, trainer: pl.Trainer) -> Path:
