@@ -114,32 +114,31 @@ class DistillationModule(CausalLMModule):
     def distill(self, batch: Mapping[str, torch.Tensor], **overrides: Any) -> DistillationOutput:
         """Both forward passes and the distillation loss (sum over counted tokens); ``overrides`` go to the loss."""
         input_ids, attention_mask, labels = self.shifted_inputs(batch)
+        heads = self.fused_heads()
         with torch.set_grad_enabled(self.teacher_trains and torch.is_grad_enabled()):
-            teacher_out = self._forward(self.teacher, input_ids, attention_mask)
-        student_out = self._forward(self.student, input_ids, attention_mask)
+            teacher_out = _forward(self.teacher, heads[1], input_ids, attention_mask)
+        student_out = _forward(self.student, heads[0], input_ids, attention_mask)
         overrides = {"reduction": "sum", **overrides}
-        if isinstance(student_out, tuple) and isinstance(teacher_out, tuple):
-            (h_s, w_s, b_s), (h_t, w_t, b_t) = student_out, teacher_out
-            return self.loss.fused_linear(
-                h_s[:, :-1],
-                w_s,
-                h_t[:, :-1],
-                w_t,
-                labels,
-                student_bias=b_s,
-                teacher_bias=b_t,
-                chunk_size=self.chunk_size,
-                **overrides,
-            )
-        return self.loss(_logits(student_out)[:, :-1], _logits(teacher_out)[:, :-1], labels, **overrides)
+        if heads[0] is None:
+            return self.loss(_logits(student_out)[:, :-1], _logits(teacher_out)[:, :-1], labels, **overrides)
+        (h_s, w_s, b_s), (h_t, w_t, b_t) = student_out, teacher_out
+        return self.loss.fused_linear(
+            h_s[:, :-1],
+            w_s,
+            h_t[:, :-1],
+            w_t,
+            labels,
+            student_bias=b_s,
+            teacher_bias=b_t,
+            chunk_size=self.chunk_size,
+            **overrides,
+        )
 
-    def _forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Any:
-        """(hidden states, head weight, head bias) when the head can be fused, else the model output."""
-        head = fusable_head(model) if self.fused_linear else None
-        if head is None:
-            return model(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return hidden, head.weight, head.bias
+    def fused_heads(self) -> tuple[nn.Linear | None, nn.Linear | None]:
+        """The (student, teacher) lm_heads the loss reads directly: both or neither (one fused side would leave
+        the other's logits unmatched), and neither with ``fused_linear=False``."""
+        heads = (fusable_head(self.student), fusable_head(self.teacher))
+        return heads if self.fused_linear and None not in heads else (None, None)
 
     def generates_in_lockstep(self) -> bool:
         """Whether ``generate`` must keep all processes decoding until the last stops (ZeRO-3 gathers each
@@ -181,5 +180,14 @@ def _allow_missing_frozen_teacher(module: DistillationModule, incompatible_keys:
         missing[:] = [k for k in missing if not k.startswith("teacher.")]
 
 
+def _forward(model: nn.Module, head: nn.Linear | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """(hidden states, head weight, head bias) for a fused head, else the model's output."""
+    if head is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return hidden, head.weight, head.bias
+
+
 def _logits(output: Any) -> torch.Tensor:
+    """A Hugging Face output's ``.logits``, or the output itself for models that return the logits tensor."""
     return output.logits if hasattr(output, "logits") else output
