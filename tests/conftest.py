@@ -1,6 +1,6 @@
 """Test setup: run the Triton kernels under the CPU interpreter when there is no GPU.
 
-TRITON_INTERPRET must be set before ``lit_distill.kernels.divergence`` is imported (the @triton.jit
+TRITON_INTERPRET must be set before ``lit_distill.kernels.triton_backend`` is imported (the @triton.jit
 decorator reads it), and pytest imports this file before any test module. On a machine with a GPU the
 compiled kernels are tested instead.
 """

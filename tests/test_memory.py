@@ -31,7 +31,7 @@ def extra_mib(case: str, provider: str, shape: dict) -> float:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc (Linux)")
-def test_reference_path_memory_does_not_grow_with_tokens():
+def test_torch_path_memory_does_not_grow_with_tokens():
     shapes = [{"N": n, "V": 32000} for n in (256, 1024, 4096)]
     ours = [extra_mib("logits", "lit-torch", s) for s in shapes]
     eager = extra_mib("logits", "eager", shapes[-1])
