@@ -70,20 +70,11 @@ def test_only_a_linear_head_over_a_base_model_is_fused():
 
 
 GEMMA2 = {
+    **TINY,
     "model_type": "gemma2",
-    "vocab_size": VOCAB,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
     "head_dim": 8,
-    "max_position_embeddings": 64,
     "final_logit_softcapping": 0.2,  # small, so that capping changes random-init logits a lot
     "tie_word_embeddings": False,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
 }
 
 
