@@ -109,3 +109,15 @@ def test_training_steps_are_short():
     for name, step in steps.items():
         lines = len(inspect.getsource(step).splitlines())
         assert lines <= 15, f"{name}.training_step has {lines} lines"
+
+
+def test_one_version_source():
+    import importlib.metadata
+
+    import tomllib
+
+    import lit_distill
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"], "the version is written in pyproject.toml"
+    assert importlib.metadata.version("lit-distill") == lit_distill.__version__
