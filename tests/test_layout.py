@@ -114,9 +114,9 @@ def test_training_steps_are_short():
 def test_one_version_source():
     import importlib.metadata
 
-    import tomllib
-
     import lit_distill
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
     project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
     assert "version" not in project and "version" in project["dynamic"], "the version is written in pyproject.toml"
