@@ -14,7 +14,8 @@ from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lit_distill.checkpoints import VerifiedCheckpointIO
-from lit_distill.cli import cli_main, concise_error, run_cli, with_verified_checkpoints
+from lit_distill.cli import cli_main, run_cli, with_verified_checkpoints
+from lit_distill.cli_errors import concise_error
 from lit_distill.kernels import DIVERGENCES
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::RuntimeWarning")
