@@ -1,19 +1,12 @@
-"""Text for distillation: the bundled corpus or local files, a tokenizer, fixed-length packed sequences.
+"""Text for distillation as fixed-length packed sequences: the data module, its resumable shuffle, packing.
 
-The bundled corpus is the 42 plays and poems of Shakespeare (Project Gutenberg texts as shipped in the
-``shakespeare`` 0.6 package; credit: Open Knowledge Foundation, shakespeare package 0.6, CC BY 2.5), so
-that nothing is downloaded. Validation holds out whole documents (whole works for the bundled corpus), so
-no validation text is ever seen in training.
+The corpus (``corpus.py``) and the tokenizer (``tokenizers.py``) live beside this file; their public names are
+importable from here too, as before.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import itertools
-import json
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,249 +14,41 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-BUNDLED_CORPUS = Path(__file__).parent / "assets" / "shakespeare.txt.gz"
-CORPUS_CREDIT = "Open Knowledge Foundation, shakespeare package 0.6 (CC BY 2.5); Project Gutenberg texts"
-EOS, PAD = "<|endoftext|>", "<|pad|>"
+from .cache import default_cache_dir, writable_dir
+from .corpus import BUNDLED_CORPUS, CORPUS_CREDIT, read_documents, split_documents, split_works
+from .tokenizers import (
+    EOS,
+    PAD,
+    SPECIAL_TOKENS,
+    TOKENIZER_FILES,
+    check_tokenizer,
+    load_tokenizer,
+    saved_tokenizer_dir,
+    special_token_ids,
+    train_bpe,
+)
 
-
-def default_cache_dir() -> Path:
-    """``$LIT_DISTILL_CACHE``, else ``$XDG_CACHE_HOME/lit-distill``, else ``~/.cache/lit-distill``."""
-    if os.environ.get("LIT_DISTILL_CACHE"):
-        return Path(os.environ["LIT_DISTILL_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lit-distill"
-
-
-def writable_dir(path: str | Path) -> Path:
-    """Create ``path`` if needed and check that it is writable (a clear error instead of a late one)."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(
-            f"cache directory {path} is not writable ({err.strerror}); pass another one (cache_dir=... or"
-            " --cache-dir) or set LIT_DISTILL_CACHE"
-        ) from err
-    return path
-
-
-# ------------------------------------------------------------------ documents
-def read_documents(files: Sequence[str] | None = None, text_field: str = "text") -> list[str]:
-    """Documents from ``files`` (``.txt``: one document per file; ``.jsonl``: one per line, ``text_field``;
-    ``.parquet``: one per row, via ``datasets``; ``.gz`` variants of txt/jsonl), or the bundled works."""
-    if not files:
-        return split_works(_read_text(BUNDLED_CORPUS))
-    documents = []
-    for name in files:
-        path = Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"corpus file {path} does not exist")
-        suffixes = [s for s in path.suffixes if s != ".gz"]
-        kind = suffixes[-1] if suffixes else ".txt"
-        if kind == ".jsonl":
-            documents += _jsonl_documents(path, text_field)
-        elif kind == ".parquet":
-            documents += _parquet_documents(path, text_field)
-        else:
-            documents.append(_read_text(path))
-    documents = [d for d in documents if d.strip()]
-    if not documents:
-        raise ValueError(f"the corpus {', '.join(map(str, files))} holds no text")
-    return documents
-
-
-def _read_text(path: Path) -> str:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return f.read()
-
-
-def _jsonl_documents(path: Path, field: str) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    documents = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if field not in record:
-                raise ValueError(f"{path}:{number} has no {field!r} field (set text_field); keys: {sorted(record)}")
-            documents.append(str(record[field]))
-    return documents
-
-
-def _parquet_documents(path: Path, field: str) -> list[str]:
-    try:
-        import datasets
-    except ImportError as err:
-        raise ImportError(f"reading {path} needs the datasets package: pip install datasets") from err
-    table = datasets.Dataset.from_parquet(str(path))
-    if field not in table.column_names:
-        raise ValueError(f"{path} has no {field!r} column (set text_field); columns: {table.column_names}")
-    return [str(x) for x in table[field]]
-
-
-def split_works(text: str) -> list[str]:
-    """Split the bundled corpus into its works.
-
-    Each work starts with a title line and, after blank lines, its byline. The file glues a title to the
-    previous work's last words ("THE ENDANTONY AND CLEOPATRA", "[Exeunt.]AS YOU LIKE IT"), so the cut
-    falls after such an ending; every character lands in exactly one work either way.
-    """
-    lines = text.splitlines(keepends=True)
-    offsets = [0]
-    for line in lines:
-        offsets.append(offsets[-1] + len(line))
-    cuts = []
-    for i, line in enumerate(lines):
-        if line.startswith("by William Shakespeare"):
-            title = i - 1
-            while title > 0 and not lines[title].strip():
-                title -= 1
-            head = lines[title]
-            within = 7 if head.startswith("THE END") else head.rfind("]") + 1
-            cuts.append(offsets[title] + within)
-    cuts = [0, *[c for c in cuts if c > 0], len(text)]
-    return [text[a:b] for a, b in itertools.pairwise(cuts) if text[a:b].strip()]
-
-
-def split_documents(documents: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """(train, validation): every k-th whole document goes to validation (at least one).
-
-    A single document is cut once, at a line break near the end, so the two parts still share no text.
-    """
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
-    if len(documents) == 1:
-        text = documents[0]
-        cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction)))
-        cut = cut if cut > 0 else int(len(text) * (1 - val_fraction))
-        return [text[:cut]], [text[cut:]]
-    n_val = max(1, round(len(documents) * val_fraction))
-    step = len(documents) / n_val
-    val_idx = {int(step * i + step / 2) for i in range(n_val)}
-    train = [d for i, d in enumerate(documents) if i not in val_idx]
-    val = [d for i, d in enumerate(documents) if i in val_idx]
-    return train, val
-
-
-# ------------------------------------------------------------------ tokenizer
-def load_tokenizer(name_or_path: str):
-    """A Hugging Face tokenizer by Hub name or local directory, with an error that says what to do offline.
-
-    Raises:
-        FileNotFoundError: for a local path (see :func:`~lit_distill.models.missing_local_path`) that does not
-            exist; the Hub is not asked then.
-        OSError: when neither a local directory nor the Hub (or its cache) has it.
-    """
-    from transformers import AutoTokenizer
-
-    from .models import missing_local_path
-
-    missing = missing_local_path(name_or_path)
-    if missing is not None:
-        raise FileNotFoundError(
-            f"could not find the tokenizer {name_or_path!r}: {missing}. Point tokenizer= at a directory with"
-            " tokenizer.json (tokenizer.save_pretrained writes one), or leave it unset to train a byte-level BPE"
-            " on the corpus"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as err:
-        raise OSError(
-            f"could not find the tokenizer {name_or_path!r} (looked for a local directory of that name, then"
-            " the Hugging Face Hub or its cache; offline, only local copies work). Point tokenizer= at a"
-            " directory with tokenizer.json (tokenizer.save_pretrained writes one), or leave it unset to"
-            " train a byte-level BPE on the corpus"
-        ) from err
-    if tokenizer.eos_token is None:
-        tokenizer.add_special_tokens({"eos_token": EOS})
-    return tokenizer
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def saved_tokenizer_dir(name_or_path: str | os.PathLike | None) -> Path | None:
-    """``name_or_path`` as a directory when it is a local one holding a saved tokenizer, else None."""
-    if not name_or_path:
-        return None
-    path = Path(name_or_path).expanduser()
-    if path.is_dir() and any((path / name).is_file() for name in TOKENIZER_FILES):
-        return path
-    return None
-
-
-def special_token_ids(tokenizer) -> dict[str, int]:
-    """The tokenizer's ``bos_token_id``, ``eos_token_id`` and ``pad_token_id``, those it has, for model configs."""
-    ids = {name: getattr(tokenizer, name, None) for name in SPECIAL_TOKENS}
-    return {name: int(value) for name, value in ids.items() if isinstance(value, int)}
-
-
-def check_tokenizer(teacher, tokenizer) -> None:
-    """Raise when ``tokenizer`` (the data's) is not the tokenizer saved with ``teacher``.
-
-    The teacher's source is ``teacher.name_or_path`` (or ``teacher.config._name_or_path``), which
-    ``from_pretrained`` sets to the directory or Hub name it loaded from. When that is a local directory with a
-    saved tokenizer, every token of that tokenizer must have the same id in ``tokenizer``; ``tokenizer`` may
-    add tokens after the teacher's last id (special tokens added on load; the models' vocabulary sizes are
-    checked separately). A teacher without a saved tokenizer (a random one, a Hub model) passes.
-
-    Args:
-        teacher: a built Hugging Face model (anything else passes).
-        tokenizer: a Hugging Face tokenizer.
-
-    Raises:
-        ValueError: naming both tokenizers, how many ids they share, and the setting that fixes it.
-    """
-    source = getattr(teacher, "name_or_path", None) or getattr(getattr(teacher, "config", None), "_name_or_path", None)
-    directory = saved_tokenizer_dir(source) if isinstance(source, (str, os.PathLike)) else None
-    if directory is None or not hasattr(tokenizer, "get_vocab"):
-        return
-    from transformers import AutoTokenizer
-
-    theirs = AutoTokenizer.from_pretrained(directory).get_vocab()
-    ours = tokenizer.get_vocab()
-    if ours == theirs:
-        return
-    last = max(theirs.values(), default=-1)
-    differ = sum(1 for token, index in theirs.items() if ours.get(token) != index)
-    differ += sum(1 for token, index in ours.items() if index <= last and theirs.get(token) != index)
-    if differ == 0:
-        return
-    same = sum(1 for token, index in theirs.items() if ours.get(token) == index)
-    name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
-    raise ValueError(
-        f"the data's tokenizer ({name}, {len(ours)} tokens) is not the teacher's ({directory}, {len(theirs)}"
-        f" tokens): only {same} of the teacher's {len(theirs)} token ids stand for the same token in both, so the"
-        f" teacher's distributions would be read against the wrong tokens. Use the teacher's tokenizer: set"
-        f" data.tokenizer to {str(directory)!r} (TextDataModule(tokenizer=...)); on the command line, leaving"
-        " data.tokenizer unset uses it"
-    )
-
-
-def train_bpe(documents: list[str], vocab_size: int, cache_dir: str | Path):
-    """A byte-level BPE of ``vocab_size`` tokens trained on ``documents``, cached by content and size."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    digest = hashlib.sha1(f"{vocab_size}".encode())
-    for doc in documents:
-        digest.update(doc.encode())
-    directory = Path(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{digest.hexdigest()[:12]}"
-    if (directory / "tokenizer.json").exists():
-        return PreTrainedTokenizerFast.from_pretrained(directory)
-    writable_dir(directory.parent)
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        documents, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, PAD], show_progress=False
-    )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=PAD, bos_token=EOS)
-    tokenizer.save_pretrained(directory)
-    return tokenizer
+__all__ = [
+    "BUNDLED_CORPUS",
+    "CORPUS_CREDIT",
+    "EOS",
+    "PAD",
+    "SPECIAL_TOKENS",
+    "TOKENIZER_FILES",
+    "EpochShuffle",
+    "TextDataModule",
+    "check_tokenizer",
+    "default_cache_dir",
+    "load_tokenizer",
+    "pack",
+    "read_documents",
+    "saved_tokenizer_dir",
+    "special_token_ids",
+    "split_documents",
+    "split_works",
+    "train_bpe",
+    "writable_dir",
+]
 
 
 def pack(documents: list[str], tokenizer, seq_len: int, what: str) -> torch.Tensor:

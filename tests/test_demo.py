@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
-from lit_distill.demo import QUICK_NOTE, Row, _Curve, _evaluate, _figure, _parser, _report
+from lit_distill.demo import _parser
+from lit_distill.demo_report import QUICK_NOTE, Row, _figure, report
+from lit_distill.demo_training import _Curve, _evaluate
 
 
 def test_help_is_plain_text():
@@ -35,7 +37,7 @@ def _rows(alone: float, soft: float) -> list[Row]:
 )
 def test_verdict_has_no_double_negative_and_quick_says_smoke_test(tmp_path, capsys, alone, soft, quick, expected):
     curves = {"alone": [(10, alone + 1), (30, alone)], "soft-label": [(10, soft + 1), (30, soft)]}
-    _report(_rows(alone, soft), curves, {}, tmp_path, quick=quick)
+    report(_rows(alone, soft), curves, {}, tmp_path, quick=quick)
     out = capsys.readouterr().out
     assert expected in out and "does not beat" not in out and "-0." not in out
     assert (QUICK_NOTE in out) == quick

@@ -9,16 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from lit_distill.data import (
-    BUNDLED_CORPUS,
-    TextDataModule,
-    check_tokenizer,
-    load_tokenizer,
-    saved_tokenizer_dir,
-    split_works,
-    train_bpe,
-)
+from lit_distill.corpus import BUNDLED_CORPUS, split_works
+from lit_distill.data import TextDataModule
 from lit_distill.models import CausalLM, build, missing_local_path
+from lit_distill.tokenizers import check_tokenizer, load_tokenizer, saved_tokenizer_dir, train_bpe
 
 TINY = {
     "model_type": "llama",

@@ -1,0 +1,117 @@
+"""The demo's results: the table (printed and written as ``results.md`` and ``results.json``) and the plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+QUICK_NOTE = (
+    "--quick is a smoke test of the pipeline: its models are too small and trained too briefly to show the "
+    "distillation gain (run without --quick for that)"
+)
+
+
+@dataclass
+class Row:
+    """One model's line of the table; ``nan`` marks an agreement without a teacher and a cached model's speed."""
+
+    model: str
+    val_loss: float
+    val_ppl: float
+    agreement: float
+    tokens_per_sec: float
+    wall_seconds: float
+
+
+def report(rows: list[Row], curves: dict, sizes: dict, out: Path, quick: bool = False) -> None:
+    """Print the table and the verdict; write ``results.md``, ``results.json`` and the plot to ``out``."""
+    header = f"{'model':<28} {'val loss':>9} {'val ppl':>9} {'agreement':>10} {'tokens/s':>9} {'wall s':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        agreement = "" if math.isnan(r.agreement) else f"{r.agreement:.3f}"
+        speed = "cached" if math.isnan(r.tokens_per_sec) else f"{r.tokens_per_sec:,.0f}"
+        lines.append(
+            f"{r.model:<28} {r.val_loss:>9.4f} {r.val_ppl:>9.2f} {agreement:>10} {speed:>9} {r.wall_seconds:>8.1f}"
+        )
+    table = "\n".join(lines)
+    print("\n" + table)
+    alone = next(r for r in rows if r.model == "student: alone")
+    soft = next(r for r in rows if r.model == "student: soft-label")
+    gain = alone.val_loss - soft.val_loss
+    verdict = (
+        f"soft-label distillation {'beats' if gain > 0 else 'trails'} training alone by {abs(gain):.4f} "
+        "nats/token of validation loss"
+    )
+    if quick:
+        verdict += f"\n{QUICK_NOTE}"
+    print(verdict)
+    (out / "results.md").write_text(f"```\n{table}\n```\n\n{verdict}\n\nsizes: {sizes}\n")
+    (out / "results.json").write_text(
+        json.dumps({"rows": [asdict(r) for r in rows], "curves": curves, "sizes": sizes}, indent=2)
+    )
+    png = _plot(curves, rows, out / "validation_curves.png")
+    print(
+        f"wrote {out / 'results.md'}, {out / 'results.json'}"
+        + (f", {png}" if png else "")
+        + f"; TensorBoard logs: tensorboard --logdir {out / 'tensorboard'}"
+    )
+
+
+# Curves can coincide (soft-label and co-distillation while the co-distilled teacher barely moves, as with
+# --quick): soft-label is a wide translucent band, co-distillation a thin dashed line drawn over it.
+_STYLES = {
+    "alone": {"linestyle": "-", "marker": "o", "markersize": 4},
+    "soft-label": {"linestyle": "-", "linewidth": 5, "alpha": 0.4, "marker": "s", "markersize": 8},
+    "hard-label": {"linestyle": ":", "linewidth": 2, "marker": "^", "markersize": 5},
+    "co-distillation": {"linestyle": "--", "linewidth": 1.5, "marker": "D", "markersize": 4},
+}
+
+
+def _plot(curves: dict, rows: list[Row], path: Path) -> Path | None:
+    """Writes the validation curves to ``path``; None when matplotlib cannot be imported."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig = _figure(curves, rows)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _figure(curves: dict, rows: list[Row]):
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    teacher = next(r for r in rows if r.model == "teacher")
+    # Scale to the student trained alone: a curve far above it (hard labels can be) is named, not drawn flat.
+    baseline = [v for _, v in curves.get("alone", [])] or [teacher.val_loss]
+    top = max(baseline) + 0.5
+    steps = sorted({step for points in curves.values() for step, _ in points})
+    for name, points in curves.items():
+        if points:
+            end = points[-1][1]
+            off = min(v for _, v in points) > top
+            ax.plot(
+                *zip(*points, strict=True),
+                **_STYLES.get(name, {"marker": "o"}),
+                label=f"{name} (above the chart: {end:.2f} at the end)" if off else f"{name}: {end:.3f} at the end",
+            )
+    ax.axhline(teacher.val_loss, color="gray", linestyle="--", label=f"teacher (final): {teacher.val_loss:.3f}")
+    ax.set_ylim(min(teacher.val_loss, *baseline) - 0.2, top)
+    if 0 < len(steps) <= 12:
+        ax.set_xticks(steps)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy on held-out works (nats/token)")
+    ax.set_title("lit-distill demo: students of the same size and steps")
+    ax.legend(title="whole held-out split (last point = the table)", title_fontsize="small", fontsize="small")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,180 @@
+"""The demo's models: the teacher (trained once, then cached) and the students, and how they are measured."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from .demo_report import Row
+
+
+def _llama(sizes: dict, who: str, vocab: int):
+    from .models import CausalLM
+
+    hidden, layers = sizes[f"{who}_hidden"], sizes[f"{who}_layers"]
+    return CausalLM(
+        config={
+            "model_type": "llama",
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 8 // 3,
+            "num_hidden_layers": layers,
+            "num_attention_heads": max(1, hidden // 32),
+            "max_position_embeddings": sizes["seq_len"],
+            "tie_word_embeddings": True,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "pad_token_id": 1,
+        }
+    )
+
+
+def _optimizer(lr: float):
+    def build(params):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+
+    return build
+
+
+def _warmup_cosine(total_steps: int):
+    """10% linear warmup, then cosine decay to a tenth of the peak learning rate."""
+    warmup = max(1, total_steps // 10)
+
+    def factor(step: int) -> float:
+        decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
+        return min(1.0, (step + 1) / warmup) * decay
+
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _trainer(max_steps: int, sizes: dict, out: Path, name: str, recorder=None):
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return pl.Trainer(
+        accelerator="auto",
+        devices=1,
+        max_steps=max_steps,
+        logger=TensorBoardLogger(out / "tensorboard", name=name),
+        val_check_interval=sizes["val_every"],
+        check_val_every_n_epoch=None,
+        limit_val_batches=8,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+        callbacks=[recorder] if recorder else [],
+    )
+
+
+def train_teacher(data, sizes: dict, ns, cache: Path, out: Path):
+    """The teacher, from the cache or trained (and cached), in eval mode, and its row of the table."""
+    from transformers import AutoModelForCausalLM
+
+    from .modules import LanguageModelTraining
+
+    spec = _llama(sizes, "teacher", data.vocab_size)
+    # The teacher depends on its config, the sizes, the seed and the tokenizer's vocabulary.
+    vocabulary = sorted(data.tokenizer.get_vocab().items())
+    key = hashlib.sha1(json.dumps([spec.config, sizes, ns.seed, vocabulary], sort_keys=True).encode()).hexdigest()[:12]
+    directory = cache / "demo" / f"teacher-{key}"
+    start = time.perf_counter()
+    if (directory / "config.json").exists() and not ns.retrain_teacher:
+        print(f"teacher: reusing {directory}")
+        model = AutoModelForCausalLM.from_pretrained(directory)
+        tokens_per_sec = math.nan
+    else:
+        print(f"teacher: training {sizes['teacher_steps']} steps (cached afterwards in {directory})")
+        module = LanguageModelTraining(
+            spec, optimizer=_optimizer(3e-3), lr_scheduler=_warmup_cosine(sizes["teacher_steps"])
+        )
+        trainer = _trainer(sizes["teacher_steps"], sizes, out, "teacher")
+        trainer.fit(module, data)
+        module.save_student(str(directory))
+        model = module.student
+        tokens = sizes["teacher_steps"] * sizes["batch_size"] * sizes["seq_len"]
+        tokens_per_sec = tokens / (time.perf_counter() - start)
+    model.eval()
+    ce, agreement = _evaluate(model, None, data)
+    return model, Row("teacher", ce, math.exp(ce), agreement, tokens_per_sec, time.perf_counter() - start)
+
+
+class _Curve(Callback):
+    """Records (step, CE of the student on the whole held-out split) at every validation but the last step's.
+
+    Lightning's validation (TensorBoard's ``val/*``) reads only the first ``limit_val_batches`` batches; the
+    plot's curves are measured like the table, whose number is the curve's last point. No RNG is drawn, so
+    training is the same with or without this callback.
+    """
+
+    def __init__(self, data, max_steps: int) -> None:
+        self.data, self.max_steps = data, max_steps
+        self.points: list[tuple[int, float]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.global_step >= self.max_steps:  # the final evaluation (the table's) adds this point
+            return
+        model = pl_module.student
+        training = model.training
+        model.eval()
+        ce, _ = _evaluate(model, None, self.data, batch_size=64)  # larger batches: the same CE, sooner
+        model.train(training)
+        self.points.append((trainer.global_step, ce))
+
+
+def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path):
+    """Train one student with ``technique``; its row of the table and its validation curve ``[(step, CE)]``."""
+    import lightning.pytorch as pl
+
+    from .losses import DistillationLoss
+    from .modules import CoDistillation, HardLabelDistillation, LanguageModelTraining, SoftLabelDistillation
+
+    pl.seed_everything(ns.seed + 1, verbose=False)  # every student starts from the same weights and data order
+    spec = _llama(sizes, "student", data.vocab_size)
+    common = {"optimizer": _optimizer(3e-3)}  # a constant rate: at 250 steps a decay only slows the students
+    soft = DistillationLoss(temperature=2.0, alpha=0.5)
+    if technique == "alone":
+        module = LanguageModelTraining(spec, **common)
+    elif technique == "soft-label":
+        module = SoftLabelDistillation(spec, teacher, soft, **common)
+    elif technique == "hard-label":
+        module = HardLabelDistillation(spec, teacher, DistillationLoss(), mode="argmax", **common)
+    else:  # the teacher keeps learning, gently: a tenth of the student's peak rate
+        module = CoDistillation(spec, copy.deepcopy(teacher), soft, teacher_ce_weight=1.0, teacher_lr=3e-4, **common)
+    print(f"student ({technique}): {sizes['student_steps']} steps")
+    recorder = _Curve(data, sizes["student_steps"])
+    trainer = _trainer(sizes["student_steps"], sizes, out, technique, recorder)
+    start = time.perf_counter()
+    trainer.fit(module, data)
+    seconds = time.perf_counter() - start
+    module.student.eval()
+    ce, agreement = _evaluate(module.student, teacher, data)
+    tokens = sizes["student_steps"] * sizes["batch_size"] * sizes["seq_len"]
+    row = Row(f"student: {technique}", ce, math.exp(ce), agreement, tokens / seconds, seconds)
+    return row, [*recorder.points, (sizes["student_steps"], ce)]
+
+
+@torch.no_grad()
+def _evaluate(model, teacher, data, batch_size: int | None = None) -> tuple[float, float]:
+    """Token-mean CE of ``model`` on the whole validation split, and its argmax agreement with ``teacher``."""
+    import torch.nn.functional as F
+
+    total, tokens, agree = 0.0, 0, 0
+    device = next(model.parameters()).device
+    data.setup()
+    # The validation loader's batches in its order, without a DataLoader (whose iterator draws from the RNG).
+    for batch in data.val_blocks.split(batch_size or data.batch_size):
+        ids = batch.to(device)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+        tokens += ids[:, 1:].numel()
+        if teacher is not None:
+            agree += (logits.argmax(-1) == teacher(input_ids=ids).logits[:, :-1].argmax(-1)).sum().item()
+    return total / tokens, (agree / tokens if teacher is not None else math.nan)
