@@ -5,47 +5,16 @@ lit-distill fit --config configs/<x>.yaml       train any technique from YAML (L
 lit-distill validate|test|predict ...            the other LightningCLI subcommands
 lit-distill kernels                             the loss on random logits, Triton kernels vs PyTorch
 
-``cli_main`` is the console script (it returns the exit status, 0 on success); ``run_cli`` runs the
-LightningCLI from Python and returns it. A mistyped or abbreviated option, a wrong value and a model or
-tokenizer that cannot be built stop with one message and exit status 2 (``JSONARGPARSE_DEBUG=true`` shows the
-traceback instead).
-
-This file wires the command together; the parser (trimmed help, one-line errors) is in ``cli_parser.py``, the
-reading of jsonargparse's errors in ``cli_errors.py`` and the ``kernels`` command in ``kernels_check.py``.
+``cli_main`` is the console script (it returns the exit status, 0 on success). It imports nothing heavy
+before it knows the command: ``kernels`` must ask for Triton's CPU interpreter before anything imports
+Triton, and importing Lightning does (through torch). The LightningCLI commands are in ``lightning_cli.py``
+(``run_cli`` runs them from Python and returns the CLI object), the parser in ``cli_parser.py``, the reading
+of jsonargparse's errors in ``cli_errors.py`` and the ``kernels`` command in ``kernels_check.py``.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
-
-from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
-
-from .cli_errors import configuration_error, debug_requested
-from .cli_parser import SUBCOMMANDS, LitDistillParser, first_sentence, shorten_help
-from .kernels_check import kernels_main
-
-DESCRIPTION = (
-    "lit-distill: LLM knowledge distillation with PyTorch Lightning. `lit-distill fit --config"
-    " configs/<x>.yaml` trains a technique (--model): SoftLabelDistillation, HardLabelDistillation (mode"
-    " argmax|generate), CoDistillation, or LanguageModelTraining (a teacher, or a student trained alone);"
-    " `lit-distill fit --help` lists every technique's options and the loss's."
-)
-# Commands outside LightningCLI, listed with its subcommands in `lit-distill --help`.
-COMMANDS = {
-    "demo": "The end-to-end demo: a teacher and four students on the bundled corpus (`lit-distill demo --help`).",
-    "kernels": "The loss and its gradient on random logits, Triton kernels beside PyTorch (`--help` for sizes).",
-}
-USAGE = (
-    "%(prog)s [-c CONFIG] [--print_config] [--seed_everything SEED] [--ckpt_path PATH]\n"
-    "       [--trainer.NAME VALUE] [--model CLASS] [--model.init_args.NAME VALUE] [--data.NAME VALUE]"
-)
-TRAINER_TITLE = (
-    "Lightning's Trainer flags, each with the first sentence of its documentation"
-    " (https://lightning.ai/docs/pytorch/stable/common/trainer.html#trainer-flags)"
-)
 
 
 def cli_main(args: list[str] | None = None) -> int:
@@ -55,6 +24,8 @@ def cli_main(args: list[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["kernels"]:
+        from .kernels_check import kernels_main
+
         kernels_main(argv[1:])
         return 0
     from .console import quiet
@@ -66,135 +37,11 @@ def cli_main(args: list[str] | None = None) -> int:
         demo_main(argv[1:])
         return 0
     # From the console LightningCLI reads sys.argv itself (passing both makes it warn).
+    from .lightning_cli import run_cli
+
     run_cli(None if args is None else argv)
     return 0
 
 
-def run_cli(args: list[str] | None = None) -> LitDistillCLI:
-    """Run ``lit-distill fit|validate|test|predict ...`` (``args`` without the program name; None reads
-    ``sys.argv``) and return the :class:`LitDistillCLI`, whose ``trainer``, ``model`` and ``datamodule`` are
-    those of the run."""
-    from .callbacks import CheckpointOnInterrupt
-    from .console import quiet
-    from .data import TextDataModule
-    from .modules import CausalLMModule
-
-    quiet()
-    return LitDistillCLI(
-        CausalLMModule,
-        TextDataModule,
-        subclass_mode_model=True,
-        args=args,
-        trainer_defaults={"callbacks": [CheckpointOnInterrupt()]},  # added to the config's callbacks
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": DESCRIPTION, **{name: {"usage": USAGE} for name in SUBCOMMANDS}},
-        parser_class=LitDistillParser,
-        # The techniques take their optimizer and scheduler as model.init_args; Lightning's own --optimizer and
-        # --lr_scheduler would only duplicate them.
-        auto_configure_optimizers=False,
-    )
-
-
-# ------------------------------------------------------------ LightningCLI
-class LitDistillCLI(LightningCLI):
-    """LightningCLI with the data linked to the models, the teacher's tokenizer by default, verified
-    checkpoints, a step-counting progress bar, and errors stated in one message."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The tokenizer decides the vocabulary and the special-token ids; models described by a config dict take
-        # them from there.
-        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
-        parser.link_arguments("data.special_tokens", "model.init_args.special_tokens", apply_on="instantiate")
-        # Lightning's flags are documented on its site; the help keeps each one's first sentence.
-        shorten_help(parser, lambda dest: dest.startswith("trainer."))
-        if "trainer" in parser.groups:
-            parser.groups["trainer"].title = TRAINER_TITLE
-
-    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
-        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
-        for subcommand_parser in getattr(self, "_subcommand_parsers", {}).values():
-            shorten_help(subcommand_parser, lambda dest: dest == "ckpt_path")
-        if add_subcommands:  # list the commands that cli_main runs itself
-            for choice in self.parser._subcommands_action._choices_actions:
-                choice.help = first_sentence(choice.help or "")  # Lightning cuts some after a line
-            for name, text in COMMANDS.items():
-                self.parser._subcommands_action.add_subcommand(name, LitDistillParser(description=text), help=text)
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
-        directory = default_tokenizer(config)
-        if directory is not None:
-            config.data.tokenizer = directory
-            rank_zero_info(f"data.tokenizer: the teacher's, from {directory}")
-
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-            teacher = getattr(self.model, "teacher", None)
-            tokenizer = getattr(self.datamodule, "tokenizer", None)
-            if teacher is not None and tokenizer is not None:
-                from .data import check_tokenizer
-
-                check_tokenizer(teacher, tokenizer)
-        except Exception as err:
-            message = configuration_error(err)
-            if message is None or debug_requested():
-                raise
-            self._parser(self.subcommand).error(message, hint="set JSONARGPARSE_DEBUG=true to see the traceback")
-
-    def instantiate_trainer(self, **kwargs: Any) -> Any:
-        from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
-
-        from .console import StepProgressBar
-
-        config = self._get(self.config_init, "trainer", default={})
-        kwargs.setdefault("plugins", with_verified_checkpoints(config.get("plugins"), config.get("strategy")))
-        callbacks = config.get("callbacks")
-        callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(StepProgressBar())
-        kwargs.setdefault("callbacks", callbacks)
-        return super().instantiate_trainer(**kwargs)
-
-
-# ------------------------------------------------------------ defaults
-def default_tokenizer(config: Namespace) -> str | None:
-    """The teacher's directory when it holds a saved tokenizer and ``data.tokenizer`` is not set.
-
-    Distillation compares the two models token by token, so the data must be tokenized as the teacher was;
-    a byte-level BPE trained afresh on the data would not be the teacher's even at the same size.
-    """
-    from .data import saved_tokenizer_dir
-
-    data = config.get("data")
-    if data is None or not isinstance(data, Namespace) or data.get("tokenizer") is not None:
-        return None
-    model = config.get("model")
-    init_args = model.get("init_args") if isinstance(model, Namespace) else None
-    teacher = init_args.get("teacher") if isinstance(init_args, Namespace) else None
-    teacher_args = teacher.get("init_args") if isinstance(teacher, Namespace) else None
-    name = teacher_args.get("name_or_path") if isinstance(teacher_args, Namespace) else None
-    return str(name) if isinstance(name, str) and saved_tokenizer_dir(name) is not None else None
-
-
-def with_verified_checkpoints(plugins: Any, strategy: Any = None) -> list:
-    """Trainer ``plugins`` with :class:`~lit_distill.checkpoints.VerifiedCheckpointIO`, which checks a checkpoint
-    file (CRCs, Lightning format) before resuming from it: added, or wrapped around a plain ``TorchCheckpointIO``
-    given there. Another checkpoint IO, or one set on a strategy object, is left as it is."""
-    from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
-
-    from .checkpoints import VerifiedCheckpointIO
-
-    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-    if getattr(strategy, "_checkpoint_io", None) is not None:
-        return plugins
-    for i, plugin in enumerate(plugins):
-        if isinstance(plugin, CheckpointIO):
-            if type(plugin) is TorchCheckpointIO:
-                plugins[i] = VerifiedCheckpointIO(plugin)
-            return plugins
-    return [*plugins, VerifiedCheckpointIO()]
-
-
 if __name__ == "__main__":
-    cli_main()
+    sys.exit(cli_main())

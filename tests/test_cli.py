@@ -14,9 +14,10 @@ from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lit_distill.checkpoints import VerifiedCheckpointIO
-from lit_distill.cli import cli_main, run_cli, with_verified_checkpoints
+from lit_distill.cli import cli_main
 from lit_distill.cli_errors import concise_error
 from lit_distill.kernels import DIVERGENCES
+from lit_distill.lightning_cli import run_cli, with_verified_checkpoints
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::RuntimeWarning")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -208,6 +209,17 @@ def test_kernels_prints_matching_losses_for_every_divergence(capsys):
         triton_loss, torch_loss, grad_diff = (float(x) for x in re.split(r"\s+", line)[1:4])
         assert triton_loss == pytest.approx(torch_loss, rel=1e-5)
         assert grad_diff < 1e-6
+
+
+def test_kernels_through_the_console_script_without_triton_interpret_set(tmp_path):
+    """As a user runs it on a CPU machine: the command asks for the interpreter before anything imports Triton
+    (Lightning does, through torch), else every kernel call fails outside the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [CONSOLE_SCRIPT, "kernels", "--rows", "2", "--vocab", "300"], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sum(line.split(" ")[0] in DIVERGENCES for line in proc.stdout.splitlines()) == len(DIVERGENCES)
 
 
 # ------------------------------------------------------------ the command line as a new user meets it

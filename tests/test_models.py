@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import TINY, VOCAB, make_batch
+from helpers import TINY, make_batch
 from torch import nn
 
 from lit_distill import distillation_loss
