@@ -34,18 +34,3 @@ BACKENDS = [
 @pytest.fixture(params=BACKENDS)
 def backend_device(request):
     return request.param
-
-
-# Files whose every test is slow or multi-process, marked here rather than in the file (they have other owners;
-# a module-level ``pytestmark`` there does the same). The other files mark their own tests.
-FILE_MARKS = {
-    "test_compile.py": pytest.mark.slow,  # compiles every kernel variant for two GPU targets
-    "test_cli.py": pytest.mark.slow,  # trains every config a few steps, runs the console script and the demo
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        mark = FILE_MARKS.get(item.path.name)
-        if mark is not None:
-            item.add_marker(mark)

@@ -3,14 +3,18 @@
 - tiny random Llamas, their token batches, a quiet CPU trainer, and a module of each technique built on them;
 - the per-dtype tolerances and the gradient comparison the kernel tests use against ``tests/oracle.py``;
 - ``InterruptAt``, a Ctrl-C sent at a chosen batch;
+- ``permuted_tokenizer``, a saved tokenizer with two ids swapped (the same size, not the same tokenizer);
 - for the DDP, FSDP and DeepSpeed workers: each process's rows of a global batch, and a fit, an export check
   and a resume on a given strategy.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -246,3 +250,16 @@ def resume(technique: str, kind: str, out: str, strategy) -> None:
     if trainer.global_rank == 0:
         result = {"uninterrupted": uninterrupted, "resumed": resumed, "steps_run": gradients.steps}
         torch.save(result, out)
+
+
+# ------------------------------------------------------------------------------------------ tokenizers
+def permuted_tokenizer(source: Path, target: Path) -> Path:
+    """A copy of the tokenizer saved in ``source`` with two ordinary tokens' ids swapped: the same size and
+    tokens, other ids (what a BPE trained on other text looks like to the models)."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "config.json"))
+    spec = json.loads((target / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (target / "tokenizer.json").write_text(json.dumps(spec))
+    return target

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import permuted_tokenizer
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -19,7 +20,10 @@ from lit_distill.cli_errors import concise_error
 from lit_distill.kernels import DIVERGENCES
 from lit_distill.lightning_cli import run_cli, with_verified_checkpoints
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::RuntimeWarning")
+pytestmark = [
+    pytest.mark.slow,  # trains every config a few steps, runs the console script and the demo
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::RuntimeWarning"),
+]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICK = [
     "--trainer.max_steps", "2", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
@@ -356,8 +360,6 @@ def test_the_teachers_tokenizer_is_the_default(workdir, tmp_path, monkeypatch):
 
 
 def test_a_tokenizer_that_is_not_the_teachers_is_an_error_naming_both(workdir, tmp_path, monkeypatch, capsys):
-    from test_tokenizers import permuted_tokenizer
-
     other = permuted_tokenizer(workdir / "artifacts" / "teacher", tmp_path / "other-tokenizer")
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("LIT_DISTILL_CACHE", str(workdir / "cache"))

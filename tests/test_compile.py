@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton", reason="Triton is not installed on this platform")
+pytestmark = pytest.mark.slow  # compiles every kernel variant for two GPU targets
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))

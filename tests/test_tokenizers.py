@@ -1,12 +1,10 @@
 """The data's tokenizer against the teacher's, special-token ids from the tokenizer, missing local paths."""
 
 import gzip
-import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import permuted_tokenizer
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from lit_distill.corpus import BUNDLED_CORPUS, split_works
@@ -22,18 +20,6 @@ TINY = {
     "num_attention_heads": 2,
     "max_position_embeddings": 64,
 }
-
-
-def permuted_tokenizer(source: Path, target: Path) -> Path:
-    """A copy of the tokenizer saved in ``source`` with two ordinary tokens' ids swapped: the same size and
-    tokens, other ids (what a BPE trained on other text looks like to the models)."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "config.json"))
-    spec = json.loads((target / "tokenizer.json").read_text())
-    vocab = spec["model"]["vocab"]
-    a, b = sorted(vocab, key=vocab.get)[300:302]
-    vocab[a], vocab[b] = vocab[b], vocab[a]
-    (target / "tokenizer.json").write_text(json.dumps(spec))
-    return target
 
 
 @pytest.fixture(scope="module")
