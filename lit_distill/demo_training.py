@@ -58,6 +58,8 @@ def _trainer(max_steps: int, sizes: dict, out: Path, name: str, recorder=None):
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from .console import StepProgressBar
+
     return pl.Trainer(
         accelerator="auto",
         devices=1,
@@ -70,7 +72,7 @@ def _trainer(max_steps: int, sizes: dict, out: Path, name: str, recorder=None):
         enable_checkpointing=False,
         enable_model_summary=False,
         log_every_n_steps=10,
-        callbacks=[recorder] if recorder else [],
+        callbacks=[StepProgressBar(), *([recorder] if recorder else [])],  # counts optimizer steps
     )
 
 
