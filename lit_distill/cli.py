@@ -20,7 +20,8 @@ import sys
 def cli_main(args: list[str] | None = None) -> int:
     """Entry point of the ``lit-distill`` console script: runs the command and returns 0 (the exit status).
 
-    Errors in the options or the configuration exit with status 2 and one message.
+    Errors in the options, the configuration or the input (a damaged checkpoint, say) exit with status 2 and
+    one message; a run stopped by a NaN or infinite loss exits with status 1 and its message.
     """
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["kernels"]:
@@ -37,9 +38,18 @@ def cli_main(args: list[str] | None = None) -> int:
         demo_main(argv[1:])
         return 0
     # From the console LightningCLI reads sys.argv itself (passing both makes it warn).
+    from .cli_errors import debug_requested, run_error
     from .lightning_cli import run_cli
 
-    run_cli(None if args is None else argv)
+    try:
+        run_cli(None if args is None else argv)
+    except Exception as err:  # the library's own message instead of a traceback through Lightning's loops
+        stated = None if debug_requested() else run_error(err)
+        if stated is None:
+            raise
+        print(f"lit-distill {argv[0] if argv else ''}: error: {stated[0]}", file=sys.stderr)
+        print("  (set JSONARGPARSE_DEBUG=true to see the traceback)", file=sys.stderr)
+        return stated[1]
     return 0
 
 

@@ -51,10 +51,27 @@ def configuration_error(err: BaseException) -> str | None:
 
 
 def _raised_in_jsonargparse(err: BaseException) -> bool:
+    return _raised_in(err, "jsonargparse")
+
+
+def _raised_in(err: BaseException, package: str) -> bool:
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and f"{os.sep}jsonargparse{os.sep}" in tb.tb_frame.f_code.co_filename
+    return tb is not None and f"{os.sep}{package}{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
+def run_error(err: BaseException) -> tuple[str, int] | None:
+    """(message, exit status) of an error that lit-distill itself raised while running a command (a damaged
+    checkpoint, another tokenizer's checkpoint, a NaN loss), or None for anything else (which keeps its
+    traceback). Bad input gives status 2, as a bad option does; a NaN or infinite loss 1, as a failed run."""
+    if not _raised_in(err, "lit_distill"):
+        return None
+    if isinstance(err, FloatingPointError):
+        return str(err), 1
+    if isinstance(err, (ValueError, OSError)):
+        return str(err), 2
+    return None
 
 
 def concise_error(message: str) -> str:

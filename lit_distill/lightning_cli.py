@@ -31,6 +31,8 @@ USAGE = (
     "%(prog)s [-c CONFIG] [--print_config] [--seed_everything SEED] [--ckpt_path PATH]\n"
     "       [--trainer.NAME VALUE] [--model CLASS] [--model.init_args.NAME VALUE] [--data.NAME VALUE]"
 )
+# ckpt_path values that name a checkpoint Lightning finds itself, not a file
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 TRAINER_TITLE = (
     "Lightning's Trainer flags, each with the first sentence of its documentation"
     " (https://lightning.ai/docs/pytorch/stable/common/trainer.html#trainer-flags)"
@@ -86,6 +88,23 @@ class LitDistillCLI(LightningCLI):
                 choice.help = first_sentence(choice.help or "")  # Lightning cuts some after a line
             for name, text in COMMANDS.items():
                 self.parser._subcommands_action.add_subcommand(name, LitDistillParser(description=text), help=text)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads a checkpoint's hyperparameters (a torch.load) right after parsing: check the file
+        # first, so that a damaged or missing one is one message rather than a traceback from inside torch.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is None or "://" in str(ckpt_path) or str(ckpt_path) in LIGHTNING_CKPT_NAMES:
+            return
+        from .checkpoints import verify_checkpoint
+
+        try:
+            verify_checkpoint(ckpt_path)
+        except (ValueError, FileNotFoundError) as err:
+            if debug_requested():
+                raise
+            self._parser(subcommand).error(str(err), hint="set JSONARGPARSE_DEBUG=true to see the traceback")
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config

@@ -227,6 +227,28 @@ def test_kernels_through_the_console_script_without_triton_interpret_set(tmp_pat
 
 
 # ------------------------------------------------------------ the command line as a new user meets it
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("garbage", r"checkpoint garbage.ckpt \(1000 bytes\) is truncated or not a PyTorch checkpoint"),
+        ("missing", r"checkpoint missing.ckpt does not exist"),
+        ("weights", r"weights.ckpt is not a Lightning checkpoint \(it holds \['lm_head.weight'"),
+    ],
+)
+def test_a_bad_checkpoint_is_one_message_with_exit_status_2(workdir, how, message):
+    """LightningCLI reads the checkpoint before fit, and the Trainer during it: neither shows a traceback."""
+    path = workdir / f"{how}.ckpt"
+    if how == "garbage":
+        path.write_bytes(os.urandom(1000))
+    elif how == "weights":
+        torch.save(AutoModelForCausalLM.from_pretrained(workdir / "artifacts" / "teacher").state_dict(), path)
+    config = ["fit", "--config", str(CONFIGS / "teacher.yaml"), *QUICK, "--trainer.callbacks", "[]"]
+    status, out = console(workdir, *config, "--ckpt_path", path.name)
+    assert status == 2, out[-3000:]
+    assert re.search(rf"^lit-distill fit: error: {message}", out, re.MULTILINE), out[-3000:]
+    assert "Traceback" not in out
+
+
 def without(args: list[str], option: str) -> list[str]:
     i = args.index(option)
     return args[:i] + args[i + 2 :]
