@@ -119,16 +119,19 @@ class _Curve(Callback):
     def __init__(self, data, max_steps: int) -> None:
         self.data, self.max_steps = data, max_steps
         self.points: list[tuple[int, float]] = []
+        self.seconds = 0.0  # spent on these evaluations, left out of the students' training time
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.global_step >= self.max_steps:  # the final evaluation (the table's) adds this point
             return
+        start = time.perf_counter()
         model = pl_module.student
         training = model.training
         model.eval()
         ce, _ = _evaluate(model, None, self.data, batch_size=64)  # larger batches: the same CE, sooner
         model.train(training)
         self.points.append((trainer.global_step, ce))
+        self.seconds += time.perf_counter() - start
 
 
 def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path):
@@ -155,7 +158,7 @@ def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path):
     trainer = _trainer(sizes["student_steps"], sizes, out, technique, recorder)
     start = time.perf_counter()
     trainer.fit(module, data)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - recorder.seconds  # training (with Lightning's validation), not the plot
     module.student.eval()
     ce, agreement = _evaluate(module.student, teacher, data)
     tokens = sizes["student_steps"] * sizes["batch_size"] * sizes["seq_len"]
