@@ -244,6 +244,53 @@ def test_extreme_logits_and_banned_tokens(backend_device, divergence):
     assert_grad_close(grad_s, ref_grad, 1e-2)
 
 
+def large_confident_logits(offset=1e3):
+    """Logits near ±``offset`` (row by row) whose labels win by margins of 6 to 18: per-token cross-entropies
+    from about 1e-1 down to 1e-6, below an fp32 ulp at the offset (6e-5 at 1e3)."""
+    student, teacher = make_logits(seed=11)
+    teacher = student + 0.1 * (teacher - 0.8 * student)  # close distributions: divergences near 1e-2
+    labels = make_labels(ignored=())
+    margins = torch.tensor([6.0, 10.0, 14.0, 18.0, 12.0, 16.0]).reshape(N_ROWS)
+    for logits in (student, teacher):
+        top = logits.amax(-1)
+        logits.scatter_(-1, labels.unsqueeze(-1), (top + margins).unsqueeze(-1))
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0]).reshape(*N_ROWS, 1)
+    return student + signs * offset, teacher + signs * offset, labels
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_cross_entropy_at_large_logits(backend_device, temperature):
+    # CE = log sum exp(x - m) - (x_y - m); as lse - x_y, both near 1e3, it was off by up to 6e-5.
+    student, teacher, labels = large_confident_logits()
+    result, (ref_loss, ref_stats, ref_grad, _) = run_both(
+        student,
+        teacher,
+        labels,
+        backend_device,
+        alpha=0.0,
+        teacher_ce_weight=1.0,
+        reduction="none",
+        temperature=temperature,
+    )
+    out, grad_s = result[0], result[1]
+    torch.testing.assert_close(out.loss.detach().cpu().double(), ref_loss, rtol=1e-4, atol=1e-6)
+    for name in ("hard", "teacher_ce"):
+        torch.testing.assert_close(getattr(out, name).cpu().double(), ref_stats[name], rtol=1e-4, atol=1e-6)
+    # q_y - 1 cancels at fp32's resolution near 1 (6e-8 per ulp): an absolute floor of a few ulps.
+    assert_grad_close(grad_s, ref_grad, 1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_divergences_at_large_logits(backend_device, divergence):
+    # log q = (s - max) - log sum exp(s - max), not s - lse: divergences near 1e-2 at logits near ±1e3.
+    student, teacher, labels = large_confident_logits()
+    result, (ref_loss, _, ref_grad, _) = run_both(
+        student, teacher, labels, backend_device, divergence=divergence, reduction="none", temperature=1.5
+    )
+    torch.testing.assert_close(result[0].loss.detach().cpu().double(), ref_loss, rtol=1e-4, atol=1e-6)
+    assert_grad_close(result[1], ref_grad, 1e-3, atol=1e-6)
+
+
 @pytest.mark.parametrize(("divergence", "skew"), [("reverse_kl", 0.1), ("skew_reverse_kl", 0.0)])
 def test_one_banned_token_makes_reverse_kl_infinite(backend_device, divergence, skew):
     backend, device = backend_device

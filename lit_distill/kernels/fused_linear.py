@@ -280,7 +280,7 @@ def _concatenate(parts, n: int, device: torch.device):
     if not parts:  # no tokens at all
         empty = torch.empty(0, dtype=torch.float32, device=device)
         index = torch.empty(0, dtype=torch.long, device=device)
-        rows = RowStatistics(empty, empty, empty, index, index)
+        rows = RowStatistics(empty, empty, empty, empty, empty, index, index)
         return rows, RowTargets(torch.empty(0, dtype=torch.bool, device=device), None, None), None, None
 
     def cat(chunks: tuple) -> torch.Tensor | None:

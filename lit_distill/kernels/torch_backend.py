@@ -132,7 +132,7 @@ def stream_rows(
             grad[:, vocab:] = 0
     n = student.shape[0]
     compute_dtype = torch.promote_types(student.dtype, torch.float32)
-    stats = [torch.empty(n, dtype=compute_dtype, device=student.device) for _ in range(3)]
+    stats = [torch.empty(n, dtype=compute_dtype, device=student.device) for _ in range(5)]
     argmaxes = [torch.empty(n, dtype=torch.long, device=student.device) for _ in range(2)]
     # [chunk, V] buffers reused by every chunk (no allocation, no page faults per chunk): five for the
     # math, plus one per gradient stored in a narrower dtype, which is accumulated in the compute dtype.
@@ -178,10 +178,11 @@ def default_chunk_rows(vocab: int) -> int:
     return max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
 
 
-def _log_softmax_into(x: torch.Tensor, logp: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _log_softmax_into(x: torch.Tensor, logp: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Write log-softmax and softmax of ``x`` ``[R, V]`` into ``logp`` / ``probs``, with one exp per element.
 
-    ``x`` may be ``logp`` itself. Returns (logsumexp ``[R]``, argmax ``[R]``). Log-probs are clamped at the
+    ``x`` may be ``logp`` itself. Returns (max ``[R]``, log sum exp(x - max) ``[R]``, argmax ``[R]``): the
+    log-sum-exp in two parts, whose sum would be rounded at the logits' magnitude. Log-probs are clamped at the
     dtype's lowest finite value so that a zero probability (a -inf logit) times its log-prob is 0, not NaN;
     NaN inputs still propagate.
     """
@@ -192,7 +193,16 @@ def _log_softmax_into(x: torch.Tensor, logp: torch.Tensor, probs: torch.Tensor) 
     probs.div_(log_total)
     log_total.log_()
     logp.sub_(log_total).clamp_(min=torch.finfo(logp.dtype).min)
-    return (peak + log_total).squeeze(-1), argmax.squeeze(-1)
+    return peak.squeeze(-1), log_total.squeeze(-1), argmax.squeeze(-1)
+
+
+def _shifted_logsumexp(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max ``[R]``, log sum exp(x - max) ``[R]``) of ``x`` ``[R, V]`` in ``dtype``; one ``[R, V]`` temporary."""
+    peak = x.max(-1, keepdim=True).values.to(dtype)
+    # An all -inf row keeps max -inf; shift by 0 then, as the Triton kernel does.
+    shift = torch.where(torch.isinf(peak) & (peak < 0), 0.0, peak)
+    log_sum = (x.to(dtype) - shift).exp_().sum(-1).log_()
+    return peak.squeeze(-1), log_sum
 
 
 def _load(x: torch.Tensor, buffer: torch.Tensor, inv_t: float) -> torch.Tensor:
@@ -216,14 +226,14 @@ def _chunk(s, t, targets: RowTargets, scale, opts: LossOptions, workspace, grad_
         grad_s = spare.pop(0)
     if grad_t is not None and grad_t.dtype != lq.dtype:
         grad_t = spare.pop(0)
-    lse_a, student_argmax = _log_softmax_into(_load(s, lq, inv_t), lq, q)
-    lse_b, teacher_argmax = _log_softmax_into(_load(t, lp, inv_t), lp, p)
+    *lse_a, student_argmax = _log_softmax_into(_load(s, lq, inv_t), lq, q)
+    *lse_b, teacher_argmax = _log_softmax_into(_load(t, lp, inv_t), lp, p)
     div = divergence_and_gradient(opts, lq, lp, q, p, scratch, grad_s)
     if opts.temperature == 1.0:
         lse_s, lse_t = lse_a, lse_b
     else:  # the cross-entropies are at T=1
-        lse_s, lse_t = torch.logsumexp(s.to(lq.dtype), -1), torch.logsumexp(t.to(lp.dtype), -1)
-    stats = (div, lse_s, lse_t, student_argmax, teacher_argmax)
+        lse_s, lse_t = _shifted_logsumexp(s, lq.dtype), _shifted_logsumexp(t, lp.dtype)
+    stats = (div, *lse_s, *lse_t, student_argmax, teacher_argmax)
 
     keep = scale.unsqueeze(1)
     ignored = ~targets.counted
@@ -251,9 +261,13 @@ def _chunk(s, t, targets: RowTargets, scale, opts: LossOptions, workspace, grad_
 
 
 def _add_softmax_minus_onehot(grad, logits, probs_at_t, lse, target, weight, inv_t):
-    """grad += weight * (softmax(logits) - onehot(target)), the cross-entropy gradient at T=1."""
+    """grad += weight * (softmax(logits) - onehot(target)), the cross-entropy gradient at T=1.
+
+    ``lse`` is the (max, log sum exp(logits - max)) pair of the logits at T=1.
+    """
     if inv_t == 1.0:
         grad.add_(probs_at_t, alpha=weight)
     else:
-        grad.add_((logits.to(grad.dtype) - lse.unsqueeze(1)).exp_(), alpha=weight)
+        peak, log_sum = (x.unsqueeze(1) for x in lse)
+        grad.add_((logits.to(grad.dtype) - peak).sub_(log_sum).exp_(), alpha=weight)
     grad.scatter_add_(1, target.unsqueeze(1), torch.full_like(grad[:, :1], -weight))

@@ -36,23 +36,35 @@ ONLINE_DIVERGENCES = ("forward_kl", "reverse_kl")
 
 
 class StatRows(NamedTuple):
-    """The rows of the fp32 statistics buffer ``[STATS_ROWS, N]``, in order: the host's view of the buffer."""
+    """The rows of the fp32 statistics buffer ``[STATS_ROWS, N]``, in order: the host's view of the buffer.
+
+    Each log-sum-exp is kept as a max and log sum exp(x - max): their sum would be rounded at the logits'
+    magnitude (an fp32 ulp is 6e-5 at 1e3), more than a confident token's whole cross-entropy.
+    """
 
     divergence: torch.Tensor  # D at temperature T
-    lse_a: torch.Tensor  # logsumexp(s / T)
-    lse_b: torch.Tensor  # logsumexp(t / T)
-    lse_s: torch.Tensor  # logsumexp(s)
-    lse_t: torch.Tensor  # logsumexp(t)
+    max_a: torch.Tensor  # max(s / T)
+    lsum_a: torch.Tensor  # log sum exp(s / T - max_a)
+    max_b: torch.Tensor  # max(t / T)
+    lsum_b: torch.Tensor  # log sum exp(t / T - max_b)
+    max_s: torch.Tensor  # max(s)
+    lsum_s: torch.Tensor  # log sum exp(s - max_s)
+    max_t: torch.Tensor  # max(t)
+    lsum_t: torch.Tensor  # log sum exp(t - max_t)
     q_dot_g: torch.Tensor  # sum(q * dD/dq), three-pass divergences only
 
 
 STATS_ROWS = len(StatRows._fields)
 # The kernels' indices of the same rows, by name.
 STAT_DIVERGENCE = tl.constexpr(StatRows._fields.index("divergence"))
-STAT_LSE_A = tl.constexpr(StatRows._fields.index("lse_a"))
-STAT_LSE_B = tl.constexpr(StatRows._fields.index("lse_b"))
-STAT_LSE_S = tl.constexpr(StatRows._fields.index("lse_s"))
-STAT_LSE_T = tl.constexpr(StatRows._fields.index("lse_t"))
+STAT_MAX_A = tl.constexpr(StatRows._fields.index("max_a"))
+STAT_LSUM_A = tl.constexpr(StatRows._fields.index("lsum_a"))
+STAT_MAX_B = tl.constexpr(StatRows._fields.index("max_b"))
+STAT_LSUM_B = tl.constexpr(StatRows._fields.index("lsum_b"))
+STAT_MAX_S = tl.constexpr(StatRows._fields.index("max_s"))
+STAT_LSUM_S = tl.constexpr(StatRows._fields.index("lsum_s"))
+STAT_MAX_T = tl.constexpr(StatRows._fields.index("max_t"))
+STAT_LSUM_T = tl.constexpr(StatRows._fields.index("lsum_t"))
 STAT_Q_DOT_G = tl.constexpr(StatRows._fields.index("q_dot_g"))
 
 
@@ -68,6 +80,13 @@ def _online_logsumexp(x, running_max, running_sum):
     rescale = tl.exp(running_max - shift)
     e = tl.exp(x - shift)
     return new_max, running_sum * rescale + tl.sum(e, 0), e, rescale
+
+
+@triton.jit
+def _log_probs(x, stats_ptr, n_rows, row, STAT_MAX: tl.constexpr, STAT_LSUM: tl.constexpr):
+    """log softmax from the stored (max, log sum exp(x - max)) pair: (x - max) - lsum, never x - lse,
+    whose lse is rounded at the logits' magnitude."""
+    return (x - tl.load(stats_ptr + STAT_MAX * n_rows + row)) - tl.load(stats_ptr + STAT_LSUM * n_rows + row)
 
 
 @triton.jit
@@ -116,7 +135,7 @@ def _pointwise_terms(lq, lp, mix, DIVERGENCE: tl.constexpr):
 def _row_stats_kernel(
     s_ptr,  # [N, *] student logits, row stride s_stride, unit column stride
     t_ptr,  # [N, *] teacher logits, row stride t_stride
-    stats_ptr,  # [STATS_ROWS, N] fp32 out: divergence (online kinds), lse at T (a, b), lse at 1 (s, t)
+    stats_ptr,  # [STATS_ROWS, N] fp32 out: divergence (online kinds), (max, lsum) at T (a, b) and at 1 (s, t)
     argmax_ptr,  # [2, N] int64 out: student argmax, teacher argmax
     s_stride,
     t_stride,
@@ -164,22 +183,29 @@ def _row_stats_kernel(
             max_s, sum_s, _, _ = _online_logsumexp(s, max_s, sum_s)
             max_t, sum_t, _, _ = _online_logsumexp(t, max_t, sum_t)
 
-    lse_a = max_a + tl.log(sum_a)
-    lse_b = max_b + tl.log(sum_b)
+    lsum_a = tl.log(sum_a)
+    lsum_b = tl.log(sum_b)
     if SAME_T:
-        lse_s = lse_a
-        lse_t = lse_b
+        max_s = max_a
+        max_t = max_b
+        lsum_s = lsum_a
+        lsum_t = lsum_b
     else:
-        lse_s = max_s + tl.log(sum_s)
-        lse_t = max_t + tl.log(sum_t)
+        lsum_s = tl.log(sum_s)
+        lsum_t = tl.log(sum_t)
+    # lse_a - lse_b as (max_a - max_b) + (lsum_a - lsum_b): no term is rounded at the logits' magnitude.
     if DIVERGENCE == FORWARD_KL:
-        tl.store(stats_ptr + STAT_DIVERGENCE * n_rows + row, kl_acc / sum_b - lse_b + lse_a)
+        tl.store(stats_ptr + STAT_DIVERGENCE * n_rows + row, kl_acc / sum_b + (max_a - max_b) + (lsum_a - lsum_b))
     if DIVERGENCE == REVERSE_KL:
-        tl.store(stats_ptr + STAT_DIVERGENCE * n_rows + row, kl_acc / sum_a - lse_a + lse_b)
-    tl.store(stats_ptr + STAT_LSE_A * n_rows + row, lse_a)
-    tl.store(stats_ptr + STAT_LSE_B * n_rows + row, lse_b)
-    tl.store(stats_ptr + STAT_LSE_S * n_rows + row, lse_s)
-    tl.store(stats_ptr + STAT_LSE_T * n_rows + row, lse_t)
+        tl.store(stats_ptr + STAT_DIVERGENCE * n_rows + row, kl_acc / sum_a + (max_b - max_a) + (lsum_b - lsum_a))
+    tl.store(stats_ptr + STAT_MAX_A * n_rows + row, max_a)
+    tl.store(stats_ptr + STAT_LSUM_A * n_rows + row, lsum_a)
+    tl.store(stats_ptr + STAT_MAX_B * n_rows + row, max_b)
+    tl.store(stats_ptr + STAT_LSUM_B * n_rows + row, lsum_b)
+    tl.store(stats_ptr + STAT_MAX_S * n_rows + row, max_s)
+    tl.store(stats_ptr + STAT_LSUM_S * n_rows + row, lsum_s)
+    tl.store(stats_ptr + STAT_MAX_T * n_rows + row, max_t)
+    tl.store(stats_ptr + STAT_LSUM_T * n_rows + row, lsum_t)
     tl.store(argmax_ptr + row, arg_a.to(tl.int64))
     tl.store(argmax_ptr + n_rows + row, arg_b.to(tl.int64))
 
@@ -188,7 +214,7 @@ def _row_stats_kernel(
 def _soft_pass_kernel(
     s_ptr,  # [N, *] student logits
     t_ptr,  # [N, *] teacher logits
-    stats_ptr,  # [STATS_ROWS, N] fp32: reads the lse at T, writes divergence and sum(q * g)
+    stats_ptr,  # [STATS_ROWS, N] fp32: reads the (max, lsum) at T, writes divergence and sum(q * g)
     s_stride,
     t_stride,
     n_rows,
@@ -203,8 +229,6 @@ def _soft_pass_kernel(
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
     offs = tl.arange(0, BLOCK)
-    lse_a = tl.load(stats_ptr + STAT_LSE_A * n_rows + row)
-    lse_b = tl.load(stats_ptr + STAT_LSE_B * n_rows + row)
     div = tl.zeros([BLOCK], tl.float32)
     q_dot_g = tl.zeros([BLOCK], tl.float32)
     for start in range(0, vocab, BLOCK):
@@ -212,7 +236,9 @@ def _soft_pass_kernel(
         mask = cols < vocab
         s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        term, q_g, _ = _pointwise_terms(s * inv_t - lse_a, t * inv_t - lse_b, mix, DIVERGENCE)
+        lq = _log_probs(s * inv_t, stats_ptr, n_rows, row, STAT_MAX_A, STAT_LSUM_A)
+        lp = _log_probs(t * inv_t, stats_ptr, n_rows, row, STAT_MAX_B, STAT_LSUM_B)
+        term, q_g, _ = _pointwise_terms(lq, lp, mix, DIVERGENCE)
         div += tl.where(mask, term, 0.0)
         q_dot_g += tl.where(mask, q_g, 0.0)
     tl.store(stats_ptr + STAT_DIVERGENCE * n_rows + row, tl.sum(div, 0))
@@ -259,8 +285,8 @@ def _grad_kernel(
     if STUDENT_GRAD:
         s = tl.load(s_ptr + row * s_stride + cols, mask=valid, other=float("-inf")).to(tl.float32)
         t = tl.load(t_ptr + row * t_stride + cols, mask=valid, other=float("-inf")).to(tl.float32)
-        lq = s * inv_t - tl.load(stats_ptr + STAT_LSE_A * n_rows + row)
-        lp = t * inv_t - tl.load(stats_ptr + STAT_LSE_B * n_rows + row)
+        lq = _log_probs(s * inv_t, stats_ptr, n_rows, row, STAT_MAX_A, STAT_LSUM_A)
+        lp = _log_probs(t * inv_t, stats_ptr, n_rows, row, STAT_MAX_B, STAT_LSUM_B)
         if DIVERGENCE == FORWARD_KL:
             q = tl.exp(lq)
             d_soft = q - tl.exp(lp)
@@ -277,13 +303,13 @@ def _grad_kernel(
             if SAME_T:
                 q1 = q
             else:
-                q1 = tl.exp(s - tl.load(stats_ptr + STAT_LSE_S * n_rows + row))
+                q1 = tl.exp(_log_probs(s, stats_ptr, n_rows, row, STAT_MAX_S, STAT_LSUM_S))
             grad += hard_coef * (q1 - tl.where(cols == target, 1.0, 0.0))
         grad = tl.where(keep, grad * scale, 0.0)
         tl.store(grad_s_ptr + row * grad_s_stride + cols, grad.to(grad_s_ptr.dtype.element_ty), mask=cols < s_width)
     if TEACHER_GRAD:
         t = tl.load(t_ptr + row * t_stride + cols, mask=valid, other=float("-inf")).to(tl.float32)
-        p1 = tl.exp(t - tl.load(stats_ptr + STAT_LSE_T * n_rows + row))
+        p1 = tl.exp(_log_probs(t, stats_ptr, n_rows, row, STAT_MAX_T, STAT_LSUM_T))
         target = tl.load(label_ptr + row)
         grad_t = teacher_coef * (p1 - tl.where(cols == target, 1.0, 0.0))
         grad_t = tl.where(keep, grad_t * scale, 0.0)
@@ -339,7 +365,9 @@ def row_statistics(
     argmax = torch.empty(2, n, dtype=torch.long, device=student.device)
     rows = StatRows(*stats.unbind(0))
     student_argmax, teacher_argmax = argmax.unbind(0)
-    view = RowStatistics(rows.divergence, rows.lse_s, rows.lse_t, student_argmax, teacher_argmax)
+    view = RowStatistics(
+        rows.divergence, rows.max_s, rows.lsum_s, rows.max_t, rows.lsum_t, student_argmax, teacher_argmax
+    )
     if n == 0:
         return stats, view
     cfg = launch_config(vocab)
