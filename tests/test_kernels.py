@@ -302,6 +302,29 @@ def test_one_banned_token_makes_reverse_kl_infinite(backend_device, divergence, 
     assert out.loss[0].item() == math.inf and math.isfinite(out.loss[1].item())
 
 
+@pytest.mark.parametrize(
+    ("divergence", "skew", "side"),
+    [
+        ("forward_kl", 0.1, "student"),
+        ("skew_forward_kl", 0.0, "student"),
+        ("reverse_kl", 0.1, "teacher"),
+        ("skew_reverse_kl", 0.0, "teacher"),
+    ],
+)
+def test_infinite_divergence_has_nan_gradient_on_its_row(backend_device, divergence, skew, side):
+    # One answer on both backends: a -inf logit on one side where the other side has mass makes the row's
+    # divergence +inf (not 4.3e37 from clamped log-probabilities), and that row's student gradient NaN in
+    # every column (not a mix of ±inf, NaN and finite entries); the other rows are untouched.
+    backend, device = backend_device
+    student, teacher = make_logits(shape=(2,))
+    (student if side == "student" else teacher)[0, 7] = -math.inf
+    s = student.to(device).requires_grad_()
+    out = distillation_loss(s, teacher.to(device), divergence=divergence, skew=skew, reduction="none", backend=backend)
+    assert out.loss[0].item() == math.inf and math.isfinite(out.loss[1].item())
+    out.loss.sum().backward()
+    assert torch.isnan(s.grad[0]).all() and torch.isfinite(s.grad[1]).all()
+
+
 def test_nan_input_propagates_to_loss(backend_device):
     backend, device = backend_device
     student, teacher = make_logits()

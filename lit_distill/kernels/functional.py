@@ -38,6 +38,10 @@ def distillation_loss(
     labels and ``teacher_ce`` the teacher's cross-entropy at T=1 on ``labels`` (the only term whose gradient
     reaches the teacher's logits).
 
+    A ``-inf`` logit on one side where the other side has mass makes a divergence that divides by it
+    (forward KL and skew 0 for a student's, reverse KL and skew 0 for a teacher's) +inf in that row, and
+    that row's student gradient NaN in every column, on either backend.
+
     Args:
         student_logits: ``(..., V_s)`` floating logits; gets a gradient.
         teacher_logits: ``(..., V_t)`` floating logits; ``-inf`` entries (banned tokens) are allowed.

@@ -29,15 +29,29 @@ def _log_mixture(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
 
 
 def _infinite_where_banned(div: torch.Tensor, lp: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """KL(q || p) is +inf in a row where the teacher bans a token (a -inf logit, so a log-prob clamped to the
-    lowest float) that the student allows (q > 0). The clamped log-probabilities would give a huge finite
-    number there instead (about q * 3.4e38); a merely tiny teacher probability stays finite."""
+    """KL(q || p) is +inf in a row where p bans a token (a -inf logit, so a log-prob clamped to the lowest
+    float) that q allows (q > 0). The clamped log-probabilities would give a huge finite number there
+    instead (about q * 3.4e38); a merely tiny probability stays finite. Used both ways round: the teacher
+    banning a token for KL(q || p), the student for KL(p || q)."""
     banned = lp == torch.finfo(lp.dtype).min
     return torch.where((banned & (q > 0)).any(-1), math.inf, div)
 
 
 def divergence_and_gradient(opts: LossOptions, lq, lp, q, p, scratch, grad):
     """Row divergence ``[R]``; if ``grad`` is given, writes dD/da (a = student logits / T) into it.
+
+    Where a row's divergence is +inf (a -inf logit on one side where the other side has mass), its gradient
+    is NaN in every column, as on the Triton backend: the derivative of an infinite loss has no value, and a
+    NaN cannot pass for a step (the closed forms would give a mix of ±inf, NaN and finite entries).
+    """
+    div = _divergence_and_gradient(opts, lq, lp, q, p, scratch, grad)
+    if grad is not None:
+        grad.masked_fill_(torch.isposinf(div).unsqueeze(1), math.nan)
+    return div
+
+
+def _divergence_and_gradient(opts: LossOptions, lq, lp, q, p, scratch, grad):
+    """Row divergence ``[R]`` and, into ``grad`` unless it is None, dD/da (a = student logits / T).
 
     Differences of log-probs are formed before the row sums (not as a difference of two sums, which
     cancels catastrophically in fp32 when the distributions are close).
@@ -49,7 +63,7 @@ def divergence_and_gradient(opts: LossOptions, lq, lp, q, p, scratch, grad):
     if kind == "forward_kl":
         if grad is not None:
             torch.sub(q, p, out=grad)
-        return _row_dot(p, torch.sub(lp, lq, out=scratch))
+        return _infinite_where_banned(_row_dot(p, torch.sub(lp, lq, out=scratch)), lq, p)
     if kind == "reverse_kl":
         log_ratio = torch.sub(lq, lp, out=scratch)
         div = _infinite_where_banned(_row_dot(q, log_ratio), lp, q)
@@ -65,6 +79,8 @@ def divergence_and_gradient(opts: LossOptions, lq, lp, q, p, scratch, grad):
     elif kind == "skew_forward_kl":
         lm = _log_mixture(lp, lq, mix)
         div = _row_dot(p, torch.sub(lp, lm, out=scratch))
+        if mix == 0:  # m = q: forward KL
+            div = _infinite_where_banned(div, lq, p)
         q_g = (lq + lp - lm).exp_().mul_(-(1.0 - mix))  # g = -(1 - skew) p / m
     elif kind == "skew_reverse_kl":
         lm = _log_mixture(lq, lp, mix)

@@ -287,16 +287,19 @@ def _grad_kernel(
         t = tl.load(t_ptr + row * t_stride + cols, mask=valid, other=float("-inf")).to(tl.float32)
         lq = _log_probs(s * inv_t, stats_ptr, n_rows, row, STAT_MAX_A, STAT_LSUM_A)
         lp = _log_probs(t * inv_t, stats_ptr, n_rows, row, STAT_MAX_B, STAT_LSUM_B)
+        div = tl.load(stats_ptr + STAT_DIVERGENCE * n_rows + row)
         if DIVERGENCE == FORWARD_KL:
             q = tl.exp(lq)
             d_soft = q - tl.exp(lp)
         elif DIVERGENCE == REVERSE_KL:
             q = tl.exp(lq)
-            div = tl.load(stats_ptr + STAT_DIVERGENCE * n_rows + row)
             d_soft = tl.where(q == 0.0, 0.0, q * (lq - lp - div))
         else:
             _, q_g, q = _pointwise_terms(lq, lp, mix, DIVERGENCE)
             d_soft = q_g - q * tl.load(stats_ptr + STAT_Q_DOT_G * n_rows + row)
+        # A row whose divergence is +inf gets NaN in every column, as on the PyTorch backend: the derivative
+        # of an infinite loss has no value (the closed forms give a mix of ±inf, NaN and finite entries).
+        d_soft = tl.where(div == float("inf"), float("nan"), d_soft)
         grad = soft_coef * d_soft
         if HARD:
             target = tl.load(hard_ptr + row)
