@@ -37,6 +37,32 @@ def _infinite_where_banned(div: torch.Tensor, lp: torch.Tensor, q: torch.Tensor)
     return torch.where((banned & (q > 0)).any(-1), math.inf, div)
 
 
+#: |x| below which x - log1p(x) is summed as its series (whose next term is then below 3e-7 of the sum).
+SERIES_BOUND = 0.1
+
+
+def _skew_reverse_kl_terms(lq, lp, q, p, mix: float, scratch):
+    """Row divergence ``[R]`` and q * g ``[R, V]`` of KL(q || m), m = skew * q + (1 - skew) * p.
+
+    With x = (1 - skew) (p / q - 1), log(q / m) = -log1p(x), and since sum(q x) = (1 - skew) sum(p - q) = 0,
+    D = sum q (x - log1p(x)): every term is >= 0, so nothing cancels as skew nears 1 (where q log(q / m)
+    sums terms of size (1 - skew) to a total of size (1 - skew)²). Columns where x is not small, or q is 0,
+    use q log(q / m) + (1 - skew)(p - q) instead. Likewise g = log(q / m) + 1 - skew q / m, less the
+    constant 1 - skew (which cancels in the softmax Jacobian), is -log1p(x) + skew x / (1 + x).
+    """
+    lm = _log_mixture(lq, lp, mix)
+    x = torch.sub(lp, lq, out=scratch).expm1_().mul_(1.0 - mix)
+    small = x.abs() < SERIES_BOUND
+    xs = torch.where(small, x, 0.0)
+    # x²/2 - x³/3 + x⁴/4 - x⁵/5 + x⁶/6 - x⁷/7, in Horner form
+    series = xs * xs * (0.5 + xs * (-1 / 3 + xs * (0.25 + xs * (-0.2 + xs * (1 / 6 - xs / 7)))))
+    log_ratio = torch.where(q > 0, lq - lm, 0.0)
+    term = torch.where(small, q * series, q * log_ratio + (1.0 - mix) * (p - q))
+    g_small = torch.log1p(xs).neg_().add_(mix * xs / (1.0 + xs))
+    q_g_large = q * log_ratio - mix * (2 * lq - lm).exp_() + mix * q
+    return term.sum(-1), torch.where(small, q * g_small, q_g_large)
+
+
 def divergence_and_gradient(opts: LossOptions, lq, lp, q, p, scratch, grad):
     """Row divergence ``[R]``; if ``grad`` is given, writes dD/da (a = student logits / T) into it.
 
@@ -83,12 +109,9 @@ def _divergence_and_gradient(opts: LossOptions, lq, lp, q, p, scratch, grad):
             div = _infinite_where_banned(div, lq, p)
         q_g = (lq + lp - lm).exp_().mul_(-(1.0 - mix))  # g = -(1 - skew) p / m
     elif kind == "skew_reverse_kl":
-        lm = _log_mixture(lq, lp, mix)
-        div = _row_dot(q, torch.sub(lq, lm, out=scratch))
+        div, q_g = _skew_reverse_kl_terms(lq, lp, q, p, mix, scratch)
         if mix == 0:  # m = p: reverse KL
             div = _infinite_where_banned(div, lp, q)
-        # g = log(q / m) + 1 - skew * q / m; the constant 1 cancels in the softmax Jacobian.
-        q_g = scratch.mul_(q).sub_((2 * lq - lm).exp_().mul_(mix))
     else:  # tvd
         diff = q - p
         div = 0.5 * diff.abs().sum(-1)

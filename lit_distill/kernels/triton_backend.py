@@ -104,6 +104,21 @@ def _log_mixture(la, lb, w):
 
 
 @triton.jit
+def _expm1(d):
+    """exp(d) - 1 to a few ulps also for small d (Kahan's trick: the rounding of exp(d) cancels out)."""
+    u = tl.exp(d)
+    um1 = u - 1.0
+    return tl.where(u == 1.0, d, tl.where(um1 == -1.0, -1.0, um1 * d / tl.log(u)))
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) to a few ulps also for small x (Goldberg's trick: 1 + x rounded, then corrected)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
+
+
+@triton.jit
 def _pointwise_terms(lq, lp, mix, DIVERGENCE: tl.constexpr):
     """Per-column divergence term and q * g, g = dD/dq (q unconstrained), for the three-pass divergences.
 
@@ -121,10 +136,20 @@ def _pointwise_terms(lq, lp, mix, DIVERGENCE: tl.constexpr):
         term = tl.where(p == 0.0, 0.0, p * (lp - lm))
         q_g = tl.where(p == 0.0, 0.0, -(1.0 - mix) * tl.exp(lq + lp - lm))  # g = -(1 - skew) p / m
     elif DIVERGENCE == SKEW_REVERSE_KL:
+        # With x = (1 - skew)(p/q - 1): log(q/m) = -log1p(x) and sum(q x) = 0, so D = sum q (x - log1p(x)),
+        # terms >= 0 that do not cancel as skew nears 1; columns where x is not small, or q is 0, take
+        # q log(q/m) + (1 - skew)(p - q). g = log(q/m) + 1 - skew q/m, less the constant 1 - skew (which
+        # cancels in the softmax Jacobian), is -log1p(x) + skew x / (1 + x). See torch_divergence.py.
         lm = _log_mixture(lq, lp, mix)
-        term = tl.where(q == 0.0, 0.0, q * (lq - lm))
-        # g = log(q/m) + 1 - skew * q/m; the constant cancels in the softmax Jacobian.
-        q_g = tl.where(q == 0.0, 0.0, q * (lq - lm) - mix * tl.exp(2.0 * lq - lm))
+        x = (1.0 - mix) * _expm1(lp - lq)
+        small = tl.abs(x) < 0.1
+        xs = tl.where(small, x, 0.0)
+        series = xs * xs * (0.5 + xs * (-1.0 / 3.0 + xs * (0.25 + xs * (-0.2 + xs * (1.0 / 6.0 - xs / 7.0)))))
+        log_ratio = tl.where(q == 0.0, 0.0, lq - lm)
+        term = tl.where(small, q * series, q * log_ratio + (1.0 - mix) * (p - q))
+        g_small = mix * xs / (1.0 + xs) - _log1p(xs)
+        q_g_large = tl.where(q == 0.0, 0.0, q * log_ratio - mix * tl.exp(2.0 * lq - lm)) + mix * q
+        q_g = tl.where(small, q * g_small, q_g_large)
     else:  # TVD
         term = 0.5 * tl.abs(p - q)
         q_g = 0.5 * q * tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
