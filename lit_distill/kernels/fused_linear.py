@@ -11,14 +11,15 @@ per-token ``grad_output`` is unknown in the forward, so the backward recomputes 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from . import torch_backend
 from .backend import use_triton
 from .inputs import check_labels, check_linear_inputs, resolve_vocab_size
-from .matmul import addmm_fp32, project
 from .options import LossOptions, loss_keywords
 from .rows import (
     DistillationOutput,
@@ -30,10 +31,9 @@ from .rows import (
     row_targets,
 )
 
-#: Bytes the per-chunk buffers may take: the logits of both models (at least fp32), and the gradient
-#: buffers beside them. At V=128256 in bf16 the CUDA budget gives 640-token chunks (fp32 logits with the
-#: gradient written over them, and its bf16 copy for dH: 6 bytes a column), large enough that every chunk's
-#: matmuls run near peak; the CPU budget keeps the chunk small against RAM.
+#: Bytes the per-chunk buffers may take: the logits of both models (and, on the PyTorch path, the
+#: gradient buffers beside them). At V=128256 in bf16 the CUDA budget gives 2048-token chunks, large
+#: enough that every chunk's matmuls run near peak; the CPU budget keeps the chunk small against RAM.
 MEMORY_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
 
 
@@ -42,16 +42,12 @@ def choose_chunk_size(
 ) -> int:
     """Tokens per chunk under ``MEMORY_BUDGET_BYTES`` for the device.
 
-    Per token the chunk holds one row of student and one of teacher logits in fp32 (fp64 for fp64 inputs:
-    half-precision projections are not rounded to half); the Triton path writes the gradient over them,
-    the PyTorch path needs as much again for gradient buffers; half-precision inputs add a copy of the
-    gradient in ``dtype`` for the hidden-state gradient's matmul. The result is rounded down to a multiple
-    of 64 (GEMM-friendly) when at least 64, and never exceeds the token count.
+    Per token the chunk holds one row of student and one of teacher logits in ``dtype``; the Triton path
+    writes gradients over them, the PyTorch path needs as much again for gradient buffers. The result is
+    rounded down to a multiple of 64 (GEMM-friendly) when at least 64, and never exceeds the token count.
     """
     element = torch.empty((), dtype=dtype).element_size()
-    logit = max(element, 4)
-    per_column = logit * (1 if triton else 2) + (element if element < logit else 0)
-    per_token = (student_vocab + teacher_vocab) * per_column
+    per_token = (student_vocab + teacher_vocab) * element * (1 if triton else 2)
     budget = MEMORY_BUDGET_BYTES.get(device.type, MEMORY_BUDGET_BYTES["cpu"])
     chunk = max(1, budget // per_token)
     if chunk >= 64:
@@ -93,9 +89,8 @@ def fused_linear_distillation_loss(
         :class:`DistillationOutput`. Gradients reach the student's hidden states, weight and bias; with
         ``teacher_ce_weight > 0`` also the teacher's, where they require grad (co-distillation).
 
-    Under autocast the projections take their inputs in the autocast dtype, as ``nn.Linear`` would. Half
-    precision inputs give fp32 chunk logits (an fp32-output matmul on CUDA, fp32 products on CPU), so the
-    loss loses no more than the inputs' own rounding; the weight and bias gradients accumulate in fp32.
+    Under autocast the projections run in the autocast dtype, as ``nn.Linear`` would; the weight and bias
+    gradients still accumulate in fp32 across chunks.
     """
     opts = LossOptions(**options)
     device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
@@ -144,10 +139,8 @@ class _Accumulators:
         self.bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
 
     def add(self, grad_logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, rows: slice) -> None:
-        """Fold in a chunk's ``[R, V]`` logit gradient (fp32 for half-precision inputs, which round only the
-        hidden-state gradient's matmul input; the weight and bias gradients take it in fp32)."""
-        torch.mm(grad_logits.to(weight.dtype), weight, out=self.hidden[rows])
-        addmm_fp32(self.weight, grad_logits.t(), hidden.to(grad_logits.dtype))
+        torch.mm(grad_logits, weight, out=self.hidden[rows])
+        _addmm_fp32(self.weight, grad_logits.t(), hidden)
         if self.bias is not None:
             self.bias.add_(grad_logits.sum(0, dtype=torch.float32))
 
@@ -157,6 +150,18 @@ class _Accumulators:
             grads = [None if g is None else g.mul_(factor.to(g.dtype)) for g in grads]
         hidden, w, b = grads
         return hidden, w.to(weight.dtype), None if b is None else b.to(bias.dtype)
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with ``acc`` fp32 and ``a``/``b`` possibly half precision."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda:
+        with contextlib.suppress(RuntimeError, TypeError):  # fp32-output GEMM on half inputs, where supported
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 class FusedLinearDistillationFunction(torch.autograd.Function):
@@ -237,8 +242,8 @@ def _run_chunks(tensors, labels, pre: RowTargets, opts, vocab, chunk_size, trito
     parts = []
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
-        logits_s = project(h_s[rows], w_s, b_s)
-        logits_t = project(h_t[rows], w_t, b_t)
+        logits_s = F.linear(h_s[rows], w_s, b_s)
+        logits_t = F.linear(h_t[rows], w_t, b_t)
         chunk_labels = None if labels is None else labels[rows]
         chunk_pre = RowTargets(*(None if x is None else x[rows] for x in pre))
         chunk_scale = None if scale is None else scale[rows]
