@@ -168,8 +168,9 @@ def test_autocast_bf16_keeps_fp32_weight_gradients():
 def test_tied_embedding_weight(backend_device):
     backend, device = backend_device
     gen = torch.Generator().manual_seed(8)
-    embedding = torch.nn.Embedding(VOCAB, H_S).to(device)
-    torch.nn.init.normal_(embedding.weight, std=0.3, generator=gen)
+    embedding = torch.nn.Embedding(VOCAB, H_S)
+    torch.nn.init.normal_(embedding.weight, std=0.3, generator=gen)  # on the CPU, where the generator is
+    embedding = embedding.to(device)
     mix = torch.randn(H_S, H_S, generator=gen).to(device) * 0.3
     ids = torch.randint(0, VOCAB, (N_TOKENS,), generator=gen).to(device)
     teacher_h = torch.randn(N_TOKENS, H_T, generator=gen).to(device)
