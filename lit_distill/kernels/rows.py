@@ -49,11 +49,11 @@ class RowStatistics(NamedTuple):
         student_log_sum: ``[N]`` log sum exp(s - student_max) over the student's valid logits at T=1.
         teacher_max: ``[N]`` max of the teacher's valid logits at T=1.
         teacher_log_sum: ``[N]`` log sum exp(t - teacher_max) over the teacher's valid logits at T=1.
+        student_argmax: ``[N]`` int64 argmax over the student's valid columns.
+        teacher_argmax: ``[N]`` int64 argmax over the teacher's valid columns.
 
     The log-sum-exp is kept in two parts because their sum is rounded at the logits' magnitude: at logits
     near 1e3 an fp32 ulp is 6e-5, more than a confident token's whole cross-entropy.
-        student_argmax: ``[N]`` int64 argmax over the student's valid columns.
-        teacher_argmax: ``[N]`` int64 argmax over the teacher's valid columns.
     """
 
     divergence: torch.Tensor
