@@ -76,7 +76,11 @@ def divergence_and_gradient(opts: LossOptions, lq, lp, q, p, scratch, grad):
     """
     div = _divergence_and_gradient(opts, lq, lp, q, p, scratch, grad)
     infinite = torch.isposinf(div)
-    if grad is not None and (infinite.device.type != "cpu" or infinite.any()):  # rare: skip the pass on CPU
+    if grad is None:
+        return div
+    if infinite.device.type != "cpu":  # no host sync: a fill pass over the chunk
+        grad.masked_fill_(infinite.unsqueeze(1), math.nan)
+    elif infinite.any():  # rare: on CPU only the infinite rows are touched
         grad[infinite] = math.nan
     return div
 
