@@ -15,23 +15,21 @@ from lightning.pytorch.callbacks import Callback
 from .demo_report import Row
 
 
-def _llama(sizes: dict, who: str, vocab: int):
+def _llama(sizes: dict, who: str, data):
     from .models import CausalLM
 
     hidden, layers = sizes[f"{who}_hidden"], sizes[f"{who}_layers"]
     return CausalLM(
         config={
             "model_type": "llama",
-            "vocab_size": vocab,
+            "vocab_size": data.vocab_size,
             "hidden_size": hidden,
             "intermediate_size": hidden * 8 // 3,
             "num_hidden_layers": layers,
             "num_attention_heads": max(1, hidden // 32),
             "max_position_embeddings": sizes["seq_len"],
             "tie_word_embeddings": True,
-            "bos_token_id": 0,
-            "eos_token_id": 0,
-            "pad_token_id": 1,
+            **data.special_tokens,  # the BPE's: bos and eos are <|endoftext|> (0), pad is 1
         }
     )
 
@@ -82,7 +80,7 @@ def train_teacher(data, sizes: dict, ns, cache: Path, out: Path):
 
     from .modules import LanguageModelTraining
 
-    spec = _llama(sizes, "teacher", data.vocab_size)
+    spec = _llama(sizes, "teacher", data)
     # The teacher depends on its config, the sizes, the seed and the tokenizer's vocabulary.
     vocabulary = sorted(data.tokenizer.get_vocab().items())
     key = hashlib.sha1(json.dumps([spec.config, sizes, ns.seed, vocabulary], sort_keys=True).encode()).hexdigest()[:12]
@@ -142,7 +140,7 @@ def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path):
     from .modules import CoDistillation, HardLabelDistillation, LanguageModelTraining, SoftLabelDistillation
 
     pl.seed_everything(ns.seed + 1, verbose=False)  # every student starts from the same weights and data order
-    spec = _llama(sizes, "student", data.vocab_size)
+    spec = _llama(sizes, "student", data)
     common = {"optimizer": _optimizer(3e-3)}  # a constant rate: at 250 steps a decay only slows the students
     soft = DistillationLoss(temperature=2.0, alpha=0.5)
     if technique == "alone":
