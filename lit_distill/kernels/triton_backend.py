@@ -38,55 +38,57 @@ ONLINE_DIVERGENCES = ("forward_kl", "reverse_kl")
 class StatRows(NamedTuple):
     """The rows of the fp32 statistics buffer ``[STATS_ROWS, N]``, in order: the host's view of the buffer.
 
-    Each log-sum-exp is kept as a max and log sum exp(x - max): their sum would be rounded at the logits'
-    magnitude (an fp32 ulp is 6e-5 at 1e3), more than a confident token's whole cross-entropy.
+    Each log-sum-exp is kept as the raw logits' max and a log sum exp of the max-shifted logits: their sum
+    would be rounded at the logits' magnitude (an fp32 ulp is 6e-5 at 1e3), more than a confident token's
+    whole cross-entropy. One max serves every temperature, since max(x / T) = max(x) / T for T > 0.
     """
 
     divergence: torch.Tensor  # D at temperature T
-    max_a: torch.Tensor  # max(s / T)
-    lsum_a: torch.Tensor  # log sum exp(s / T - max_a)
-    max_b: torch.Tensor  # max(t / T)
-    lsum_b: torch.Tensor  # log sum exp(t / T - max_b)
     max_s: torch.Tensor  # max(s)
-    lsum_s: torch.Tensor  # log sum exp(s - max_s)
+    lsum_a: torch.Tensor  # log sum exp((s - max_s) / T)
     max_t: torch.Tensor  # max(t)
-    lsum_t: torch.Tensor  # log sum exp(t - max_t)
+    lsum_b: torch.Tensor  # log sum exp((t - max_t) / T)
+    lsum_s: torch.Tensor  # log sum exp(s - max_s); NaN when no term needs it
+    lsum_t: torch.Tensor  # log sum exp(t - max_t); likewise
     q_dot_g: torch.Tensor  # sum(q * dD/dq), three-pass divergences only
 
 
 STATS_ROWS = len(StatRows._fields)
 # The kernels' indices of the same rows, by name.
 STAT_DIVERGENCE = tl.constexpr(StatRows._fields.index("divergence"))
-STAT_MAX_A = tl.constexpr(StatRows._fields.index("max_a"))
-STAT_LSUM_A = tl.constexpr(StatRows._fields.index("lsum_a"))
-STAT_MAX_B = tl.constexpr(StatRows._fields.index("max_b"))
-STAT_LSUM_B = tl.constexpr(StatRows._fields.index("lsum_b"))
 STAT_MAX_S = tl.constexpr(StatRows._fields.index("max_s"))
-STAT_LSUM_S = tl.constexpr(StatRows._fields.index("lsum_s"))
+STAT_LSUM_A = tl.constexpr(StatRows._fields.index("lsum_a"))
 STAT_MAX_T = tl.constexpr(StatRows._fields.index("max_t"))
+STAT_LSUM_B = tl.constexpr(StatRows._fields.index("lsum_b"))
+STAT_LSUM_S = tl.constexpr(StatRows._fields.index("lsum_s"))
 STAT_LSUM_T = tl.constexpr(StatRows._fields.index("lsum_t"))
 STAT_Q_DOT_G = tl.constexpr(StatRows._fields.index("q_dot_g"))
 
+# The kernels work in log2 units: exp2 is one instruction, exp a multiply, exp2 and a denormal fix-up.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
 
 @triton.jit
-def _online_logsumexp(x, running_max, running_sum):
-    """Fold a block ``x`` (masked entries -inf) into a running (max, sum of exp(x - max)).
+def _load_block(row_ptr, cols, width, vocab):
+    """One block of a logit row in fp32, -inf at padding columns.
 
-    Returns the new max and sum, the block's exp(x - new max) and the factor that rescaled the old sum.
+    The load is masked on the row's width (the JIT proves it a multiple of 16 for usual heads, so loads stay
+    128-bit), and the vocabulary only after it: a mask on an odd vocabulary (50257) would make every load 16-bit.
     """
-    new_max = tl.maximum(running_max, tl.max(x, 0))
-    # A row that is all -inf so far keeps max -inf; shift by 0 then to avoid -inf - -inf = NaN.
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-    rescale = tl.exp(running_max - shift)
-    e = tl.exp(x - shift)
-    return new_max, running_sum * rescale + tl.sum(e, 0), e, rescale
+    x = tl.load(row_ptr + cols, mask=cols < width, other=float("-inf")).to(tl.float32)
+    return tl.where(cols < vocab, x, float("-inf"))
 
 
 @triton.jit
-def _log_probs(x, stats_ptr, n_rows, row, STAT_MAX: tl.constexpr, STAT_LSUM: tl.constexpr):
-    """log softmax from the stored (max, log sum exp(x - max)) pair: (x - max) - lsum, never x - lse,
-    whose lse is rounded at the logits' magnitude."""
-    return (x - tl.load(stats_ptr + STAT_MAX * n_rows + row)) - tl.load(stats_ptr + STAT_LSUM * n_rows + row)
+def _shift(row_max):
+    """The exponent shift of a row: its max, or 0 while the row is all -inf (no -inf - -inf = NaN)."""
+    return tl.where(row_max == float("-inf"), 0.0, row_max)
+
+
+@triton.jit
+def _row_scalar(stats_ptr, n_rows, row, STAT: tl.constexpr):
+    return tl.load(stats_ptr + STAT * n_rows + row)
 
 
 @triton.jit
@@ -157,91 +159,137 @@ def _pointwise_terms(lq, lp, mix, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
+def _fold_block(
+    s, t, start, max_s, max_t, sum_a, sum_b, sum_s, sum_t, kl_acc, arg_s, arg_t, c,
+    DIVERGENCE: tl.constexpr, STUDENT_T1: tl.constexpr, TEACHER_T1: tl.constexpr,
+):  # fmt: skip
+    """Fold one block of both rows (fp32, -inf at padding) into the running statistics of the row."""
+    block_max_s = tl.max(s, 0)
+    block_max_t = tl.max(t, 0)
+    # The argmax only when a block raises the running max (a few times per row): a block-uniform branch.
+    # Strictly greater, so the first maximum wins, as in torch.argmax.
+    if block_max_s > max_s:
+        arg_s = start + tl.argmax(s, 0)
+    if block_max_t > max_t:
+        arg_t = start + tl.argmax(t, 0)
+    shift_s = _shift(tl.maximum(max_s, block_max_s))
+    shift_t = _shift(tl.maximum(max_t, block_max_t))
+    ds = s - shift_s
+    dt = t - shift_t
+    # The old sums' factor: 2^((old max - shift) c), 0 while the old max is -inf.
+    rescale_a = tl.exp2((max_s - shift_s) * c)
+    rescale_b = tl.exp2((max_t - shift_t) * c)
+    e_a = tl.exp2(ds * c)
+    e_b = tl.exp2(dt * c)
+    sum_a = sum_a * rescale_a + tl.sum(e_a, 0)
+    sum_b = sum_b * rescale_b + tl.sum(e_b, 0)
+    if DIVERGENCE == FORWARD_KL:
+        kl_acc = kl_acc * rescale_b + tl.sum(tl.where(e_b == 0.0, 0.0, e_b * (t - s)), 0)
+    if DIVERGENCE == REVERSE_KL:
+        kl_acc = kl_acc * rescale_a + tl.sum(tl.where(e_a == 0.0, 0.0, e_a * (s - t)), 0)
+    if STUDENT_T1:
+        sum_s = sum_s * tl.exp2((max_s - shift_s) * LOG2E) + tl.sum(tl.exp2(ds * LOG2E), 0)
+    if TEACHER_T1:
+        sum_t = sum_t * tl.exp2((max_t - shift_t) * LOG2E) + tl.sum(tl.exp2(dt * LOG2E), 0)
+    max_s = tl.maximum(max_s, block_max_s)
+    max_t = tl.maximum(max_t, block_max_t)
+    return max_s, max_t, sum_a, sum_b, sum_s, sum_t, kl_acc, arg_s, arg_t
+
+
+@triton.jit
 def _row_stats_kernel(
-    s_ptr,  # [N, *] student logits, row stride s_stride, unit column stride
-    t_ptr,  # [N, *] teacher logits, row stride t_stride
-    stats_ptr,  # [STATS_ROWS, N] fp32 out: divergence (online kinds), (max, lsum) at T (a, b) and at 1 (s, t)
+    s_ptr,  # [N, s_width] student logits, row stride s_stride, unit column stride
+    t_ptr,  # [N, t_width] teacher logits, row stride t_stride
+    stats_ptr,  # [STATS_ROWS, N] fp32 out (StatRows): the online divergences, maxes and log sums
     argmax_ptr,  # [2, N] int64 out: student argmax, teacher argmax
     s_stride,
     t_stride,
+    s_width,
+    t_width,
     n_rows,
     vocab,  # valid columns; those at or past it are padding
     inv_t,
     DIVERGENCE: tl.constexpr,
-    SAME_T: tl.constexpr,  # T == 1: the T=1 statistics equal the tempered ones
+    SAME_T: tl.constexpr,  # T == 1: the T=1 log sums are the tempered ones
+    STUDENT_T1: tl.constexpr,  # T != 1 and a term needs the student's log sum at T=1
+    TEACHER_T1: tl.constexpr,  # likewise the teacher's
     BLOCK: tl.constexpr,
 ):
-    """Pass 1, one program per row: online logsumexp of both rows at T and at 1, argmaxes, online KL."""
+    """Pass 1, one program per row: online log-sum-exps of both rows, argmaxes, online forward / reverse KL.
+
+    Exponents are (x - max) * log2(e) / T: the subtraction is exact near the max, so the logits' magnitude
+    never rounds a log-probability (scaling first would, by 6e-5 at 1e3). Whole blocks are loaded without
+    a mask; only the last, partial block is masked.
+    """
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
     offs = tl.arange(0, BLOCK)
-    neg_inf = float("-inf")
-    max_a = tl.full([], neg_inf, tl.float32)
-    max_b = tl.full([], neg_inf, tl.float32)
-    max_s = tl.full([], neg_inf, tl.float32)
-    max_t = tl.full([], neg_inf, tl.float32)
-    sum_a = tl.zeros([], tl.float32)
+    c = inv_t * LOG2E
+    max_s = tl.full([], float("-inf"), tl.float32)
+    max_t = tl.full([], float("-inf"), tl.float32)
+    sum_a = tl.zeros([], tl.float32)  # sum 2^((s - shift) c), shift the running max
     sum_b = tl.zeros([], tl.float32)
-    sum_s = tl.zeros([], tl.float32)
+    sum_s = tl.zeros([], tl.float32)  # the same at T=1
     sum_t = tl.zeros([], tl.float32)
-    kl_acc = tl.zeros([], tl.float32)  # forward: sum e_b (b - a); reverse: sum e_a (a - b)
-    arg_a = tl.zeros([], tl.int32)
-    arg_b = tl.zeros([], tl.int32)
-    for start in range(0, vocab, BLOCK):
-        cols = start + offs
-        mask = cols < vocab
-        # fp32 right after the load: bf16 arithmetic is wrong under the interpreter and lossy anyway.
-        s = tl.load(s_row + cols, mask=mask, other=neg_inf).to(tl.float32)
-        t = tl.load(t_row + cols, mask=mask, other=neg_inf).to(tl.float32)
-        a = s * inv_t
-        b = t * inv_t
-        arg_a = tl.where(tl.max(a, 0) > max_a, start + tl.argmax(a, 0), arg_a)
-        arg_b = tl.where(tl.max(b, 0) > max_b, start + tl.argmax(b, 0), arg_b)
-        max_a, sum_a, e_a, rescale_a = _online_logsumexp(a, max_a, sum_a)
-        max_b, sum_b, e_b, rescale_b = _online_logsumexp(b, max_b, sum_b)
-        if DIVERGENCE == FORWARD_KL:
-            kl_acc = kl_acc * rescale_b + tl.sum(tl.where(e_b == 0.0, 0.0, e_b * (b - a)), 0)
-        if DIVERGENCE == REVERSE_KL:
-            kl_acc = kl_acc * rescale_a + tl.sum(tl.where(e_a == 0.0, 0.0, e_a * (a - b)), 0)
-        if not SAME_T:
-            max_s, sum_s, _, _ = _online_logsumexp(s, max_s, sum_s)
-            max_t, sum_t, _, _ = _online_logsumexp(t, max_t, sum_t)
+    kl_acc = tl.zeros([], tl.float32)  # forward: sum e_b (t - s); reverse: sum e_a (s - t)
+    arg_s = tl.zeros([], tl.int32)
+    arg_t = tl.zeros([], tl.int32)
+    whole = vocab - vocab % BLOCK
+    for start in range(0, whole, BLOCK):
+        s = tl.load(s_row + start + offs).to(tl.float32)
+        t = tl.load(t_row + start + offs).to(tl.float32)
+        max_s, max_t, sum_a, sum_b, sum_s, sum_t, kl_acc, arg_s, arg_t = _fold_block(
+            s, t, start, max_s, max_t, sum_a, sum_b, sum_s, sum_t, kl_acc, arg_s, arg_t, c,
+            DIVERGENCE, STUDENT_T1, TEACHER_T1,
+        )  # fmt: skip
+    if whole < vocab:
+        s = _load_block(s_row, whole + offs, s_width, vocab)
+        t = _load_block(t_row, whole + offs, t_width, vocab)
+        max_s, max_t, sum_a, sum_b, sum_s, sum_t, kl_acc, arg_s, arg_t = _fold_block(
+            s, t, whole, max_s, max_t, sum_a, sum_b, sum_s, sum_t, kl_acc, arg_s, arg_t, c,
+            DIVERGENCE, STUDENT_T1, TEACHER_T1,
+        )  # fmt: skip
 
-    lsum_a = tl.log(sum_a)
-    lsum_b = tl.log(sum_b)
+    lsum_a = tl.log2(sum_a) * LN2
+    lsum_b = tl.log2(sum_b) * LN2
+    # lse_a - lse_b as (max_s - max_t) / T + (lsum_a - lsum_b): no term is rounded at the logits' magnitude.
+    if DIVERGENCE == FORWARD_KL:
+        div = kl_acc / sum_b * inv_t - ((max_t - max_s) * inv_t + (lsum_b - lsum_a))
+        tl.store(stats_ptr + STAT_DIVERGENCE * n_rows + row, div)
+    if DIVERGENCE == REVERSE_KL:
+        div = kl_acc / sum_a * inv_t - ((max_s - max_t) * inv_t + (lsum_a - lsum_b))
+        tl.store(stats_ptr + STAT_DIVERGENCE * n_rows + row, div)
+    # At T = 1 the T=1 sums are the tempered ones; otherwise NaN unless a term asked for them.
     if SAME_T:
-        max_s = max_a
-        max_t = max_b
         lsum_s = lsum_a
         lsum_t = lsum_b
     else:
-        lsum_s = tl.log(sum_s)
-        lsum_t = tl.log(sum_t)
-    # lse_a - lse_b as (max_a - max_b) + (lsum_a - lsum_b): no term is rounded at the logits' magnitude.
-    if DIVERGENCE == FORWARD_KL:
-        tl.store(stats_ptr + STAT_DIVERGENCE * n_rows + row, kl_acc / sum_b + (max_a - max_b) + (lsum_a - lsum_b))
-    if DIVERGENCE == REVERSE_KL:
-        tl.store(stats_ptr + STAT_DIVERGENCE * n_rows + row, kl_acc / sum_a + (max_b - max_a) + (lsum_b - lsum_a))
-    tl.store(stats_ptr + STAT_MAX_A * n_rows + row, max_a)
-    tl.store(stats_ptr + STAT_LSUM_A * n_rows + row, lsum_a)
-    tl.store(stats_ptr + STAT_MAX_B * n_rows + row, max_b)
-    tl.store(stats_ptr + STAT_LSUM_B * n_rows + row, lsum_b)
+        lsum_s = tl.full([], float("nan"), tl.float32)
+        lsum_t = tl.full([], float("nan"), tl.float32)
+    if STUDENT_T1:
+        lsum_s = tl.log2(sum_s) * LN2
+    if TEACHER_T1:
+        lsum_t = tl.log2(sum_t) * LN2
     tl.store(stats_ptr + STAT_MAX_S * n_rows + row, max_s)
-    tl.store(stats_ptr + STAT_LSUM_S * n_rows + row, lsum_s)
+    tl.store(stats_ptr + STAT_LSUM_A * n_rows + row, lsum_a)
     tl.store(stats_ptr + STAT_MAX_T * n_rows + row, max_t)
+    tl.store(stats_ptr + STAT_LSUM_B * n_rows + row, lsum_b)
+    tl.store(stats_ptr + STAT_LSUM_S * n_rows + row, lsum_s)
     tl.store(stats_ptr + STAT_LSUM_T * n_rows + row, lsum_t)
-    tl.store(argmax_ptr + row, arg_a.to(tl.int64))
-    tl.store(argmax_ptr + n_rows + row, arg_b.to(tl.int64))
+    tl.store(argmax_ptr + row, arg_s.to(tl.int64))
+    tl.store(argmax_ptr + n_rows + row, arg_t.to(tl.int64))
 
 
 @triton.jit
 def _soft_pass_kernel(
-    s_ptr,  # [N, *] student logits
-    t_ptr,  # [N, *] teacher logits
-    stats_ptr,  # [STATS_ROWS, N] fp32: reads the (max, lsum) at T, writes divergence and sum(q * g)
+    s_ptr,  # [N, s_width] student logits
+    t_ptr,  # [N, t_width] teacher logits
+    stats_ptr,  # [STATS_ROWS, N] fp32: reads the maxes and log sums at T, writes divergence and sum(q * g)
     s_stride,
     t_stride,
+    s_width,
+    t_width,
     n_rows,
     vocab,
     inv_t,
@@ -253,29 +301,38 @@ def _soft_pass_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
+    shift_s = _shift(_row_scalar(stats_ptr, n_rows, row, STAT_MAX_S))
+    shift_t = _shift(_row_scalar(stats_ptr, n_rows, row, STAT_MAX_T))
+    lsum_a = _row_scalar(stats_ptr, n_rows, row, STAT_LSUM_A)
+    lsum_b = _row_scalar(stats_ptr, n_rows, row, STAT_LSUM_B)
     offs = tl.arange(0, BLOCK)
-    div = tl.zeros([BLOCK], tl.float32)
-    q_dot_g = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, vocab, BLOCK):
-        cols = start + offs
-        mask = cols < vocab
-        s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        lq = _log_probs(s * inv_t, stats_ptr, n_rows, row, STAT_MAX_A, STAT_LSUM_A)
-        lp = _log_probs(t * inv_t, stats_ptr, n_rows, row, STAT_MAX_B, STAT_LSUM_B)
-        term, q_g, _ = _pointwise_terms(lq, lp, mix, DIVERGENCE)
-        div += tl.where(mask, term, 0.0)
-        q_dot_g += tl.where(mask, q_g, 0.0)
-    tl.store(stats_ptr + STAT_DIVERGENCE * n_rows + row, tl.sum(div, 0))
-    tl.store(stats_ptr + STAT_Q_DOT_G * n_rows + row, tl.sum(q_dot_g, 0))
+    # Scalar running sums: [BLOCK] accumulators would hold 2 x 16 registers per thread across the loop.
+    div = tl.zeros([], tl.float32)
+    q_dot_g = tl.zeros([], tl.float32)
+    whole = vocab - vocab % BLOCK
+    for start in range(0, whole, BLOCK):
+        s = tl.load(s_row + start + offs).to(tl.float32)
+        t = tl.load(t_row + start + offs).to(tl.float32)
+        term, q_g, _ = _pointwise_terms((s - shift_s) * inv_t - lsum_a, (t - shift_t) * inv_t - lsum_b, mix, DIVERGENCE)
+        div += tl.sum(term, 0)
+        q_dot_g += tl.sum(q_g, 0)
+    if whole < vocab:  # the partial last block; its padding columns have q = p = 0, so terms of 0
+        s = _load_block(s_row, whole + offs, s_width, vocab)
+        t = _load_block(t_row, whole + offs, t_width, vocab)
+        term, q_g, _ = _pointwise_terms((s - shift_s) * inv_t - lsum_a, (t - shift_t) * inv_t - lsum_b, mix, DIVERGENCE)
+        valid = whole + offs < vocab
+        div += tl.sum(tl.where(valid, term, 0.0), 0)
+        q_dot_g += tl.sum(tl.where(valid, q_g, 0.0), 0)
+    tl.store(stats_ptr + STAT_DIVERGENCE * n_rows + row, div)
+    tl.store(stats_ptr + STAT_Q_DOT_G * n_rows + row, q_dot_g)
 
 
 @triton.jit
 def _grad_kernel(
-    s_ptr,  # [N, *] student logits
-    t_ptr,  # [N, *] teacher logits
-    grad_s_ptr,  # [N, s_width] out: d loss / d student logits, input dtype
-    grad_t_ptr,  # [N, t_width] out: d loss / d teacher logits (teacher CE only), input dtype
+    s_ptr,  # [N, s_width] student logits
+    t_ptr,  # [N, t_width] teacher logits
+    grad_s_ptr,  # [N, s_width] out: d loss / d student logits, its own dtype
+    grad_t_ptr,  # [N, t_width] out: d loss / d teacher logits (teacher CE only), its own dtype
     stats_ptr,  # [STATS_ROWS, N] fp32 from the forward
     hard_ptr,  # [N] int64 student CE target
     label_ptr,  # [N] int64 teacher CE target
@@ -296,48 +353,55 @@ def _grad_kernel(
     DIVERGENCE: tl.constexpr,
     SAME_T: tl.constexpr,
     STUDENT_GRAD: tl.constexpr,
+    SOFT: tl.constexpr,  # alpha > 0: with alpha = 0 the soft term is no part of the loss, not even an inf
     HARD: tl.constexpr,
     TEACHER_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Last pass, one program per (row, column block): writes the gradients, zero on padding columns."""
+    """Last pass, one program per (row, column block): writes the gradients, zero on padding columns.
+
+    Log-probabilities in log2 units, from the forward's (max, log sum) pairs: (x - max) c - log2 sum.
+    """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    valid = cols < vocab
     scale = tl.load(scale_ptr + row)
     # where(), not a product: an ignored row (scale 0) must get exactly 0 even if its logits are inf.
-    keep = tl.where(scale != 0.0, valid, False)
+    keep = tl.where(scale != 0.0, cols < vocab, False)
+    c = inv_t * LOG2E
     if STUDENT_GRAD:
-        s = tl.load(s_ptr + row * s_stride + cols, mask=valid, other=float("-inf")).to(tl.float32)
-        t = tl.load(t_ptr + row * t_stride + cols, mask=valid, other=float("-inf")).to(tl.float32)
-        lq = _log_probs(s * inv_t, stats_ptr, n_rows, row, STAT_MAX_A, STAT_LSUM_A)
-        lp = _log_probs(t * inv_t, stats_ptr, n_rows, row, STAT_MAX_B, STAT_LSUM_B)
-        div = tl.load(stats_ptr + STAT_DIVERGENCE * n_rows + row)
-        if DIVERGENCE == FORWARD_KL:
-            q = tl.exp(lq)
-            d_soft = q - tl.exp(lp)
-        elif DIVERGENCE == REVERSE_KL:
-            q = tl.exp(lq)
-            d_soft = tl.where(q == 0.0, 0.0, q * (lq - lp - div))
-        else:
-            _, q_g, q = _pointwise_terms(lq, lp, mix, DIVERGENCE)
-            d_soft = q_g - q * tl.load(stats_ptr + STAT_Q_DOT_G * n_rows + row)
-        # A row whose divergence is +inf gets NaN in every column, as on the PyTorch backend: the derivative
-        # of an infinite loss has no value (the closed forms give a mix of ±inf, NaN and finite entries).
-        d_soft = tl.where(div == float("inf"), float("nan"), d_soft)
-        grad = soft_coef * d_soft
+        s = _load_block(s_ptr + row * s_stride, cols, s_width, vocab)
+        ds = s - _shift(_row_scalar(stats_ptr, n_rows, row, STAT_MAX_S))
+        lq2 = ds * c - _row_scalar(stats_ptr, n_rows, row, STAT_LSUM_A) * LOG2E
+        q = tl.exp2(lq2)
+        grad = tl.zeros([BLOCK], tl.float32)
+        if SOFT:
+            t = _load_block(t_ptr + row * t_stride, cols, t_width, vocab)
+            dt = t - _shift(_row_scalar(stats_ptr, n_rows, row, STAT_MAX_T))
+            lp2 = dt * c - _row_scalar(stats_ptr, n_rows, row, STAT_LSUM_B) * LOG2E
+            div = _row_scalar(stats_ptr, n_rows, row, STAT_DIVERGENCE)
+            if DIVERGENCE == FORWARD_KL:
+                d_soft = q - tl.exp2(lp2)
+            elif DIVERGENCE == REVERSE_KL:
+                d_soft = tl.where(q == 0.0, 0.0, q * ((lq2 - lp2) * LN2 - div))
+            else:
+                _, q_g, _ = _pointwise_terms(lq2 * LN2, lp2 * LN2, mix, DIVERGENCE)
+                d_soft = q_g - q * _row_scalar(stats_ptr, n_rows, row, STAT_Q_DOT_G)
+            # A row whose divergence is +inf gets NaN in every column, as on the PyTorch backend: the
+            # derivative of an infinite loss has no value (the closed forms give a mix of ±inf, NaN, finite).
+            grad = soft_coef * tl.where(div == float("inf"), float("nan"), d_soft)
         if HARD:
             target = tl.load(hard_ptr + row)
             if SAME_T:
                 q1 = q
             else:
-                q1 = tl.exp(_log_probs(s, stats_ptr, n_rows, row, STAT_MAX_S, STAT_LSUM_S))
+                q1 = tl.exp2(ds * LOG2E - _row_scalar(stats_ptr, n_rows, row, STAT_LSUM_S) * LOG2E)
             grad += hard_coef * (q1 - tl.where(cols == target, 1.0, 0.0))
         grad = tl.where(keep, grad * scale, 0.0)
         tl.store(grad_s_ptr + row * grad_s_stride + cols, grad.to(grad_s_ptr.dtype.element_ty), mask=cols < s_width)
     if TEACHER_GRAD:
-        t = tl.load(t_ptr + row * t_stride + cols, mask=valid, other=float("-inf")).to(tl.float32)
-        p1 = tl.exp(_log_probs(t, stats_ptr, n_rows, row, STAT_MAX_T, STAT_LSUM_T))
+        t1 = _load_block(t_ptr + row * t_stride, cols, t_width, vocab)
+        dt1 = t1 - _shift(_row_scalar(stats_ptr, n_rows, row, STAT_MAX_T))
+        p1 = tl.exp2(dt1 * LOG2E - _row_scalar(stats_ptr, n_rows, row, STAT_LSUM_T) * LOG2E)
         target = tl.load(label_ptr + row)
         grad_t = teacher_coef * (p1 - tl.where(cols == target, 1.0, 0.0))
         grad_t = tl.where(keep, grad_t * scale, 0.0)
@@ -352,21 +416,34 @@ def _grad_kernel(
 INTERPRETED = isinstance(_row_stats_kernel, InterpretedFunction)
 
 
-def launch_config(vocab: int) -> dict[str, int]:
-    """Block sizes and warps from the vocabulary size.
+def launch_config(vocab: int) -> dict[str, int | None]:
+    """Block sizes, warps and register caps from the vocabulary size.
 
-    The row passes stream 4096-column blocks of both rows (16 KB of bf16 in flight per program, enough to
-    keep an H100/H200 SM's memory pipe busy with two programs per SM) on 8 warps; the gradient pass uses
-    a 2-D grid of 1024-column blocks so that even a few rows fill the GPU.
+    The statistics pass streams 4096-column blocks of both rows (16 KB of bf16 in flight per program) on
+    8 warps, capped at 64 registers so that four programs fit on an SM (uncapped, the rarely taken argmax
+    branch would cost 16 more and one program per SM; capped, nothing spills: ``tests/compile_kernels.py``).
+    The second pass of the three-pass divergences is arithmetic-heavy, so it takes half the columns per
+    thread. The gradient pass uses a 2-D grid of 1024-column blocks so that even a few rows fill the GPU.
+    ``python3 -m bench.sweep`` on a GPU times the alternatives.
     """
     row_block = min(4096, triton.next_power_of_2(vocab))
+    soft_block = min(2048, row_block)
     grad_block = min(1024, triton.next_power_of_2(vocab))
+    row_warps = 8 if row_block >= 2048 else 4
     return {
         "row_block": row_block,
-        "row_warps": 8 if row_block >= 2048 else 4,
+        "row_warps": row_warps,
+        "row_registers": 64 if row_block // (32 * row_warps) <= 16 else None,
+        "soft_block": soft_block,
+        "soft_warps": 8 if soft_block >= 2048 else 4,
         "grad_block": grad_block,
         "grad_warps": 4,
     }
+
+
+def _register_cap(registers: int | None) -> dict[str, int]:
+    """The launch keyword that caps a kernel's registers (none when uncapped)."""
+    return {} if registers is None else {"maxnreg": registers}
 
 
 def triton_distillation_loss(inputs: FlatInputs, opts: LossOptions) -> DistillationOutput:
@@ -381,9 +458,17 @@ def triton_distillation_loss(inputs: FlatInputs, opts: LossOptions) -> Distillat
 
 
 def row_statistics(
-    student: torch.Tensor, teacher: torch.Tensor, vocab: int, opts: LossOptions
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    vocab: int,
+    opts: LossOptions,
+    *,
+    cross_entropies: tuple[bool, bool] = (True, True),
 ) -> tuple[torch.Tensor, RowStatistics]:
     """Forward passes over ``[N, *]`` logits.
+
+    ``cross_entropies`` says whether the student's / the teacher's cross-entropy at T=1 will be read: at
+    T != 1 each costs another exponential per logit, so without it its log sum is NaN.
 
     Returns the fp32 statistics buffer ``[STATS_ROWS, N]`` (the gradient pass reads it again) and the
     :class:`RowStatistics` views of it and of the int64 argmax buffer ``[2, N]``.
@@ -401,35 +486,34 @@ def row_statistics(
     cfg = launch_config(vocab)
     inv_t = 1.0 / opts.temperature
     code = opts.divergence_code
+    same_t = opts.temperature == 1.0
+    widths = (student.stride(0), teacher.stride(0), student.shape[1], teacher.shape[1], n, vocab)
     _row_stats_kernel[(n,)](
         student,
         teacher,
         stats,
         argmax,
-        student.stride(0),
-        teacher.stride(0),
-        n,
-        vocab,
+        *widths,
         inv_t,
         DIVERGENCE=code,
-        SAME_T=opts.temperature == 1.0,
+        SAME_T=same_t,
+        STUDENT_T1=not same_t and cross_entropies[0],
+        TEACHER_T1=not same_t and cross_entropies[1],
         BLOCK=cfg["row_block"],
         num_warps=cfg["row_warps"],
+        **_register_cap(cfg.get("row_registers")),
     )
     if opts.resolved_divergence not in ONLINE_DIVERGENCES:
         _soft_pass_kernel[(n,)](
             student,
             teacher,
             stats,
-            student.stride(0),
-            teacher.stride(0),
-            n,
-            vocab,
+            *widths,
             inv_t,
             opts.mix,
             DIVERGENCE=code,
-            BLOCK=cfg["row_block"],
-            num_warps=cfg["row_warps"],
+            BLOCK=cfg.get("soft_block", cfg["row_block"]),
+            num_warps=cfg.get("soft_warps", cfg["row_warps"]),
         )
     return stats, view
 
@@ -474,6 +558,7 @@ def write_gradients(student, teacher, grad_s, grad_t, stats, hard, label, scale,
         DIVERGENCE=opts.divergence_code,
         SAME_T=opts.temperature == 1.0,
         STUDENT_GRAD=grad_s is not None,
+        SOFT=opts.alpha > 0.0,
         HARD=opts.alpha < 1.0,
         TEACHER_GRAD=grad_t is not None,
         BLOCK=cfg["grad_block"],
@@ -483,17 +568,23 @@ def write_gradients(student, teacher, grad_s, grad_t, stats, hard, label, scale,
 
 def fused_linear_chunk(logits_s, logits_t, labels, pre, scale, opts, vocab, student_grad, teacher_grad):
     """One token chunk of ``fused_linear_distillation_loss``: row statistics of ``[R, *]`` logits and, where
-    wanted, the row-loss gradients times ``scale`` ``[R]``, written over the logits themselves.
+    wanted, the row-loss gradients times ``scale`` ``[R]``.
 
+    ``student_grad`` / ``teacher_grad``: falsy for no gradient, else True or the dtype to write it in. In the
+    logits' dtype it is written over the logits; in another (the bf16 of the matmuls, from fp32 logits) the
+    gradient pass writes it into a new buffer as it reads the logits: scale and cast in one pass.
     Returns ``(rows, targets, student target logit, teacher target logit), (grad_s, grad_t)``, the
-    contract ``torch_backend.fused_linear_chunk`` shares (``pre``, the label targets, is not needed here).
+    contract ``torch_backend.fused_linear_chunk`` shares (it writes the logits' dtype whatever dtype it is
+    given; ``pre``, the label targets, is not needed here).
     """
     stats, rows = row_statistics(logits_s, logits_t, vocab, opts)
     targets = row_targets(labels, rows.teacher_argmax, opts, logits_s.shape[0], logits_s.device)
-    s_y, t_y = gather_target_logits(logits_s, logits_t, targets, torch.float32)  # before the in-place gradient
-    grad_s = logits_s if student_grad else None
-    grad_t = logits_t if teacher_grad else None
-    if student_grad or teacher_grad:
+    s_y, t_y = gather_target_logits(logits_s, logits_t, targets, torch.float32)  # before an in-place gradient
+    grad_s, grad_t = (
+        None if not want else x if want is True or want == x.dtype else torch.empty_like(x, dtype=want)
+        for x, want in ((logits_s, student_grad), (logits_t, teacher_grad))
+    )
+    if grad_s is not None or grad_t is not None:
         hard = targets.hard if targets.hard is not None else rows.teacher_argmax
         label = targets.teacher if targets.teacher is not None else rows.teacher_argmax
         write_gradients(logits_s, logits_t, grad_s, grad_t, stats, hard, label, scale.float().contiguous(), vocab, opts)
@@ -515,7 +606,9 @@ class TritonDistillationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, opts: LossOptions, vocab: int, want_student_grad, want_teacher_grad):
         n = student.shape[0]
-        stats, rows = row_statistics(student, teacher, vocab, opts)
+        has_labels = labels is not None
+        student_ce = has_labels or opts.hard_labels == "teacher_argmax"
+        stats, rows = row_statistics(student, teacher, vocab, opts, cross_entropies=(student_ce, has_labels))
         targets = row_targets(labels, rows.teacher_argmax, opts, n, student.device)
         target_logits = gather_target_logits(student, teacher, targets, torch.float32)
         output, divisor = finish_rows(rows, targets, *target_logits, opts)
@@ -525,14 +618,17 @@ class TritonDistillationFunction(torch.autograd.Function):
         ctx.opts, ctx.vocab = opts, vocab
         ctx.wants = (want_student_grad, want_teacher_grad)
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics outputs
         return tuple(output)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         student, teacher, stats, counted, hard, label, divisor = ctx.saved_tensors
         opts, vocab = ctx.opts, ctx.vocab
-        want_student_grad = ctx.wants[0] and ctx.needs_input_grad[0]
-        want_teacher_grad = ctx.wants[1] and ctx.needs_input_grad[1]
+        want_student_grad = ctx.wants[0] and ctx.needs_input_grad[0] and grad_loss is not None
+        want_teacher_grad = ctx.wants[1] and ctx.needs_input_grad[1] and grad_loss is not None
+        if not (want_student_grad or want_teacher_grad):
+            return None, None, None, None, None, None, None
         scale = row_grad_scale(grad_loss, counted, divisor, opts.reduction).float().contiguous()
         grad_s = torch.empty_like(student) if want_student_grad else None
         grad_t = torch.empty_like(teacher) if want_teacher_grad else None
