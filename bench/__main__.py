@@ -4,6 +4,11 @@ Cases: ``logits`` (the loss over materialized logits) and ``fused_linear`` (from
 weights). Prints a table, writes a CSV (device and versions on every row) and a PNG plot to ``--out``.
 Defaults fit the machine: on a CPU, forward KL at N=2048, V=128256 (logits) and N=1024, H=512, V=128256
 (fused linear) in fp32, a few minutes; on a GPU, N=8192, V=128256 and H=4096 in bf16 with every provider.
+The CSV is written row by row, so a run cut short keeps what it measured; a provider that fails is reported
+and the run goes on (exit status 1 at the end).
+
+Related: ``python3 -m bench.sweep`` times the Triton kernels' block sizes and warps (bench/sweep.py), and
+``bash bench/gpu_check.sh`` runs the GPU tests, that sweep and these benchmarks in one time-boxed call.
 """
 
 from __future__ import annotations
@@ -91,49 +96,67 @@ def _cpu_name() -> str:
 def main(argv=None) -> None:
     ns = _parse(argv)
     env = _environment(ns.device)
-    rows_out, skipped = [], set()
+    rows_out, skipped, failed = [], set(), []
+    ns.out.mkdir(parents=True, exist_ok=True)
+    stem = ns.out / f"bench-{ns.device}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    csv_file, writer = stem.with_suffix(".csv").open("w", newline=""), None
     print(f"# {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}", flush=True)
     print(
         f"{'case':<12} {'divergence':<11} {'mode':<8} {'shape':<22} {'provider':<11} {'ms':>9} "
         f"{'extra MiB':>10} {'rate':>14} {'vs eager':>8} {'|Δloss|':>9}",
         flush=True,
     )
-    for case in ns.case:
+    for case, divergence, mode, shape in _points(ns):
         module = harness.CASES[case]
-        for divergence in ns.divergence:
-            for mode in ns.modes:
-                for shape in _shapes(case, ns):
-                    results = {}
-                    for provider in ns.providers:
-                        reason = _skip_reason(provider, case, divergence, ns.device)
-                        if reason:
-                            skipped.add(f"{provider} ({case}): {reason}")
-                            continue
-                        results[provider] = harness.measure(
-                            case, provider, divergence, mode, shape, ns.dtype, ns.device, ns.reps
-                        )
-                    eager = results.get("eager")
-                    for provider, r in results.items():
-                        row = _row(case, divergence, mode, shape, ns.dtype, provider, r, eager, module, env)
-                        rows_out.append(row)
-                        print(
-                            f"{case:<12} {divergence:<11} {mode:<8} {row['shape']:<22} {provider:<11} "
-                            f"{r['ms']:>9.2f} {row['extra_MiB']:>10.1f} {row['rate']:>9.1f} {module.RATE_UNIT:<4} "
-                            f"{row['speedup_vs_eager']!s:>8} {row['abs_loss_diff_vs_eager']:>9}",
-                            flush=True,
-                        )
+        results = {}
+        for provider in ns.providers:
+            reason = _skip_reason(provider, case, divergence, ns.device)
+            if reason:
+                skipped.add(f"{provider} ({case}): {reason}")
+                continue
+            try:
+                results[provider] = harness.measure(
+                    case, provider, divergence, mode, shape, ns.dtype, ns.device, ns.reps
+                )
+            except Exception as error:  # one provider that fails (a compiler, out of memory) must not end the run
+                failed.append(f"{case} {divergence} {mode} {provider}: {type(error).__name__}: {error}")
+                print(f"FAILED {failed[-1]}", file=sys.stderr, flush=True)
+                if ns.device == "cuda":
+                    torch.cuda.empty_cache()
+        eager = results.get("eager")
+        for provider, r in results.items():
+            row = _row(case, divergence, mode, shape, ns.dtype, provider, r, eager, module, env)
+            rows_out.append(row)
+            if writer is None:
+                writer = csv.DictWriter(csv_file, fieldnames=list(row))
+                writer.writeheader()
+            writer.writerow(row)
+            csv_file.flush()  # row by row: a run cut short by a time limit keeps what it measured
+            print(
+                f"{case:<12} {divergence:<11} {mode:<8} {row['shape']:<22} {provider:<11} "
+                f"{r['ms']:>9.2f} {row['extra_MiB']:>10.1f} {row['rate']:>9.1f} {module.RATE_UNIT:<4} "
+                f"{row['speedup_vs_eager']!s:>8} {row['abs_loss_diff_vs_eager']:>9}",
+                flush=True,
+            )
+    csv_file.close()
     for note in sorted(skipped):
         print(f"skipped: {note}")
     if not rows_out:
+        stem.with_suffix(".csv").unlink()
         sys.exit("nothing was measured")
-    ns.out.mkdir(parents=True, exist_ok=True)
-    stem = ns.out / f"bench-{ns.device}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    with stem.with_suffix(".csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows_out[0]))
-        writer.writeheader()
-        writer.writerows(rows_out)
     png = _plot(rows_out, stem.with_suffix(".png"), env)
     print(f"wrote {stem.with_suffix('.csv')}" + (f" and {png}" if png else ""))
+    if failed:
+        sys.exit(f"{len(failed)} measurements failed:\n" + "\n".join(failed))
+
+
+def _points(ns):
+    """(case, divergence, mode, shape) in the order they are measured."""
+    for case in ns.case:
+        for divergence in ns.divergence:
+            for mode in ns.modes:
+                for shape in _shapes(case, ns):
+                    yield case, divergence, mode, shape
 
 
 def _row(case, divergence, mode, shape, dtype, provider, r, eager, module, env) -> dict:
