@@ -1,0 +1,151 @@
+"""What a teacher cache holds and how it was made: ``manifest.json``, its fields and their checks.
+
+A cache directory::
+
+    settings.json                 what is being cached (written first: a rerun resumes only the same job)
+    shard-00000.safetensors ...   input_ids int32 (S, L), teacher_ids int32 (S, L, K), teacher_logprobs fp16
+    validation.safetensors        the held-out input_ids (validation measures the student's cross-entropy)
+    tokenizer/                    the tokenizer the ids belong to
+    manifest.json                 the settings, counts and a sha256 per shard (written last: the cache is done)
+
+Dtypes: ids are int32 (vocabularies pass 65,536 tokens; int64 would double them for nothing). The
+log-probabilities are fp16: 2 bytes, and near the log-probabilities that matter (-20 to 0) fp16's spacing is
+at most 2^-6 against bf16's 2^-3, so a probability is off by at most 0.8% (bf16: 6%); fp32 would make a
+token 8K+4 bytes instead of 6K+4. ``tests/test_teacher_cache.py`` measures what the rounding does to the loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+METHODS = ("topk", "sampled")
+MANIFEST = "manifest.json"
+SETTINGS = "settings.json"
+VALIDATION = "validation.safetensors"
+TOKENIZER_DIR = "tokenizer"
+ID_DTYPE = torch.int32
+LOGPROB_DTYPE = torch.float16
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """What identifies a cache: the teacher, the tokenizer and how the signal was drawn.
+
+    Two runs with equal settings write the same cache (the draws are seeded per sequence), so a rerun
+    may resume the shards an interrupted one left.
+    """
+
+    teacher_source: str  # a path or Hub name, or "config" for a model built from a config
+    teacher_hash: str  # sha256 of the teacher's config and its weights' names and shapes
+    tokenizer_hash: str  # sha256 of the tokenizer's vocabulary
+    vocab_size: int  # the tokenizer's size: teacher ids are below it
+    method: str  # "topk" or "sampled"
+    k: int  # slots per position (for "sampled": the number of draws, the most distinct tokens)
+    samples: int  # draws per position ("sampled"); 0 for "topk"
+    temperature: float  # the teacher's log-probabilities are at this temperature
+    seq_len: int
+    sequences: int  # training sequences cached
+    shard_sequences: int  # sequences per shard (the last may hold fewer)
+    seed: int  # of the draws ("sampled")
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.sequences // self.shard_sequences)
+
+    def shard_range(self, index: int) -> tuple[int, int]:
+        """The sequences ``[start, stop)`` shard ``index`` holds."""
+        start = index * self.shard_sequences
+        return start, min(start + self.shard_sequences, self.sequences)
+
+
+@dataclass(frozen=True)
+class CacheManifest:
+    """The settings of a finished cache, its counts and the checksum of every shard (``manifest.json``)."""
+
+    settings: CacheSettings
+    tokens: int
+    shards: list[dict[str, Any]] = field(default_factory=list)  # {"file", "sequences", "sha256"} per shard
+    validation_sequences: int = 0
+
+    def write(self, directory: Path) -> None:
+        _write_json(directory / MANIFEST, {**asdict(self.settings), **_counts(self)})
+
+    @classmethod
+    def read(cls, directory: Path) -> CacheManifest:
+        path = Path(directory) / MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{directory} is not a finished teacher cache: it has no {MANIFEST} (write one with"
+                " `lit-distill cache-teacher`; an interrupted run resumes when run again)"
+            )
+        try:
+            raw = json.loads(path.read_text())
+            version = raw.get("format_version")
+            if version != FORMAT_VERSION:
+                raise ValueError(
+                    f"teacher cache {directory}: format_version is {version}, this lit-distill reads"
+                    f" {FORMAT_VERSION}; write the cache again with this version"
+                )
+            names = {f.name for f in fields(CacheSettings)}
+            settings = CacheSettings(**{k: v for k, v in raw.items() if k in names})
+            return cls(settings, raw["tokens"], raw["shards"], raw.get("validation_sequences", 0))
+        except (KeyError, TypeError, json.JSONDecodeError) as err:
+            raise ValueError(
+                f"teacher cache {directory}: {MANIFEST} is damaged ({err!r}); write the cache again"
+            ) from err
+
+
+def _counts(manifest: CacheManifest) -> dict[str, Any]:
+    return {"tokens": manifest.tokens, "shards": manifest.shards, "validation_sequences": manifest.validation_sequences}
+
+
+def read_settings(directory: Path) -> CacheSettings | None:
+    path = Path(directory) / SETTINGS
+    return CacheSettings(**json.loads(path.read_text())) if path.exists() else None
+
+
+def write_settings(directory: Path, settings: CacheSettings) -> None:
+    _write_json(Path(directory) / SETTINGS, asdict(settings))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``path`` whole or not at all: a crash leaves the old file (or none), never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary (token to id), the same for equal vocabularies."""
+    vocabulary = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocabulary).encode()).hexdigest()
+
+
+def model_hash(model: torch.nn.Module) -> str:
+    """sha256 of a model's config and its parameters' names and shapes (not their values: cheap, and enough
+    to tell two teachers apart by architecture; the source path tells checkpoints apart)."""
+    config = getattr(model, "config", None)
+    config = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
+    shapes = [(name, list(p.shape)) for name, p in model.state_dict().items()]
+    return hashlib.sha256(json.dumps([config, shapes], sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,124 @@
+"""A teacher's sparse signal per position: its top-k log-probabilities, or tokens sampled from it.
+
+``sparse_signal`` is the math; ``TeacherSignal`` runs a teacher over batches of sequences under
+``Trainer.predict`` and returns the signal of every position, which ``TeacherCacheWriter`` stores.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from ..models import CausalLM, build
+from .manifest import METHODS
+
+
+def sparse_signal(
+    logits: torch.Tensor,
+    *,
+    method: str,
+    k: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, logprobs)`` of shape ``(..., k)`` from ``(..., V)`` teacher logits.
+
+    ``method="topk"``: the k most likely tokens and their log-probabilities at ``temperature``.
+    ``method="sampled"``: k draws from the teacher's distribution at ``temperature``, with replacement;
+    each distinct token once, with the log of its share of the draws (its count / k), empty slots -1 with
+    -inf. The shares' expectation is the teacher's probability, so a forward KL against them has the full
+    forward KL's gradient in expectation (Anshumann et al. 2025, "Sparse Logit Sampling").
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if k < 1 or k > logits.shape[-1]:
+        raise ValueError(f"k must be in [1, {logits.shape[-1]}] (the vocabulary), got {k}")
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    lead = logprobs.shape[:-1]
+    if method == "topk":
+        values, ids = logprobs.topk(k, dim=-1)
+        return ids, values
+    rows = logprobs.reshape(-1, logprobs.shape[-1])
+    draws = torch.multinomial(rows.exp(), k, replacement=True, generator=generator).sort(dim=-1).values
+    # Runs of equal sorted draws are one token: run index per draw, then each run's token and length.
+    starts = torch.ones_like(draws, dtype=torch.bool)
+    starts[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    run = starts.cumsum(-1) - 1
+    counts = torch.zeros(draws.shape, dtype=torch.float32, device=draws.device).scatter_add_(
+        -1, run, torch.ones_like(draws, dtype=torch.float32)
+    )
+    ids = torch.full_like(draws, -1).scatter_(-1, run, draws)
+    shares = torch.where(counts > 0, (counts / k).log(), -math.inf)
+    return ids.reshape(*lead, k), shares.reshape(*lead, k)
+
+
+class TeacherSignal(pl.LightningModule):
+    """A frozen teacher whose ``predict_step`` returns the sparse signal of every position of a batch.
+
+    Args:
+        teacher: a Hugging Face causal LM or a :class:`~lit_distill.models.CausalLM` spec.
+        method: ``"topk"`` (the k most likely tokens) or ``"sampled"`` (``samples`` draws per position).
+        k: slots per position for ``"topk"``.
+        samples: draws per position for ``"sampled"`` (also its number of slots).
+        temperature: the temperature of the stored log-probabilities; train with the same one.
+        seed: seeds the draws: sequence ``i`` uses ``seed + i``, so a resumed or multi-process run draws
+            exactly what one uninterrupted process would.
+        vocab_size, special_tokens: the tokenizer's, for a teacher given as a config (the command line links
+            them from the data).
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module | CausalLM,
+        method: str = "topk",
+        k: int = 64,
+        samples: int = 64,
+        temperature: float = 1.0,
+        seed: int = 0,
+        vocab_size: int | None = None,
+        special_tokens: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if k < 1 or samples < 1:
+            raise ValueError(f"k and samples must be at least 1, got k={k}, samples={samples}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.teacher = build(teacher, vocab_size, special_tokens).requires_grad_(False).eval()
+        self.method, self.k, self.samples, self.temperature, self.seed = method, k, samples, temperature, seed
+        self.tokenizer_size = vocab_size
+        self.source = getattr(teacher, "name_or_path", None) or (
+            "config" if isinstance(teacher, CausalLM) else type(teacher).__name__
+        )
+
+    @property
+    def slots(self) -> int:
+        return self.k if self.method == "topk" else self.samples
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, torch.Tensor]:
+        input_ids = batch["input_ids"]
+        logits = self.teacher(input_ids=input_ids).logits
+        if self.tokenizer_size is not None:
+            logits = logits[..., : self.tokenizer_size]  # padding columns of the head are no tokens
+        ids, logprobs = [], []
+        for row, index in zip(logits, batch["index"].tolist(), strict=True):
+            generator = None
+            if self.method == "sampled":
+                generator = torch.Generator(row.device).manual_seed(self.seed + index)
+            i, lp = sparse_signal(
+                row, method=self.method, k=self.slots, temperature=self.temperature, generator=generator
+            )
+            ids.append(i)
+            logprobs.append(lp)
+        return {
+            "index": batch["index"],
+            "input_ids": input_ids,
+            "teacher_ids": torch.stack(ids),
+            "teacher_logprobs": torch.stack(logprobs),
+        }

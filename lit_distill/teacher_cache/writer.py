@@ -1,0 +1,209 @@
+"""Writing a teacher cache with ``Trainer.predict``: shard by shard, resumable, on any number of processes.
+
+``cache_teacher(signal, data, cache_dir)`` plans the shards (shard ``i`` holds training sequences
+``[i * S, (i + 1) * S)``), skips those an earlier run finished, gives process ``r`` of ``W`` the remaining
+shards ``i`` with ``i % W == r`` and runs ``Trainer.predict``; :class:`TeacherCacheWriter` stores each
+shard when its last sequence arrives (written to a temporary name, then renamed: a shard file is whole or
+absent), and process 0 writes ``manifest.json`` once all are there. Memory stays at a shard or two.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+
+from .manifest import (
+    ID_DTYPE,
+    LOGPROB_DTYPE,
+    MANIFEST,
+    TOKENIZER_DIR,
+    VALIDATION,
+    CacheManifest,
+    CacheSettings,
+    model_hash,
+    read_settings,
+    sha256_file,
+    shard_name,
+    tokenizer_hash,
+    write_settings,
+)
+from .signal import TeacherSignal
+
+
+def cache_teacher(
+    signal: TeacherSignal,
+    data,
+    cache_dir: str | Path,
+    *,
+    shard_sequences: int = 1024,
+    batch_size: int | None = None,
+    max_sequences: int | None = None,
+    trainer: pl.Trainer | None = None,
+) -> CacheManifest:
+    """Run the teacher over ``data``'s training split and write its sparse signal to ``cache_dir``.
+
+    Args:
+        signal: the teacher and how to draw its signal (method, k or samples, temperature, seed).
+        data: a :class:`~lit_distill.data.TextDataModule` (its training sequences, in order, are cached; its
+            validation sequences and tokenizer are stored beside them).
+        cache_dir: the cache directory; a rerun of the same job resumes at the first unfinished shard.
+        shard_sequences: sequences per shard file.
+        batch_size: sequences per teacher forward (default: the data's batch size).
+        max_sequences: cache only the first ones (None: all).
+        trainer: runs the prediction (default: one device, no logger). It must be built with
+            ``use_distributed_sampler=False``: each process reads its own shards.
+
+    Returns:
+        The manifest of the finished cache (also in ``cache_dir/manifest.json``).
+
+    Raises:
+        ValueError: when ``cache_dir`` holds an unfinished cache of other settings, or on bad sizes.
+    """
+    directory = Path(cache_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    data.setup()
+    blocks = data.train_blocks if max_sequences is None else data.train_blocks[:max_sequences]
+    if shard_sequences < 1 or (max_sequences is not None and max_sequences < 1):
+        raise ValueError(f"shard_sequences and max_sequences must be positive, got {shard_sequences}, {max_sequences}")
+    settings = CacheSettings(
+        teacher_source=str(signal.source),
+        teacher_hash=model_hash(signal.teacher),
+        tokenizer_hash=tokenizer_hash(data.tokenizer),
+        vocab_size=data.vocab_size,
+        method=signal.method,
+        k=signal.slots,
+        samples=signal.samples if signal.method == "sampled" else 0,
+        temperature=float(signal.temperature),
+        seq_len=blocks.shape[1],
+        sequences=blocks.shape[0],
+        shard_sequences=shard_sequences,
+        seed=signal.seed,
+    )
+    _check_resumable(directory, settings)
+    trainer = trainer or pl.Trainer(
+        accelerator="auto", devices=1, logger=False, use_distributed_sampler=False, enable_model_summary=False
+    )
+    if trainer.is_global_zero:
+        write_settings(directory, settings)
+        save_file({"input_ids": data.val_blocks.to(ID_DTYPE).contiguous()}, directory / VALIDATION)
+        data.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+    writer = TeacherCacheWriter(directory, settings)
+    if len(finished_shards(directory, settings)) == settings.num_shards:  # nothing left to predict
+        if trainer.is_global_zero and not (directory / MANIFEST).exists():
+            writer.write_manifest()
+        trainer.strategy.barrier()
+        return CacheManifest.read(directory)
+    trainer.callbacks.append(writer)
+    try:
+        loader = _ShardLoader(blocks, settings, directory, batch_size or data.batch_size)
+        trainer.predict(signal, datamodule=loader, return_predictions=False)
+    finally:
+        trainer.callbacks.remove(writer)
+    return CacheManifest.read(directory)
+
+
+def _check_resumable(directory: Path, settings: CacheSettings) -> None:
+    existing = read_settings(directory)
+    if existing is None or existing == settings:
+        return
+    different = [name for name in vars(settings) if getattr(existing, name) != getattr(settings, name)]
+    raise ValueError(
+        f"{directory} holds a teacher cache of other settings ({', '.join(different)} differ); use another"
+        " directory or delete it"
+    )
+
+
+def finished_shards(directory: Path, settings: CacheSettings) -> set[int]:
+    """Shards whose file exists (a file only appears whole, by rename)."""
+    return {i for i in range(settings.num_shards) if (directory / shard_name(i)).exists()}
+
+
+class _Sequences(Dataset):
+    def __init__(self, blocks: torch.Tensor, indices: list[int]) -> None:
+        self.blocks, self.indices = blocks, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        index = self.indices[position]
+        return {"index": index, "input_ids": self.blocks[index]}
+
+
+class _ShardLoader(pl.LightningDataModule):
+    """This process's unfinished shards' sequences, in order (rank ``r`` of ``W`` takes shards ``i % W == r``)."""
+
+    def __init__(self, blocks: torch.Tensor, settings: CacheSettings, directory: Path, batch_size: int) -> None:
+        super().__init__()
+        self.blocks, self.settings, self.directory, self.batch_size = blocks, settings, directory, batch_size
+
+    def predict_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        done = finished_shards(self.directory, self.settings)
+        mine = [i for i in range(self.settings.num_shards) if i % world == rank and i not in done]
+        indices = [j for i in mine for j in range(*self.settings.shard_range(i))]
+        return DataLoader(_Sequences(self.blocks, indices), batch_size=self.batch_size, shuffle=False)
+
+
+class TeacherCacheWriter(BasePredictionWriter):
+    """Collects ``TeacherSignal`` predictions per shard and writes each shard when it is complete; process 0
+    then writes the manifest with a sha256 per shard."""
+
+    def __init__(self, directory: str | Path, settings: CacheSettings) -> None:
+        super().__init__(write_interval="batch")
+        self.directory, self.settings = Path(directory), settings
+        self.pending: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # shard -> sequence -> its signal
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        for row, index in enumerate(prediction["index"].tolist()):
+            shard = index // self.settings.shard_sequences
+            fields = ("input_ids", "teacher_ids", "teacher_logprobs")
+            self.pending.setdefault(shard, {})[index] = {name: prediction[name][row].cpu() for name in fields}
+            start, stop = self.settings.shard_range(shard)
+            if len(self.pending[shard]) == stop - start:
+                self._write_shard(shard, self.pending.pop(shard))
+
+    def _write_shard(self, shard: int, rows: dict[int, dict[str, torch.Tensor]]) -> None:
+        ordered = [rows[i] for i in sorted(rows)]
+        tensors = {
+            "input_ids": torch.stack([r["input_ids"] for r in ordered]).to(ID_DTYPE),
+            "teacher_ids": torch.stack([r["teacher_ids"] for r in ordered]).to(ID_DTYPE),
+            "teacher_logprobs": torch.stack([r["teacher_logprobs"] for r in ordered]).to(LOGPROB_DTYPE),
+        }
+        path = self.directory / shard_name(shard)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"first_sequence": str(min(rows))})
+        os.replace(tmp, path)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.pending:  # the loader hands out whole shards, so this is a bug, not bad input
+            raise RuntimeError(f"teacher cache: shards {sorted(self.pending)} were left incomplete")
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            self.write_manifest()
+        trainer.strategy.barrier()
+
+    def write_manifest(self) -> CacheManifest:
+        settings = self.settings
+        missing = [i for i in range(settings.num_shards) if not (self.directory / shard_name(i)).exists()]
+        if missing:
+            raise RuntimeError(f"teacher cache {self.directory}: shards {missing[:5]} were not written")
+        shards = []
+        for i in range(settings.num_shards):
+            start, stop = settings.shard_range(i)
+            path = self.directory / shard_name(i)
+            shards.append({"file": path.name, "sequences": stop - start, "sha256": sha256_file(path)})
+        from safetensors import safe_open
+
+        with safe_open(self.directory / VALIDATION, "pt") as f:
+            validation = f.get_slice("input_ids").get_shape()[0]
+        manifest = CacheManifest(settings, settings.sequences * settings.seq_len, shards, validation)
+        manifest.write(self.directory)
+        return manifest
