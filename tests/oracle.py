@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 def _weighted_log_ratio(w, log_x, log_y):
     """sum(w * (log_x - log_y)) over the last dim, with 0 where w == 0 (safe for autograd at zeros)."""
-    pos = w > 0
+    pos = w != 0  # not w > 0: a NaN weight must propagate
     diff = torch.where(pos, log_x, 0.0) - torch.where(pos, log_y, 0.0)
     return torch.where(pos, w * diff, 0.0).sum(-1)
 
@@ -82,7 +82,7 @@ def oracle(
     nan = torch.full((n,), float("nan"), dtype=torch.float64)
     hard = nan if hard_target is None else F.cross_entropy(s, hard_target, reduction="none")
     teacher_ce = nan if safe is None else F.cross_entropy(t, safe, reduction="none")
-    rows = alpha * soft
+    rows = alpha * soft if alpha > 0 else torch.zeros_like(soft)  # alpha = 0: no soft term (not 0 * inf)
     if alpha < 1:
         rows = rows + (1 - alpha) * hard
     if teacher_ce_weight > 0:
@@ -104,6 +104,92 @@ def oracle(
         "hard": mean(hard),
         "teacher_ce": mean(teacher_ce),
         "agreement": mean((s.argmax(-1) == t.argmax(-1)).double()),
+        "num_tokens": count,
+    }
+    return loss, stats
+
+
+def sparse_oracle(
+    student,
+    teacher_ids,
+    teacher_logprobs,
+    labels=None,
+    *,
+    tail=False,
+    divergence_name="forward_kl",
+    beta=0.5,
+    temperature=1.0,
+    t2_scaling=True,
+    alpha=1.0,
+    vocab_size=None,
+    ignore_index=-100,
+    reduction="mean",
+):
+    """The sparse-teacher loss in float64 from its definition: (loss, stats dict); ``student`` a float64 leaf.
+
+    Buckets: the K slots and, with ``tail``, the rest (teacher ``max(0, 1 - sum p)``, student ``q`` summed
+    over the tokens outside the slots). Without ``tail`` the slots' probabilities are renormalized.
+    """
+    vocab = vocab_size or student.shape[-1]
+    s = student.reshape(-1, student.shape[-1])[:, :vocab]
+    ids = teacher_ids.reshape(s.shape[0], -1).long()
+    lp = teacher_logprobs.reshape(ids.shape).double()
+    n = s.shape[0]
+    valid = ids >= 0
+    safe = torch.where(valid, ids, 0)
+    lq = F.log_softmax(s / temperature, -1)
+    lq_slots = torch.where(valid, lq.gather(1, safe), -math.inf)
+    lp = torch.where(valid, lp, -math.inf)
+    if tail:
+        outside = torch.zeros_like(s).scatter_add(1, safe, valid.double()) == 0
+        q_tail = (lq.exp() * outside).sum(-1)
+        p_tail = (1 - lp.exp().sum(-1)).clamp(min=0)
+        lQ = torch.cat([lq_slots, q_tail.log()[:, None]], -1)
+        lP = torch.cat([lp, p_tail.log()[:, None]], -1)
+        active = valid.any(-1)
+    else:
+        mass = torch.logsumexp(lp, -1)
+        active = mass != -math.inf
+        lQ, lP = lq_slots, torch.where(active[:, None], lp - mass[:, None], -math.inf)
+    P, Q = lP.exp(), lQ.exp()
+    if divergence_name == "forward_kl" or (divergence_name == "jsd" and beta == 0):
+        div = _weighted_log_ratio(P, lP, lQ)
+    elif divergence_name == "reverse_kl" or (divergence_name == "jsd" and beta == 1):
+        div = _weighted_log_ratio(Q, lQ, lP)
+    elif divergence_name == "jsd":
+        lM = _log_mixture(lP, lQ, beta)
+        div = beta * _weighted_log_ratio(P, lP, lM) + (1 - beta) * _weighted_log_ratio(Q, lQ, lM)
+    elif divergence_name == "tvd":
+        div = 0.5 * (P - Q).abs().sum(-1)
+    else:
+        raise ValueError(divergence_name)
+    soft = torch.where(active, div, 0.0) * (temperature**2 if t2_scaling else 1.0)
+    counted = torch.ones(n, dtype=torch.bool) if labels is None else labels.reshape(-1) != ignore_index
+    safe_labels = None if labels is None else torch.where(counted, labels.reshape(-1), 0)
+    nan = torch.full((n,), math.nan, dtype=torch.float64)
+    hard = nan if safe_labels is None else F.cross_entropy(s, safe_labels, reduction="none")
+    rows = alpha * soft if alpha > 0 else torch.zeros_like(soft)
+    if alpha < 1:
+        rows = rows + (1 - alpha) * hard
+    rows = torch.where(counted, rows, 0.0)
+    count = int(counted.sum())
+    if reduction == "mean":
+        loss = rows.sum() / max(count, 1)
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        loss = rows.reshape(student.shape[:-1])
+
+    def mean(x):
+        return (torch.where(counted, x, 0.0).sum() / max(count, 1)).detach()
+
+    top = ids.gather(1, lp.argmax(-1, keepdim=True)).squeeze(1)
+    top = torch.where(lp.amax(-1) > -math.inf, top, -1)
+    stats = {
+        "soft": mean(soft),
+        "hard": mean(hard),
+        "teacher_ce": nan[0],
+        "agreement": mean((s.argmax(-1) == top).double()),
         "num_tokens": count,
     }
     return loss, stats

@@ -35,22 +35,40 @@ def make_labels(shape=N_ROWS, vocab=VOCAB, ignored=(1,), seed=1):
 
 def run_both(student, teacher, labels, backend_device, grad_scale=1.0, teacher_grad=True, **kw):
     """(output, student grad, teacher grad) from the backend, and (loss, stats, grads) from the oracle."""
+    return (
+        backend_backward(student, teacher, labels, backend_device, grad_scale, teacher_grad, **kw),
+        oracle_backward(student, teacher, labels, grad_scale, teacher_grad, **kw),
+    )
+
+
+def backend_backward(student, teacher, labels, backend_device, weight=1.0, teacher_grad=True, **kw):
+    """(output, student grad, teacher grad) after the backward of ``(loss * weight).sum()`` on the backend;
+    ``weight`` multiplies a scalar loss; with ``reduction="none"``, the rows get ``_row_weights`` unless it is
+    a tensor of the loss's shape."""
     backend, device = backend_device
     s = student.detach().to(device, copy=True).requires_grad_()
     t = teacher.detach().to(device, copy=True).requires_grad_(teacher_grad)
     y = None if labels is None else labels.to(device)
     out = distillation_loss(s, t, y, backend=backend, **kw)
-    weight = grad_scale if out.loss.dim() == 0 else _row_weights(out.loss.shape).to(device)
-    (out.loss * weight).sum().backward()
+    (out.loss * _weights(weight, out.loss).to(device)).sum().backward()
+    return out, s.grad, t.grad
 
+
+def oracle_backward(student, teacher, labels, weight=1.0, teacher_grad=True, **kw):
+    """(loss, stats, student grad, teacher grad) from the float64 oracle, weighted as in ``backend_backward``."""
     s64 = student.detach().double().requires_grad_()
     t64 = teacher.detach().double().requires_grad_(teacher_grad)
     kw64 = dict(kw)
     kw64["divergence_name"] = kw64.pop("divergence", "forward_kl")
     ref_loss, ref_stats = oracle(s64, t64, labels, **kw64)
-    ref_weight = grad_scale if ref_loss.dim() == 0 else _row_weights(ref_loss.shape).double()
-    (ref_loss * ref_weight).sum().backward()
-    return (out, s.grad, t.grad), (ref_loss.detach(), ref_stats, s64.grad, t64.grad)
+    (ref_loss * _weights(weight, ref_loss).double()).sum().backward()
+    return ref_loss.detach(), ref_stats, s64.grad, t64.grad
+
+
+def _weights(weight, loss):
+    if isinstance(weight, torch.Tensor):
+        return weight
+    return torch.tensor(weight) if loss.dim() == 0 else _row_weights(loss.shape)
 
 
 def _row_weights(shape):
@@ -280,16 +298,19 @@ def test_cross_entropy_at_large_logits(backend_device, temperature):
     assert_grad_close(grad_s, ref_grad, 1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(("offset", "temperature"), [(1e3, 1.0), (1e3, 3.0), (1e4, 3.0), (1e4, 0.7)])
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
-def test_divergences_at_large_logits(backend_device, divergence):
-    # log q = (s - max) - log sum exp(s - max), not s - lse: divergences near 1e-2 at logits near ±1e3.
-    # At T = 1 only: s / T at 1e3 is itself rounded by 6e-5 in fp32 (compiled kernels fuse it unevenly).
-    student, teacher, labels = large_confident_logits()
+def test_divergences_at_large_logits(backend_device, divergence, offset, temperature):
+    # log q = (s - max) / T - log sum exp((s - max) / T), not s / T - lse: divergences near 1e-2 at logits
+    # near ±1e3. The shift comes first: s / T is itself rounded by half an ulp of s / T (3e-5 at 1e3 / 3),
+    # which was 1e-4 in the gradient at 1e4. T = 3 and 0.7, not 2 or 0.5: dividing by a power of two is exact.
+    student, teacher, labels = large_confident_logits(offset)
     result, (ref_loss, _, ref_grad, _) = run_both(
-        student, teacher, labels, backend_device, divergence=divergence, reduction="none"
+        student, teacher, labels, backend_device, divergence=divergence, reduction="none", temperature=temperature
     )
-    # fp32 log-probs near -15 round to ~1e-6 each: that, not the logits' size (1e-4 before), is the floor.
-    torch.testing.assert_close(result[0].loss.detach().cpu().double(), ref_loss, rtol=1e-4, atol=5e-6)
+    # fp32 log-probs near -15 round to ~1e-6 each: that (times T²), not the logits' size, is the loss's floor.
+    atol = 5e-6 if temperature == 1.0 else 2e-6 * temperature**2
+    torch.testing.assert_close(result[0].loss.detach().cpu().double(), ref_loss, rtol=1e-4, atol=atol)
     assert_grad_close(result[1], ref_grad, 1e-3, atol=1e-6)
 
 
@@ -321,7 +342,8 @@ def test_skew_reverse_kl_near_skew_one(backend_device, skew):
     assert_grad_close(s.grad, s64.grad, 2e-4)
 
 
-@pytest.mark.parametrize(
+# A -inf logit on one side where the other side has mass: the divergences that divide by that side.
+INFINITE_CASES = pytest.mark.parametrize(
     ("divergence", "skew", "side"),
     [
         ("forward_kl", 0.1, "student"),
@@ -330,18 +352,158 @@ def test_skew_reverse_kl_near_skew_one(backend_device, skew):
         ("skew_reverse_kl", 0.0, "teacher"),
     ],
 )
-def test_infinite_divergence_has_nan_gradient_on_its_row(backend_device, divergence, skew, side):
+
+
+def one_infinite_row(side, rows=3):
+    """Logits ``[rows, VOCAB]`` with one -inf on ``side`` in row 0, and labels that avoid its column."""
+    student, teacher = make_logits(shape=(rows,))
+    (student if side == "student" else teacher)[0, 7] = -math.inf
+    labels = make_labels(shape=(rows,), ignored=())
+    assert not bool((labels == 7).any())
+    return student, teacher, labels
+
+
+@INFINITE_CASES
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_infinite_divergence_has_nan_gradient_on_its_row(backend_device, divergence, skew, side, alpha):
     # One answer on both backends: a -inf logit on one side where the other side has mass makes the row's
     # divergence +inf (not 4.3e37 from clamped log-probabilities), and that row's student gradient NaN in
     # every column (not a mix of ±inf, NaN and finite entries); the other rows are untouched.
-    backend, device = backend_device
-    student, teacher = make_logits(shape=(2,))
-    (student if side == "student" else teacher)[0, 7] = -math.inf
-    s = student.to(device).requires_grad_()
-    out = distillation_loss(s, teacher.to(device), divergence=divergence, skew=skew, reduction="none", backend=backend)
-    assert out.loss[0].item() == math.inf and math.isfinite(out.loss[1].item())
-    out.loss.sum().backward()
-    assert torch.isnan(s.grad[0]).all() and torch.isfinite(s.grad[1]).all()
+    student, teacher, labels = one_infinite_row(side)
+    kw = {"divergence": divergence, "skew": skew, "alpha": alpha, "reduction": "none"}
+    out, grad_s, _ = backend_backward(student, teacher, labels, backend_device, **kw)
+    assert out.loss[0].item() == math.inf and out.soft.item() == math.inf
+    assert bool(torch.isnan(grad_s[0]).all())
+    ref_loss, _, ref_grad, _ = oracle_backward(student[1:], teacher[1:], labels[1:], **kw)
+    torch.testing.assert_close(out.loss[1:].detach().cpu().double(), ref_loss, rtol=2e-5, atol=1e-5)
+    # _row_weights over 3 rows, not 2: compare row by row, unweighted.
+    weights = _row_weights((3,))
+    assert_grad_close(grad_s[1:].cpu() / weights[1:, None], ref_grad / _row_weights((2,))[:, None], 1e-4)
+
+
+@INFINITE_CASES
+def test_alpha_zero_leaves_an_infinite_divergence_out(backend_device, divergence, skew, side):
+    # With alpha = 0 the soft term is not part of the loss, neither its value nor its gradient (0 * inf and
+    # 0 * NaN would be NaN), as the hard term is left out at alpha = 1; the soft statistic still reports it.
+    student, teacher, labels = one_infinite_row(side)
+    for reduction in ("mean", "none"):
+        result, reference = run_both(
+            student,
+            teacher,
+            labels,
+            backend_device,
+            divergence=divergence,
+            skew=skew,
+            alpha=0.0,
+            teacher_ce_weight=0.5,
+            reduction=reduction,
+        )
+        assert bool(torch.isfinite(result[0].loss).all()) and result[0].soft.item() == math.inf
+        assert_matches(result, reference)
+
+
+def test_alpha_zero_leaves_a_nan_teacher_out(backend_device):
+    # The same rule for NaN: with alpha = 0 and no teacher cross-entropy no term of the loss reads the teacher,
+    # so a NaN in its logits shows in the soft statistic only (loss and gradient are the hard term's).
+    student, teacher = make_logits(shape=(3,), seed=16)
+    teacher[1, 20] = math.nan
+    labels = make_labels(shape=(3,), ignored=())
+    result, reference = run_both(student, teacher, labels, backend_device, alpha=0.0, reduction="none")
+    assert bool(torch.isfinite(result[0].loss).all()) and math.isnan(result[0].soft.item())
+    assert_matches(result, reference)
+
+
+@INFINITE_CASES
+def test_zero_grad_output_gives_exactly_zero_gradient(backend_device, divergence, skew, side):
+    # A row whose grad_output is 0 gets exactly 0, as an ignored row does, even where its gradient is NaN
+    # (an infinite divergence in row 0, a NaN logit in row 2): 0 * NaN must not leak into the step.
+    student, teacher, labels = one_infinite_row(side)
+    student[2, 11] = math.nan
+    kw = {"divergence": divergence, "skew": skew, "alpha": 0.5, "teacher_ce_weight": 0.5}
+    weights = torch.tensor([0.0, 1.5, 0.0])
+    out, grad_s, grad_t = backend_backward(student, teacher, labels, backend_device, weights, reduction="none", **kw)
+    assert out.loss[0].item() == math.inf and math.isnan(out.loss[2].item())
+    assert bool((grad_s[0] == 0).all() and (grad_s[2] == 0).all())
+    assert bool((grad_t[0] == 0).all() and (grad_t[2] == 0).all())
+    _, _, ref_s, ref_t = oracle_backward(student[1:2], teacher[1:2], labels[1:2], torch.tensor([1.5]), **kw)
+    assert_grad_close(grad_s[1:2], ref_s, 1e-4, "student gradient")
+    assert_grad_close(grad_t[1:2], ref_t, 1e-4, "teacher gradient")
+    # A zero grad_output of a reduced loss: every row's factor is 0.
+    _, grad_s, grad_t = backend_backward(student, teacher, labels, backend_device, 0.0, reduction="sum", **kw)
+    assert bool((grad_s == 0).all() and (grad_t == 0).all())
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.0])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_a_column_banned_on_both_sides_contributes_nothing(backend_device, divergence, alpha):
+    # -inf on both sides: p = q = 0 there, so every term of every divergence is 0 (not 0 * (-inf + inf)).
+    student, teacher = make_logits(shape=(3,), seed=12)
+    banned = [7, 4100]  # one in each 4096-column block
+    student[:, banned] = -math.inf
+    teacher[:, banned] = -math.inf
+    labels = make_labels(shape=(3,), ignored=())
+    result, reference = run_both(
+        student,
+        teacher,
+        labels,
+        backend_device,
+        divergence=divergence,
+        skew=0.0,
+        alpha=alpha,
+        temperature=2.0,
+        teacher_ce_weight=0.3,
+        hard_labels="teacher_argmax",
+    )
+    assert_matches(result, reference)
+    assert bool((result[1][:, banned] == 0).all() and (result[2][:, banned] == 0).all())
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.0])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_ignored_rows_with_non_finite_logits_count_for_nothing(backend_device, divergence, alpha):
+    # Ignored rows count for nothing whatever they hold: +inf, NaN, a whole row of -inf. Loss, statistics and
+    # the other rows' gradients are those of clean logits; the ignored rows' gradients are exactly 0.
+    clean_s, clean_t = make_logits(shape=(4,), seed=13)
+    student, teacher = clean_s.clone(), clean_t.clone()
+    student[1, 3], teacher[1, 5] = math.inf, math.nan
+    student[2], teacher[2, 9] = -math.inf, math.inf
+    labels = make_labels(shape=(4,), ignored=(1, 2))
+    kw = {"divergence": divergence, "alpha": alpha, "teacher_ce_weight": 0.5, "skew": 0.0}
+    result = backend_backward(student, teacher, labels, backend_device, **kw)
+    assert_matches(result, oracle_backward(clean_s, clean_t, labels, **kw))
+    assert bool((result[1][1:3] == 0).all() and (result[2][1:3] == 0).all())
+
+
+def test_minus_inf_at_the_label_makes_cross_entropy_infinite(backend_device):
+    # A -inf logit at the label: the cross-entropy is +inf and its gradient softmax - onehot stays finite, as
+    # torch.nn.functional.cross_entropy's (jsd stays finite with a -inf on either side).
+    student, teacher = make_logits(shape=(2,), seed=14)
+    labels = torch.tensor([7, 8])
+    student[0, 7] = -math.inf  # the student's hard cross-entropy
+    teacher[1, 8] = -math.inf  # the teacher's cross-entropy
+    result, reference = run_both(
+        student, teacher, labels, backend_device, divergence="jsd", alpha=0.5, teacher_ce_weight=0.5, reduction="none"
+    )
+    out, grad_s, grad_t = result
+    assert out.loss[0].item() == math.inf and out.loss[1].item() == math.inf
+    assert out.hard.item() == math.inf and out.teacher_ce.item() == math.inf
+    assert_grad_close(grad_s, reference[2], 1e-4, "student gradient")
+    assert_grad_close(grad_t, reference[3], 1e-4, "teacher gradient")
+
+
+def test_argmaxes_are_of_the_raw_logits(backend_device):
+    # 1000 + 2^-14 and 1000 + 2^-13 are adjacent in fp32 and s * (1/3) rounds them to one number: the argmax
+    # is the raw logits' (torch.argmax: the first index of the max), not the first of a tie made by rounding.
+    low, high = 1000.0 + 2.0**-14, 1000.0 + 2.0**-13
+    assert (torch.tensor([low, high]) * (1 / 3.0)).unique().numel() == 1
+    student, teacher = make_logits(shape=(2,), seed=15)
+    teacher[0, 5], teacher[0, 9] = low, high  # argmax 9
+    student[0, 5], student[0, 9] = 1000.0, 1000.5  # argmax 9 at every temperature
+    result, reference = run_both(
+        student, teacher, None, backend_device, temperature=3.0, alpha=0.5, hard_labels="teacher_argmax"
+    )
+    assert result[0].agreement.item() == 0.5  # row 0 agrees (on 9), row 1 does not
+    assert_matches(result, reference)
 
 
 def test_nan_input_propagates_to_loss(backend_device):

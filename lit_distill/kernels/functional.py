@@ -38,9 +38,19 @@ def distillation_loss(
     labels and ``teacher_ce`` the teacher's cross-entropy at T=1 on ``labels`` (the only term whose gradient
     reaches the teacher's logits).
 
-    A ``-inf`` logit on one side where the other side has mass makes a divergence that divides by it
-    (forward KL and skew 0 for a student's, reverse KL and skew 0 for a teacher's) +inf in that row, and
-    that row's student gradient NaN in every column, on either backend.
+    Non-finite inputs, the same on either backend:
+
+    - A ``-inf`` logit on one side where the other side has mass makes a divergence that divides by it
+      (forward KL and skew 0 for a student's, reverse KL and skew 0 for a teacher's) +inf in that row, and
+      that row's student gradient NaN in every column. A column that is ``-inf`` on both sides adds 0.
+    - A ``-inf`` logit at the label makes that cross-entropy +inf; its gradient, softmax - onehot, is finite.
+    - ``alpha=0`` leaves the soft term out of the loss and its gradient, as ``alpha=1`` leaves out the hard
+      term; the ``soft`` statistic still reports it (+inf, or NaN from a NaN teacher).
+    - A row whose label is ``ignore_index``, or whose ``grad_output`` is 0, gets exactly 0 gradient, whatever
+      its logits hold (+inf, NaN); an ignored row adds 0 to the loss.
+    - NaN in a counted row's logits makes the loss NaN wherever a term of the loss reads them.
+    - The argmaxes (``agreement``, ``hard_labels="teacher_argmax"``) are of the raw logits, the first index
+      of the max as in ``torch.argmax``, at any temperature.
 
     Args:
         student_logits: ``(..., V_s)`` floating logits; gets a gradient.

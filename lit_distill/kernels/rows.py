@@ -129,7 +129,8 @@ def finish_rows(
     hard = _cross_entropy(rows.student_max, rows.student_log_sum, student_target_logit, nan)
     teacher_ce = _cross_entropy(rows.teacher_max, rows.teacher_log_sum, teacher_target_logit, nan)
 
-    loss = opts.alpha * soft
+    # alpha = 0 leaves the soft term out (0 * inf would be NaN), as alpha = 1 leaves out the hard one.
+    loss = opts.alpha * soft if opts.alpha > 0 else torch.zeros_like(soft)
     if opts.alpha < 1.0:
         loss = loss + (1.0 - opts.alpha) * hard
     if opts.teacher_ce_weight > 0:

@@ -25,7 +25,7 @@ from .rows import (
     gather_target_logits,
     row_targets,
 )
-from .torch_divergence import divergence_and_gradient
+from .torch_divergence import divergence_and_gradient, log_softmax_into, shifted_logsumexp
 
 #: Elements per ``[chunk, V]`` temporary (4 MiB in fp32); about eight such temporaries live at once.
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
@@ -90,9 +90,17 @@ class _ChunkedDistillation(torch.autograd.Function):
         elif grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
             factor = None  # the common case costs no pass over the gradient
         else:
-            factor = grad_loss
-        scaled = [g if g is None or factor is None else g.mul_(factor.to(g.dtype)) for g in grads]
+            factor = grad_loss.reshape(1, 1)
+        scaled = [g if g is None or factor is None else _scale_rows(g, factor) for g in grads]
         return scaled[0], scaled[1], None, None, None, None, None, None
+
+
+def _scale_rows(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``grad`` ``[N, V]`` times ``factor`` ``[N, 1]`` or ``[1, 1]``, and exactly 0 in a row whose factor is 0:
+    a row whose ``grad_output`` is 0 counts for nothing, as an ignored row does, even where its gradient is NaN
+    (an infinite divergence) and 0 * NaN would be NaN. On CPU only such rows are touched."""
+    grad.mul_(factor.to(grad.dtype))
+    return _zero_rows(grad, (factor == 0).reshape(-1).expand(grad.shape[0]))
 
 
 def _statistics_and_gradients(student, teacher, labels, opts, vocab, chunk_rows, want_student_grad, want_teacher_grad):
@@ -178,39 +186,9 @@ def default_chunk_rows(vocab: int) -> int:
     return max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
 
 
-def _log_softmax_into(x: torch.Tensor, logp: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Write log-softmax and softmax of ``x`` ``[R, V]`` into ``logp`` / ``probs``, with one exp per element.
-
-    ``x`` may be ``logp`` itself. Returns (max ``[R]``, log sum exp(x - max) ``[R]``, argmax ``[R]``): the
-    log-sum-exp in two parts, whose sum would be rounded at the logits' magnitude. Log-probs are clamped at the
-    dtype's lowest finite value so that a zero probability (a -inf logit) times its log-prob is 0, not NaN;
-    NaN inputs still propagate.
-    """
-    peak, argmax = x.max(-1, keepdim=True)
-    torch.sub(x, peak, out=logp)
-    torch.exp(logp, out=probs)
-    log_total = probs.sum(-1, keepdim=True)
-    probs.div_(log_total)
-    log_total.log_()
-    logp.sub_(log_total).clamp_(min=torch.finfo(logp.dtype).min)
-    return peak.squeeze(-1), log_total.squeeze(-1), argmax.squeeze(-1)
-
-
-def _shifted_logsumexp(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max ``[R]``, log sum exp(x - max) ``[R]``) of ``x`` ``[R, V]`` in ``dtype``; one ``[R, V]`` temporary."""
-    peak = x.max(-1, keepdim=True).values.to(dtype)
-    # An all -inf row keeps max -inf; shift by 0 then, as the Triton kernel does.
-    shift = torch.where(torch.isinf(peak) & (peak < 0), 0.0, peak)
-    log_sum = (x.to(dtype) - shift).exp_().sum(-1).log_()
-    return peak.squeeze(-1), log_sum
-
-
-def _load(x: torch.Tensor, buffer: torch.Tensor, inv_t: float) -> torch.Tensor:
-    """``x / T`` in the compute dtype, in ``buffer`` unless ``x`` can be used as it is."""
-    if x.dtype == buffer.dtype and inv_t == 1.0:
-        return x
-    buffer.copy_(x)
-    return buffer.mul_(inv_t) if inv_t != 1.0 else buffer
+def _load(x: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """``x`` in the compute dtype: itself, or a copy in ``buffer``."""
+    return x if x.dtype == buffer.dtype else buffer.copy_(x)
 
 
 def _chunk(s, t, targets: RowTargets, scale, opts: LossOptions, workspace, grad_s, grad_t):
@@ -226,38 +204,50 @@ def _chunk(s, t, targets: RowTargets, scale, opts: LossOptions, workspace, grad_
         grad_s = spare.pop(0)
     if grad_t is not None and grad_t.dtype != lq.dtype:
         grad_t = spare.pop(0)
-    *lse_a, student_argmax = _log_softmax_into(_load(s, lq, inv_t), lq, q)
-    *lse_b, teacher_argmax = _log_softmax_into(_load(t, lp, inv_t), lp, p)
-    div = divergence_and_gradient(opts, lq, lp, q, p, scratch, grad_s)
+    *lse_a, student_argmax = log_softmax_into(_load(s, lq), lq, q, inv_t)
+    *lse_b, teacher_argmax = log_softmax_into(_load(t, lp), lp, p, inv_t)
+    # alpha = 0 leaves the soft term out of the loss, its gradient too (an infinite row's NaN times 0 is NaN).
+    soft_grad = grad_s if opts.alpha > 0 else None
+    div = divergence_and_gradient(opts, lq, lp, q, p, scratch, soft_grad)
     if opts.temperature == 1.0:
         lse_s, lse_t = lse_a, lse_b
     else:  # the cross-entropies are at T=1
-        lse_s, lse_t = _shifted_logsumexp(s, lq.dtype), _shifted_logsumexp(t, lp.dtype)
+        lse_s, lse_t = shifted_logsumexp(s, lq.dtype), shifted_logsumexp(t, lp.dtype)
     stats = (div, *lse_s, *lse_t, student_argmax, teacher_argmax)
 
     keep = scale.unsqueeze(1)
-    ignored = ~targets.counted
-    # Zero ignored rows even where their logits are garbage (inf * 0 is NaN); skip the pass when none is.
-    if ignored.device.type == "cpu" and not ignored.any():
-        ignored = None
+    # A row whose scale is 0 (ignored, or a zero grad_output in the fused-linear backward) gets exactly 0,
+    # even where its gradient is NaN or its logits are garbage (inf * 0 is NaN).
+    dropped = scale == 0
     if grad_s is not None:
-        grad_s.mul_(opts.alpha * opts.soft_scale * inv_t)
+        if soft_grad is None:
+            grad_s.zero_()
+        else:
+            grad_s.mul_(opts.alpha * opts.soft_scale * inv_t)
         if opts.alpha < 1.0:
             hard = teacher_argmax if opts.hard_labels == "teacher_argmax" else targets.hard
             _add_softmax_minus_onehot(grad_s, s, q, lse_s, hard, 1.0 - opts.alpha, inv_t)
-        grad_s.mul_(keep)
-        if ignored is not None:
-            grad_s[ignored] = 0
+        _zero_rows(grad_s.mul_(keep), dropped)
     if grad_t is not None:
         grad_t.zero_()
         _add_softmax_minus_onehot(grad_t, t, p, lse_t, targets.teacher, opts.teacher_ce_weight, inv_t)
-        grad_t.mul_(keep)
-        if ignored is not None:
-            grad_t[ignored] = 0
+        _zero_rows(grad_t.mul_(keep), dropped)
     for out, grad in ((out_s, grad_s), (out_t, grad_t)):
         if out is not None and out is not grad:
             out.copy_(grad)
     return stats
+
+
+def _zero_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Set the rows of ``grad`` ``[R, V]`` where ``rows`` ``[R]`` (bool) is True to exactly 0.
+
+    On CPU only those rows are touched (none, usually); elsewhere a fill pass, which needs no host sync.
+    """
+    if rows.device.type != "cpu":
+        return grad.masked_fill_(rows.unsqueeze(1), 0.0)
+    if rows.any():
+        grad[rows] = 0.0
+    return grad
 
 
 def _add_softmax_minus_onehot(grad, logits, probs_at_t, lse, target, weight, inv_t):

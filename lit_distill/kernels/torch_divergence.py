@@ -1,8 +1,9 @@
 """Each divergence's value and gradient on a chunk of rows, in PyTorch: the math of ``torch_backend.py``.
 
-Inputs are the student's and the teacher's log-probabilities and probabilities at temperature T, ``[R, V]``
-each, already computed by the caller in reused buffers. The Triton counterpart is ``_pointwise_terms`` and
-the statistics kernel in ``triton_backend.py``; a new divergence goes into both.
+The softmaxes come first (``log_softmax_into``, ``shifted_logsumexp``). The divergences take the student's and
+the teacher's log-probabilities and probabilities at temperature T, ``[R, V]`` each, which the caller has
+written into reused buffers. The Triton counterpart is ``_pointwise_terms`` and the statistics kernel in
+``triton_backend.py``; a new divergence goes into both.
 """
 
 from __future__ import annotations
@@ -12,6 +13,54 @@ import math
 import torch
 
 from .options import LossOptions
+
+
+def log_softmax_into(
+    x: torch.Tensor, logp: torch.Tensor, probs: torch.Tensor, inv_t: float
+) -> tuple[torch.Tensor, ...]:
+    """Write log-softmax and softmax of ``x / T`` (``x`` ``[R, V]``) into ``logp`` / ``probs``, one exp per element.
+
+    ``x`` may be ``logp`` itself. Returns (max of ``x`` ``[R]``, log sum exp((x - max) / T) ``[R]``, argmax of
+    ``x`` ``[R]``): the log-sum-exp in two parts, whose sum would be rounded at the logits' magnitude (at T=1
+    they are the cross-entropy's). The shift comes before the division by T: ``x - max`` is exact near the
+    max, where ``x / T`` at logits of 1e3 is already rounded by 6e-5 in fp32 (and the max of x / T is max / T
+    for T > 0). The argmax is ``x``'s own (first index), which rounding of x / T could turn into a tie.
+    Log-probs are clamped at the dtype's lowest finite value so that a zero probability (a -inf logit) times its
+    log-prob is 0, not NaN; NaN inputs still propagate.
+    """
+    peak, argmax = x.max(-1, keepdim=True)
+    torch.sub(x, peak, out=logp)
+    if inv_t != 1.0:
+        logp.mul_(inv_t)
+    torch.exp(logp, out=probs)
+    log_total = _log1p_sum(probs, argmax)
+    probs.div_(log_total.exp())
+    logp.sub_(log_total).clamp_(min=torch.finfo(logp.dtype).min)
+    return peak.squeeze(-1), log_total.squeeze(-1), argmax.squeeze(-1)
+
+
+def _log1p_sum(terms: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
+    """log(sum) ``[R, 1]`` of the shifted exponentials ``terms`` ``[R, V]``, whose max's own term is exactly 1.
+
+    Summed as log1p(sum of the other terms): log(1 + rest) would round at 1 (6e-8 in fp32), which is all of a
+    cross-entropy near 1e-6. ``top - 1`` is 0 unless the max is not finite (NaN then, which must propagate;
+    -1 for an all -inf row shifted by 0, giving log(0)). Costs two scatters of R elements, no pass over V.
+    """
+    top = terms.gather(-1, argmax)
+    terms.scatter_(-1, argmax, 0.0)
+    rest = terms.sum(-1, keepdim=True)
+    terms.scatter_(-1, argmax, top)
+    return rest.add_(top - 1.0).log1p_()
+
+
+def shifted_logsumexp(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max ``[R]``, log sum exp(x - max) ``[R]``) of ``x`` ``[R, V]`` in ``dtype``; one ``[R, V]`` temporary."""
+    peak, argmax = x.max(-1, keepdim=True)
+    peak = peak.to(dtype)
+    # An all -inf row keeps max -inf; shift by 0 then, as the Triton kernel does.
+    shift = torch.where(torch.isinf(peak) & (peak < 0), 0.0, peak)
+    log_sum = _log1p_sum((x.to(dtype) - shift).exp_(), argmax)
+    return peak.squeeze(-1), log_sum.squeeze(-1)
 
 
 def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

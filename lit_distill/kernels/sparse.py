@@ -1,0 +1,297 @@
+"""Distillation from a sparse teacher: K token ids per position with their log-probabilities.
+
+``sparse_distillation_loss`` takes the student's logits, ``fused_linear_sparse_distillation_loss`` its hidden
+states and lm_head. The per-row math is in ``sparse_torch.py`` (shared with the Triton path, with the
+chunked PyTorch backend), the kernels in ``sparse_triton.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import use_triton
+from .inputs import check_labels
+from .options import LossOptions
+from .rows import DistillationOutput, forward_row_scale, row_grad_scale, row_targets
+from .sparse_torch import SparseRows, finish, torch_sparse_loss, torch_sparse_rows
+
+__all__ = ["fused_linear_sparse_distillation_loss", "sparse_distillation_loss"]
+
+#: The divergences defined over the K + 1 buckets of ``tail=True``.
+TAIL_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+#: Elements of the ``[chunk, V]`` logits the fused-linear form projects at once, by device type.
+LINEAR_CHUNK_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 24}
+
+
+def sparse_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    tail: bool = False,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    t2_scaling: bool = True,
+    alpha: float = 1.0,
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> DistillationOutput:
+    """Distillation loss against a teacher given as K token ids and their log-probabilities per position.
+
+    The student is ``q = softmax(student / T)`` over the real vocabulary. With ``tail=False`` the target is
+    the slots' probabilities renormalized over the non-empty slots (top-k targets; sampled weights already sum
+    to 1) and the soft term is KL(target ‖ q), forward KL only. With ``tail=True`` both sides get K + 1
+    buckets: the slots, and the rest of the mass, ``max(0, 1 - sum p)`` for the teacher and the student's
+    probability summed over the tokens outside the slots (summed directly, never ``1 - sum q``, which
+    cancels when the student is confident); the soft term is forward KL, reverse KL, jsd (``beta``) or tvd
+    over the buckets. As in :func:`~lit_distill.kernels.distillation_loss`: the T² factor, ``alpha`` times
+    the soft term plus ``1 - alpha`` times the student's cross-entropy on ``labels`` at T=1, ``ignore_index``
+    and the reductions. A row with no non-empty slot (or, with ``tail=False``, only ``-inf`` log-probs) has
+    a soft term of 0 and no soft gradient.
+
+    Non-finite values: ``-inf`` log-probabilities are slots of probability 0. A slot with teacher mass where
+    the student's logit is ``-inf`` (or, with ``tail=True``, a teacher tail with mass and a student tail of
+    0) makes forward KL +inf and that row's gradient NaN, as in the dense loss; NaN in a counted row
+    propagates to the loss. Log-probabilities above 0 are not checked.
+
+    Args:
+        student_logits: ``(..., V)`` floating logits; gets the gradient.
+        teacher_ids: ``(..., K)`` integer token ids in ``[0, vocab)``, ``-1`` for an empty slot. Duplicate ids
+            in a row are an error; on CUDA a device-side assert (a sort of the ``[N, K]`` ids, no host sync).
+        teacher_logprobs: ``(..., K)`` floating log-probabilities of those tokens at the temperature T.
+        labels: ``(...)`` integer targets for the cross-entropy, or None.
+        tail: add the remaining-mass bucket on both sides (see above).
+        divergence: ``forward_kl``; with ``tail=True`` also ``reverse_kl``, ``jsd`` or ``tvd``.
+        beta: jsd mixing weight in [0, 1] (0 is forward KL, 1 reverse KL).
+        temperature: T > 0 of the student's softmax in the soft term (the teacher's is baked in).
+        t2_scaling: multiply the soft term by T².
+        alpha: weight in [0, 1] of the soft term; the cross-entropy gets ``1 - alpha``.
+        vocab_size: number of real tokens; logit columns at or past it are padding.
+        ignore_index: label value of positions that count for nothing.
+        reduction: ``"mean"`` over counted positions, ``"sum"`` or ``"none"``.
+        backend: ``"auto"`` (Triton for CUDA tensors), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        :class:`DistillationOutput`: ``teacher_ce`` is NaN (there are no teacher logits), ``agreement`` the
+        fraction of counted positions where the student's argmax is the teacher's most likely slot.
+
+    Raises:
+        ValueError: ids outside ``[-1, vocab)``, duplicate ids, mismatched shapes or devices, ``tail=False``
+            with a divergence other than forward KL, and the option errors of ``distillation_loss``.
+        TypeError: non-integer ids, non-floating logits or log-probabilities.
+    """
+    opts = _options(tail, divergence, beta, temperature, t2_scaling, alpha, vocab_size, ignore_index, reduction, backend)
+    _check_tensor("student_logits", student_logits, floating=True)
+    lead, width = student_logits.shape[:-1], student_logits.shape[-1]
+    vocab = _vocab(width, opts)
+    ids, logprobs, labels = _check_teacher(teacher_ids, teacher_logprobs, labels, lead, vocab, student_logits.device, opts)
+    student = student_logits.reshape(-1, width)
+    student = student if student.stride(-1) == 1 else student.contiguous()
+    if use_triton(opts.backend, student):
+        from .sparse_triton import triton_sparse_loss
+
+        out = triton_sparse_loss(student, ids, logprobs, labels, opts, tail, vocab)
+    else:
+        out = torch_sparse_loss(student, ids, logprobs, labels, opts, tail, vocab)
+    return out._replace(loss=out.loss.reshape(lead)) if reduction == "none" else out
+
+
+def fused_linear_sparse_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    tail: bool = False,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    t2_scaling: bool = True,
+    alpha: float = 1.0,
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> DistillationOutput:
+    """:func:`sparse_distillation_loss` of ``student_hidden @ student_weight.T + student_bias`` logits, which
+    only ever exist ``chunk_size`` tokens at a time (in the matmul's dtype, as ``nn.Linear`` computes them).
+
+    Args:
+        student_hidden: ``(..., H)`` hidden states. student_weight: ``(V, H)``. student_bias: ``(V,)`` or None.
+        teacher_ids, teacher_logprobs, labels: as in :func:`sparse_distillation_loss`, leading shape ``(...)``.
+        chunk_size: tokens per chunk; None keeps a chunk's logits near 64 MiB (1 GiB on CUDA) in fp32.
+        The keywords: as in :func:`sparse_distillation_loss`.
+
+    Returns:
+        :class:`DistillationOutput`; gradients reach the hidden states, weight and bias. Each chunk's logit
+        gradient is folded into them in the forward (``dH = G W``, ``dW += Gᵀ H``, ``db += Σ G``) and the
+        backward only scales them by ``grad_output``, except with ``reduction="none"``, which recomputes.
+    """
+    opts = _options(tail, divergence, beta, temperature, t2_scaling, alpha, vocab_size, ignore_index, reduction, backend)
+    for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
+        _check_tensor(name, x, floating=True)
+    if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and student_weight "
+                         f"{tuple(student_weight.shape)} do not match: the weight must be (vocab, hidden)")  # fmt: skip
+    if student_bias is not None and tuple(student_bias.shape) != (student_weight.shape[0],):
+        raise ValueError(f"student_bias {tuple(student_bias.shape)} must have shape ({student_weight.shape[0]},)")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    lead = student_hidden.shape[:-1]
+    vocab = _vocab(student_weight.shape[0], opts)
+    ids, logprobs, labels = _check_teacher(teacher_ids, teacher_logprobs, labels, lead, vocab, student_hidden.device, opts)
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    if chunk_size is None:
+        chunk_size = max(1, LINEAR_CHUNK_ELEMENTS.get(hidden.device.type, 1 << 24) // student_weight.shape[0])
+    triton = use_triton(opts.backend, hidden)
+    out = _FusedLinearSparse.apply(hidden, student_weight, student_bias, ids, logprobs, labels, opts, tail, vocab,
+                                   chunk_size, triton)  # fmt: skip
+    out = DistillationOutput(*out)
+    return out._replace(loss=out.loss.reshape(lead)) if reduction == "none" else out
+
+
+class _FusedLinearSparse(torch.autograd.Function):
+    """Token-chunked ``S = H Wᵀ + b`` and the sparse loss; with G = d loss / dS per chunk:
+    ``dH = G W``, ``dW = Σ_chunks Gᵀ H``, ``db = Σ G`` (summed in fp32 for half-precision weights)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, logprobs, labels, opts, tail, vocab, chunk_size, triton):
+        ctx.args = (opts, tail, vocab, chunk_size, triton)
+        counted = row_targets(labels, None, opts, hidden.shape[0], hidden.device).counted
+        divisor = counted.sum().clamp(min=1).to(torch.float32)
+        wants = tuple(x is not None and x.requires_grad for x in (hidden, weight, bias)) if torch.is_grad_enabled() else ()
+        in_forward = any(wants) and opts.reduction != "none"
+        scale = forward_row_scale(counted, divisor, opts.reduction) if in_forward else None
+        rows, ctx.grads = _run_chunks(hidden, weight, bias, ids, logprobs, labels, *ctx.args, scale)
+        output, divisor = finish(rows, labels, opts)
+        ctx.save_for_backward(hidden, weight, bias, ids, logprobs, labels, counted, divisor)
+        ctx.mark_non_differentiable(*output[1:])
+        return tuple(output)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        hidden, weight, bias, ids, logprobs, labels, counted, divisor = ctx.saved_tensors
+        if ctx.args[0].reduction == "none":  # per-token grad_output: recompute the chunks with it
+            scale = row_grad_scale(grad_loss, counted, divisor, "none")
+            grads = _run_chunks(hidden, weight, bias, ids, logprobs, labels, *ctx.args, scale)[1]
+        elif ctx.grads is None:
+            raise RuntimeError("backward through a fused-linear sparse loss ran twice; recompute the loss")
+        else:
+            grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
+        ctx.grads = None
+        d_hidden, d_weight, d_bias = grads
+        return d_hidden, d_weight.to(weight.dtype), None if bias is None else d_bias.to(bias.dtype), *[None] * 8
+
+
+def _run_chunks(hidden, weight, bias, ids, logprobs, labels, opts, tail, vocab, chunk_size, triton, scale):
+    """(SparseRows of all tokens, [dH, dW, db] or None): with ``scale`` the chunks' gradients are folded in."""
+    n = hidden.shape[0]
+    if triton:
+        from .sparse_triton import triton_sparse_rows as rows_of
+    else:
+        rows_of = torch_sparse_rows
+    sum_dtype = torch.promote_types(weight.dtype, torch.float32)
+    grads = None
+    if scale is not None:
+        grads = [torch.empty_like(hidden), torch.zeros(weight.shape, dtype=sum_dtype, device=weight.device),
+                 None if bias is None else torch.zeros(bias.shape, dtype=sum_dtype, device=bias.device)]  # fmt: skip
+    parts = []
+    for start in range(0, n, chunk_size):
+        r = slice(start, min(start + chunk_size, n))
+        logits = torch.nn.functional.linear(hidden[r], weight, bias)
+        y = None if labels is None else labels[r]
+        grad = None if scale is None else logits  # written over the logits, which are read first
+        parts.append(rows_of(logits, ids[r], logprobs[r], y, opts, tail, vocab, scale=None if scale is None else scale[r],
+                             grad=grad))  # fmt: skip
+        if grad is not None:
+            torch.mm(grad, weight, out=grads[0][r])
+            grads[1].addmm_(grad.t().to(sum_dtype), hidden[r].to(sum_dtype))
+            if bias is not None:
+                grads[2].add_(grad.sum(0, dtype=sum_dtype))
+        del logits, grad
+    if not parts:
+        empty = torch.empty(0, device=hidden.device)
+        index = torch.empty(0, dtype=torch.long, device=hidden.device)
+        return SparseRows(empty, empty, empty, index, index, None if labels is None else empty), grads
+    return SparseRows(*(None if p[0] is None else torch.cat(p) for p in zip(*parts, strict=True))), grads
+
+
+def _options(tail, divergence, beta, temperature, t2_scaling, alpha, vocab_size, ignore_index, reduction, backend):
+    opts = LossOptions(
+        divergence=divergence, beta=beta, temperature=temperature, t2_scaling=t2_scaling, alpha=alpha,
+        vocab_size=vocab_size, ignore_index=ignore_index, reduction=reduction, backend=backend,
+    )  # fmt: skip
+    if not isinstance(tail, bool):
+        raise TypeError(f"tail must be a bool, got {type(tail).__name__}")
+    allowed = TAIL_DIVERGENCES if tail else ("forward_kl",)
+    if opts.divergence not in allowed:
+        hint = "" if tail else "; the other divergences need the tail bucket: pass tail=True"
+        raise ValueError(
+            f"divergence {opts.divergence!r} is not defined for sparse teachers with tail={tail}: use"
+            f" {' or '.join(map(repr, allowed))}{hint}"
+        )
+    return opts
+
+
+def _check_tensor(name: str, x, *, floating: bool) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape (..., size) with size > 0, got {tuple(x.shape)}")
+
+
+def _vocab(width: int, opts: LossOptions) -> int:
+    if opts.vocab_size is not None and opts.vocab_size > width:
+        raise ValueError(f"vocab_size={opts.vocab_size} is larger than the student's vocabulary dimension {width}")
+    return opts.vocab_size or width
+
+
+def _check_teacher(ids, logprobs, labels, lead, vocab, device, opts):
+    """Validated ``[N, K]`` ids (int64) and log-probabilities and ``[N]`` labels."""
+    _check_tensor("teacher_ids", ids, floating=False)
+    _check_tensor("teacher_logprobs", logprobs, floating=True)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"teacher_ids must be an integer tensor (e.g. torch.long), got {ids.dtype}")
+    if ids.shape != logprobs.shape:
+        raise ValueError(f"teacher_ids {tuple(ids.shape)} and teacher_logprobs {tuple(logprobs.shape)} must have"
+                         " the same shape (..., K)")  # fmt: skip
+    if ids.shape[:-1] != lead:
+        raise ValueError(f"teacher_ids {tuple(ids.shape)} must have the student's leading shape {tuple(lead)} plus K")
+    for name, x in (("teacher_ids", ids), ("teacher_logprobs", logprobs)):
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but the student on {device}; move them together")
+    if labels is None and opts.alpha < 1.0:
+        raise ValueError(f"alpha={opts.alpha} < 1 mixes in the student's cross-entropy on labels, but labels is None")
+    labels = check_labels(labels, lead, vocab, device, opts, what="the student's leading shape")
+    ids = ids.reshape(-1, ids.shape[-1]).long()
+    _check_ids(ids, vocab)
+    return ids, logprobs.reshape(ids.shape), labels
+
+
+def _check_ids(ids: torch.Tensor, vocab: int) -> None:
+    """Ids in [-1, vocab) and no id twice in a row: a device-side assert on CUDA (no host sync)."""
+    out_of_range = (ids < -1) | (ids >= vocab)
+    ordered = ids.sort(-1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if ids.is_cuda:
+        torch._assert_async(~out_of_range.any(), "teacher_ids outside [-1, vocab_size)")
+        torch._assert_async(~repeated.any(), "teacher_ids repeat a token within a position")
+        return
+    if out_of_range.any():
+        raise ValueError(f"teacher id {ids[out_of_range][0].item()} is outside [-1, {vocab}): ids must be tokens"
+                         " of the student's vocabulary, or -1 for an empty slot")  # fmt: skip
+    if repeated.any():
+        row = int(repeated.any(-1).nonzero()[0])
+        token = int(ordered[row, 1:][repeated[row]][0])
+        raise ValueError(f"teacher_ids repeat token {token} at position {row} (flattened); each slot must hold a"
+                         " distinct token (merge duplicates by adding their probabilities)")  # fmt: skip
+
