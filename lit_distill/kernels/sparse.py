@@ -84,11 +84,15 @@ def sparse_distillation_loss(
             with a divergence other than forward KL, and the option errors of ``distillation_loss``.
         TypeError: non-integer ids, non-floating logits or log-probabilities.
     """
-    opts = _options(tail, divergence, beta, temperature, t2_scaling, alpha, vocab_size, ignore_index, reduction, backend)
+    opts = _options(
+        tail, divergence, beta, temperature, t2_scaling, alpha, vocab_size, ignore_index, reduction, backend
+    )
     _check_tensor("student_logits", student_logits, floating=True)
     lead, width = student_logits.shape[:-1], student_logits.shape[-1]
     vocab = _vocab(width, opts)
-    ids, logprobs, labels = _check_teacher(teacher_ids, teacher_logprobs, labels, lead, vocab, student_logits.device, opts)
+    ids, logprobs, labels = _check_teacher(
+        teacher_ids, teacher_logprobs, labels, lead, vocab, student_logits.device, opts
+    )
     student = student_logits.reshape(-1, width)
     student = student if student.stride(-1) == 1 else student.contiguous()
     if use_triton(opts.backend, student):
@@ -134,25 +138,32 @@ def fused_linear_sparse_distillation_loss(
         gradient is folded into them in the forward (``dH = G W``, ``dW += Gᵀ H``, ``db += Σ G``) and the
         backward only scales them by ``grad_output``, except with ``reduction="none"``, which recomputes.
     """
-    opts = _options(tail, divergence, beta, temperature, t2_scaling, alpha, vocab_size, ignore_index, reduction, backend)
+    opts = _options(
+        tail, divergence, beta, temperature, t2_scaling, alpha, vocab_size, ignore_index, reduction, backend
+    )
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
         _check_tensor(name, x, floating=True)
     if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
-        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and student_weight "
-                         f"{tuple(student_weight.shape)} do not match: the weight must be (vocab, hidden)")  # fmt: skip
+        raise ValueError(
+            f"student_hidden {tuple(student_hidden.shape)} and student_weight "
+            f"{tuple(student_weight.shape)} do not match: the weight must be (vocab, hidden)"
+        )
     if student_bias is not None and tuple(student_bias.shape) != (student_weight.shape[0],):
         raise ValueError(f"student_bias {tuple(student_bias.shape)} must have shape ({student_weight.shape[0]},)")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     lead = student_hidden.shape[:-1]
     vocab = _vocab(student_weight.shape[0], opts)
-    ids, logprobs, labels = _check_teacher(teacher_ids, teacher_logprobs, labels, lead, vocab, student_hidden.device, opts)
+    ids, logprobs, labels = _check_teacher(
+        teacher_ids, teacher_logprobs, labels, lead, vocab, student_hidden.device, opts
+    )
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     if chunk_size is None:
         chunk_size = max(1, LINEAR_CHUNK_ELEMENTS.get(hidden.device.type, 1 << 24) // student_weight.shape[0])
     triton = use_triton(opts.backend, hidden)
-    out = _FusedLinearSparse.apply(hidden, student_weight, student_bias, ids, logprobs, labels, opts, tail, vocab,
-                                   chunk_size, triton)  # fmt: skip
+    out = _FusedLinearSparse.apply(
+        hidden, student_weight, student_bias, ids, logprobs, labels, opts, tail, vocab, chunk_size, triton
+    )
     out = DistillationOutput(*out)
     return out._replace(loss=out.loss.reshape(lead)) if reduction == "none" else out
 
@@ -166,7 +177,9 @@ class _FusedLinearSparse(torch.autograd.Function):
         ctx.args = (opts, tail, vocab, chunk_size, triton)
         counted = row_targets(labels, None, opts, hidden.shape[0], hidden.device).counted
         divisor = counted.sum().clamp(min=1).to(torch.float32)
-        wants = tuple(x is not None and x.requires_grad for x in (hidden, weight, bias)) if torch.is_grad_enabled() else ()
+        wants = (
+            tuple(x is not None and x.requires_grad for x in (hidden, weight, bias)) if torch.is_grad_enabled() else ()
+        )
         in_forward = any(wants) and opts.reduction != "none"
         scale = forward_row_scale(counted, divisor, opts.reduction) if in_forward else None
         rows, ctx.grads = _run_chunks(hidden, weight, bias, ids, logprobs, labels, *ctx.args, scale)
@@ -200,16 +213,22 @@ def _run_chunks(hidden, weight, bias, ids, logprobs, labels, opts, tail, vocab, 
     sum_dtype = torch.promote_types(weight.dtype, torch.float32)
     grads = None
     if scale is not None:
-        grads = [torch.empty_like(hidden), torch.zeros(weight.shape, dtype=sum_dtype, device=weight.device),
-                 None if bias is None else torch.zeros(bias.shape, dtype=sum_dtype, device=bias.device)]  # fmt: skip
+        grads = [
+            torch.empty_like(hidden),
+            torch.zeros(weight.shape, dtype=sum_dtype, device=weight.device),
+            None if bias is None else torch.zeros(bias.shape, dtype=sum_dtype, device=bias.device),
+        ]
     parts = []
     for start in range(0, n, chunk_size):
         r = slice(start, min(start + chunk_size, n))
         logits = torch.nn.functional.linear(hidden[r], weight, bias)
         y = None if labels is None else labels[r]
         grad = None if scale is None else logits  # written over the logits, which are read first
-        parts.append(rows_of(logits, ids[r], logprobs[r], y, opts, tail, vocab, scale=None if scale is None else scale[r],
-                             grad=grad))  # fmt: skip
+        parts.append(
+            rows_of(
+                logits, ids[r], logprobs[r], y, opts, tail, vocab, scale=None if scale is None else scale[r], grad=grad
+            )
+        )
         if grad is not None:
             torch.mm(grad, weight, out=grads[0][r])
             grads[1].addmm_(grad.t().to(sum_dtype), hidden[r].to(sum_dtype))
@@ -225,9 +244,16 @@ def _run_chunks(hidden, weight, bias, ids, logprobs, labels, opts, tail, vocab, 
 
 def _options(tail, divergence, beta, temperature, t2_scaling, alpha, vocab_size, ignore_index, reduction, backend):
     opts = LossOptions(
-        divergence=divergence, beta=beta, temperature=temperature, t2_scaling=t2_scaling, alpha=alpha,
-        vocab_size=vocab_size, ignore_index=ignore_index, reduction=reduction, backend=backend,
-    )  # fmt: skip
+        divergence=divergence,
+        beta=beta,
+        temperature=temperature,
+        t2_scaling=t2_scaling,
+        alpha=alpha,
+        vocab_size=vocab_size,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        backend=backend,
+    )
     if not isinstance(tail, bool):
         raise TypeError(f"tail must be a bool, got {type(tail).__name__}")
     allowed = TAIL_DIVERGENCES if tail else ("forward_kl",)
@@ -262,8 +288,10 @@ def _check_teacher(ids, logprobs, labels, lead, vocab, device, opts):
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"teacher_ids must be an integer tensor (e.g. torch.long), got {ids.dtype}")
     if ids.shape != logprobs.shape:
-        raise ValueError(f"teacher_ids {tuple(ids.shape)} and teacher_logprobs {tuple(logprobs.shape)} must have"
-                         " the same shape (..., K)")  # fmt: skip
+        raise ValueError(
+            f"teacher_ids {tuple(ids.shape)} and teacher_logprobs {tuple(logprobs.shape)} must have"
+            " the same shape (..., K)"
+        )
     if ids.shape[:-1] != lead:
         raise ValueError(f"teacher_ids {tuple(ids.shape)} must have the student's leading shape {tuple(lead)} plus K")
     for name, x in (("teacher_ids", ids), ("teacher_logprobs", logprobs)):
@@ -287,11 +315,14 @@ def _check_ids(ids: torch.Tensor, vocab: int) -> None:
         torch._assert_async(~repeated.any(), "teacher_ids repeat a token within a position")
         return
     if out_of_range.any():
-        raise ValueError(f"teacher id {ids[out_of_range][0].item()} is outside [-1, {vocab}): ids must be tokens"
-                         " of the student's vocabulary, or -1 for an empty slot")  # fmt: skip
+        raise ValueError(
+            f"teacher id {ids[out_of_range][0].item()} is outside [-1, {vocab}): ids must be tokens"
+            " of the student's vocabulary, or -1 for an empty slot"
+        )
     if repeated.any():
         row = int(repeated.any(-1).nonzero()[0])
         token = int(ordered[row, 1:][repeated[row]][0])
-        raise ValueError(f"teacher_ids repeat token {token} at position {row} (flattened); each slot must hold a"
-                         " distinct token (merge duplicates by adding their probabilities)")  # fmt: skip
-
+        raise ValueError(
+            f"teacher_ids repeat token {token} at position {row} (flattened); each slot must hold a"
+            " distinct token (merge duplicates by adding their probabilities)"
+        )

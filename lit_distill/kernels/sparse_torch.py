@@ -95,7 +95,10 @@ def bucket_rows(slot_logits, ids, logprobs, tail_max, tail_lsum, tail_argmax, op
         lp = lp - mass[:, None]
         lp_tail = torch.full_like(mass, -math.inf)
     div, grad = bucket_divergence(
-        torch.cat([lp, lp_tail[:, None]], -1), torch.cat([lq, lq_tail[:, None]], -1), opts.resolved_divergence, opts.beta
+        torch.cat([lp, lp_tail[:, None]], -1),
+        torch.cat([lq, lq_tail[:, None]], -1),
+        opts.resolved_divergence,
+        opts.beta,
     )
     div = torch.where(active, div, 0.0)
     # The derivative of an infinite loss has no value: NaN in the whole row, as in the dense backends.
@@ -103,9 +106,14 @@ def bucket_rows(slot_logits, ids, logprobs, tail_max, tail_lsum, tail_argmax, op
     slot_grad, tail_grad = grad[:, :-1], grad[:, -1]
     tail_factor = torch.where(tail_grad == 0, 0.0, tail_grad * (-tail_lsum).exp())
     return SlotRows(
-        div, row_max, log_sum, tail_factor, slot_grad, _student_argmax(slot_logits, ids, tail_max, tail_argmax),
+        div,
+        row_max,
+        log_sum,
+        tail_factor,
+        slot_grad,
+        _student_argmax(slot_logits, ids, tail_max, tail_argmax),
         _teacher_top(lp, ids),
-    )  # fmt: skip
+    )
 
 
 def bucket_divergence(lP, lQ, kind: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +192,9 @@ def finish(rows: SparseRows, labels: torch.Tensor | None, opts: LossOptions) -> 
     """The reduced output and the mean's divisor: ``rows.finish_rows`` without a teacher cross-entropy."""
     targets = row_targets(labels, None, opts, rows.divergence.shape[0], rows.divergence.device)
     none = torch.zeros_like(rows.divergence)  # the teacher's log-sum-exp, read only for a teacher CE
-    stats = RowStatistics(rows.divergence, rows.row_max, rows.log_sum, none, none, rows.student_argmax, rows.teacher_top)
+    stats = RowStatistics(
+        rows.divergence, rows.row_max, rows.log_sum, none, none, rows.student_argmax, rows.teacher_top
+    )
     return finish_rows(stats, targets, rows.target_logit, None, opts)
 
 
@@ -216,9 +226,18 @@ def torch_sparse_rows(student, ids, logprobs, labels, opts, tail, vocab, scale=N
         r = slice(start, min(start + chunk_rows, n))
         y = None if labels is None else labels[r]
         parts.append(
-            _chunk(student[r, :vocab], ids[r], logprobs[r], y, opts, tail, work[:, : r.stop - start],
-                   None if scale is None else scale[r], None if grad is None else grad[r, :vocab])
-        )  # fmt: skip
+            _chunk(
+                student[r, :vocab],
+                ids[r],
+                logprobs[r],
+                y,
+                opts,
+                tail,
+                work[:, : r.stop - start],
+                None if scale is None else scale[r],
+                None if grad is None else grad[r, :vocab],
+            )
+        )
     return SparseRows(*(None if p[0] is None else torch.cat(p) for p in zip(*parts, strict=True)))
 
 
@@ -245,25 +264,33 @@ def _chunk(s, ids, logprobs, labels, opts: LossOptions, tail: bool, work, scale,
     safe = None if labels is None else torch.where(labels == opts.ignore_index, 0, labels)
     s_y = None if safe is None else s.gather(1, safe[:, None]).squeeze(1).to(x.dtype)
     if grad is not None:  # the last write: ``grad`` may be ``s`` itself
-        _gradient(grad, e, rest[0] if rest else None, slots, slot_logits, ids, index, safe, scale, opts, tail_shift, lse1)
+        _gradient(
+            grad, e, rest[0] if rest else None, slots, slot_logits, ids, index, safe, scale, opts, tail_shift, lse1
+        )
     return SparseRows(slots.divergence, *lse1, slots.student_argmax, slots.teacher_top, s_y)
 
 
+def tail_coefficients(slots: SlotRows, lse1, tail_shift, scale, opts: LossOptions):
+    """``[R]`` (a, b, h): a tail column u's loss gradient is ``a e_u + b e1_u - h [u = label]``, with
+    ``e_u = exp((s_u - shift) / T)`` and ``e1_u = exp(s_u - shift)`` (b = 0 at T = 1, where e1 is e)."""
+    zero = torch.zeros_like(scale)
+    a = opts.alpha * opts.soft_scale / opts.temperature * slots.tail_factor * scale if opts.alpha > 0 else zero
+    if opts.alpha == 1.0:
+        return a, zero, zero
+    hard = 1.0 - opts.alpha  # the cross-entropy's softmax at T = 1 is e1 exp(shift - max - log sum)
+    q1 = hard * scale * (tail_shift - shift_of(lse1[0]) - lse1[1]).exp()
+    return (a + q1, zero, hard * scale) if opts.temperature == 1.0 else (a, q1, hard * scale)
+
+
 def _gradient(grad, e, e1, slots: SlotRows, slot_logits, ids, index, labels, scale, opts, tail_shift, lse1):
-    """Writes the scaled loss gradient of a chunk into ``grad``: tail columns from their exponentials ``e``
-    (at T; ``e1`` at T = 1 when T != 1), then the slot columns over them."""
-    hard = 1.0 - opts.alpha
-    soft = opts.alpha * opts.soft_scale / opts.temperature
-    factor = soft * slots.tail_factor if opts.alpha > 0 else torch.zeros_like(scale)
-    if hard > 0:  # the cross-entropy's softmax at T = 1: e1 * exp(shift - max - log sum) on tail columns
-        q1_factor = hard * (tail_shift - shift_of(lse1[0]) - lse1[1]).exp()
-        if e1 is None:  # T = 1: e1 is e
-            factor = factor + q1_factor
-    e.mul_((factor * scale)[:, None])
-    if hard > 0 and e1 is not None:
-        e.add_(e1.mul_((q1_factor * scale)[:, None]))
-    if hard > 0:
-        e.scatter_add_(1, labels[:, None], (-hard * scale)[:, None].to(e.dtype))
+    """Writes a chunk's scaled loss gradient into ``grad``: the tail columns from their exponentials ``e``
+    (and ``e1``, at T = 1, when T != 1), then the slot columns over them."""
+    a, b, h = tail_coefficients(slots, lse1, tail_shift, scale, opts)
+    e.mul_(a[:, None])
+    if e1 is not None and opts.alpha < 1.0:
+        e.add_(e1.mul_(b[:, None]))
+    if opts.alpha < 1.0:
+        e.scatter_add_(1, labels[:, None], -h[:, None].to(e.dtype))
     scatter_slots(e, index, ids, slot_values(slots, slot_logits, ids, labels, scale, opts, lse1))
     zero_rows(e, scale == 0)  # an ignored row gets exactly 0, even where its logits are inf or NaN
     grad.copy_(e)
