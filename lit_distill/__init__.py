@@ -4,7 +4,13 @@ The kernels (``lit_distill.kernels``) import nothing from Lightning; the modules
 imported lazily so that ``import lit_distill`` stays quick.
 """
 
-from .kernels import DistillationOutput, distillation_loss, fused_linear_distillation_loss
+from .kernels import (
+    DistillationOutput,
+    distillation_loss,
+    fused_linear_distillation_loss,
+    fused_linear_sparse_distillation_loss,
+    sparse_distillation_loss,
+)
 from .losses import DistillationLoss
 
 __version__ = "0.1.0"
@@ -27,6 +33,8 @@ __all__ = [
     "__version__",
     "distillation_loss",
     "fused_linear_distillation_loss",
+    "fused_linear_sparse_distillation_loss",
+    "sparse_distillation_loss",
 ]
 
 _LAZY = {

@@ -10,6 +10,7 @@ from .backend import triton_available
 from .functional import distillation_loss, fused_linear_distillation_loss
 from .options import DIVERGENCES, REDUCTIONS
 from .rows import DistillationOutput
+from .sparse import fused_linear_sparse_distillation_loss, sparse_distillation_loss
 
 __all__ = [
     "DIVERGENCES",
@@ -17,5 +18,7 @@ __all__ = [
     "DistillationOutput",
     "distillation_loss",
     "fused_linear_distillation_loss",
+    "fused_linear_sparse_distillation_loss",
+    "sparse_distillation_loss",
     "triton_available",
 ]
