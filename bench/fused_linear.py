@@ -8,6 +8,11 @@ Providers (forward KL at T=1, mean over tokens; ``fwd+bwd`` gives the student's 
   liger       Liger-Kernel's chunked ``LigerFusedLinearJSDLoss`` with beta=0 (forward KL) and no hard loss
               (CUDA, when liger_kernel is installed)
 The rate is TFLOP/s of the projections: 2·N·(H_s + H_t)·V forward, plus 4·N·H_s·V for dX and dW.
+
+The lit providers project fp32 chunk logits from bf16 inputs (fp32-output GEMMs on CUDA) and sum a bf16
+weight's gradient in the bf16 buffer they return; the chunk size comes from a memory plan
+(``lit_distill.kernels.linear_plan.planned_extra_bytes``, which counts what "extra" measures: beyond the
+inputs and the returned gradients).
 """
 
 from __future__ import annotations

@@ -1,25 +1,33 @@
 """Fused-linear distillation loss: the lm_head projections and the divergence, a chunk of tokens at a time.
 
-The ``[tokens x vocab]`` logits of the two models never exist in full. For each chunk of tokens the
-logits are projected with torch matmuls (cuBLAS on GPUs), the row statistics and the gradient of each
-row's loss with respect to the chunk's logits are computed (the Triton kernels on CUDA, which write the
-gradient over the logits in place; the chunked PyTorch path elsewhere), and that gradient is folded at
-once into the hidden-state gradient (per chunk) and the weight and bias gradients (accumulated in fp32
-across chunks). The backward then only multiplies by ``grad_output``. With ``reduction="none"`` the
-per-token ``grad_output`` is unknown in the forward, so the backward recomputes the chunks instead.
+The ``[tokens x vocab]`` logits of the two models never exist in full. For each chunk of tokens:
+
+1. The logits are projected in fp32 (in the inputs' dtype for fp32/fp64). Products of half-precision
+   numbers are exact in fp32, so bf16/fp16 inputs lose nothing beyond their own rounding: on CUDA through
+   fp32-output GEMMs at the half-precision matmul's speed, on CPU through fp32 copies of a slice of the
+   weight at a time (:mod:`.linear_plan`, also for the fallback where torch has neither). The bias is
+   added in the logits' dtype.
+2. The row statistics and each row's loss gradient with respect to the chunk's logits are computed (the
+   Triton kernels on CUDA, the chunked PyTorch path elsewhere), already times the row's scale, and in the
+   matmul dtype: the Triton gradient pass reads the fp32 logits and writes the bf16 gradient itself.
+3. That gradient is folded into the hidden-state gradient (per chunk) and the weight and bias gradients,
+   summed across chunks (:class:`_Accumulators`).
+
+The backward then only multiplies by ``grad_output``. With ``reduction="none"`` the per-token
+``grad_output`` is unknown in the forward, so the backward recomputes the chunks instead. The chunk size
+comes from a memory budget: :func:`.linear_plan.planned_extra_bytes` adds up what this module allocates.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from . import torch_backend
 from .backend import use_triton
 from .inputs import check_labels, check_linear_inputs, resolve_vocab_size
+from .linear_plan import Head, accumulate, choose_chunk_size, head, project
 from .options import LossOptions, loss_keywords
 from .rows import (
     DistillationOutput,
@@ -30,29 +38,6 @@ from .rows import (
     row_grad_scale,
     row_targets,
 )
-
-#: Bytes the per-chunk buffers may take: the logits of both models (and, on the PyTorch path, the
-#: gradient buffers beside them). At V=128256 in bf16 the CUDA budget gives 2048-token chunks, large
-#: enough that every chunk's matmuls run near peak; the CPU budget keeps the chunk small against RAM.
-MEMORY_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
-
-
-def choose_chunk_size(
-    num_tokens: int, student_vocab: int, teacher_vocab: int, dtype: torch.dtype, device: torch.device, triton: bool
-) -> int:
-    """Tokens per chunk under ``MEMORY_BUDGET_BYTES`` for the device.
-
-    Per token the chunk holds one row of student and one of teacher logits in ``dtype``; the Triton path
-    writes gradients over them, the PyTorch path needs as much again for gradient buffers. The result is
-    rounded down to a multiple of 64 (GEMM-friendly) when at least 64, and never exceeds the token count.
-    """
-    element = torch.empty((), dtype=dtype).element_size()
-    per_token = (student_vocab + teacher_vocab) * element * (1 if triton else 2)
-    budget = MEMORY_BUDGET_BYTES.get(device.type, MEMORY_BUDGET_BYTES["cpu"])
-    chunk = max(1, budget // per_token)
-    if chunk >= 64:
-        chunk -= chunk % 64
-    return max(1, min(chunk, num_tokens))
 
 
 @loss_keywords
@@ -72,7 +57,7 @@ def fused_linear_distillation_loss(
 
     Equal to ``distillation_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @
     teacher_weight.T + teacher_bias, labels, ...)`` with the same keywords, but the logits only ever exist
-    one chunk of tokens at a time.
+    one chunk of tokens at a time, in fp32 for half-precision inputs.
 
     Args:
         student_hidden: ``(..., H_s)`` last hidden states of the student.
@@ -82,15 +67,16 @@ def fused_linear_distillation_loss(
         labels: ``(...)`` targets aligned with the hidden states, or None.
         student_bias: ``(V_s,)`` or None.
         teacher_bias: ``(V_t,)`` or None.
-        chunk_size: tokens per chunk; None picks it from a memory budget (see :func:`choose_chunk_size`).
+        chunk_size: tokens per chunk; None picks it from a memory budget (see
+            :func:`.linear_plan.choose_chunk_size`).
         **options: the keyword-only loss options, as in :func:`lit_distill.kernels.distillation_loss`.
 
     Returns:
         :class:`DistillationOutput`. Gradients reach the student's hidden states, weight and bias; with
         ``teacher_ce_weight > 0`` also the teacher's, where they require grad (co-distillation).
 
-    Under autocast the projections run in the autocast dtype, as ``nn.Linear`` would; the weight and bias
-    gradients still accumulate in fp32 across chunks.
+    Under autocast the matmuls take their inputs in the autocast dtype, as ``nn.Linear``'s would; the
+    weight gradient of fp32 parameters is still summed in fp32 across chunks.
     """
     opts = LossOptions(**options)
     device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
@@ -107,22 +93,21 @@ def fused_linear_distillation_loss(
     flat_labels = check_labels(
         labels, lead, vocab, student_hidden.device, opts, what="the hidden states' leading shape"
     )
-    if autocast:  # what nn.Linear under autocast would do; the casts are differentiable
-        dtype = torch.get_autocast_dtype(device_type)
-        tensors = [None if x is None else x.to(dtype) for x in tensors]
+    cast = torch.get_autocast_dtype(device_type) if autocast else None  # applied chunk by chunk
     h_s, w_s, b_s, h_t, w_t, b_t = tensors
     h_s = h_s.reshape(-1, h_s.shape[-1])
     h_t = h_t.reshape(-1, h_t.shape[-1])
     triton = use_triton(opts.backend, h_s)
-    if chunk_size is None:
-        chunk_size = choose_chunk_size(h_s.shape[0], w_s.shape[0], w_t.shape[0], h_s.dtype, h_s.device, triton)
     grad = torch.is_grad_enabled()
     student_grad = grad and any(x is not None and x.requires_grad for x in (h_s, w_s, b_s))
     teacher_grad = (
         grad and opts.teacher_ce_weight > 0 and any(x is not None and x.requires_grad for x in (h_t, w_t, b_t))
     )
+    heads = (head(w_s, b_s, cast, student_grad), head(w_t, b_t, cast, teacher_grad))
+    if chunk_size is None:
+        chunk_size = choose_chunk_size(h_s.shape[0], *heads, device_type=h_s.device.type, triton=triton)
     out = FusedLinearDistillationFunction.apply(
-        h_s, w_s, b_s, h_t, w_t, b_t, flat_labels, opts, vocab, chunk_size, triton, student_grad, teacher_grad
+        h_s, w_s, b_s, h_t, w_t, b_t, flat_labels, opts, vocab, chunk_size, triton, heads
     )
     out = DistillationOutput(*out)
     if opts.reduction == "none":
@@ -131,37 +116,42 @@ def fused_linear_distillation_loss(
 
 
 class _Accumulators:
-    """Gradients of one side (student or teacher): dH per chunk, dW and db summed over chunks in fp32."""
+    """Gradients of one side (student or teacher), each in the dtype of the tensor it belongs to.
+
+    dH is written chunk by chunk. dW is summed over the chunks in place, in the buffer that is returned
+    (never an fp32 and a half copy at once): in fp32 for fp32 weights (fp32 inputs, or fp32 parameters
+    under autocast), in bf16 for bf16 weights, where each chunk's ``addmm`` sums its products in fp32 and
+    rounds the running sum once. So its error grows with the number of chunks. Against float64 on the same
+    bf16 inputs (N=1024, H=16, V=2053, forward KL and CE), dW's largest error over its largest entry
+    (and the relative RMS error) is 2.3e-3 (1.8e-3) in 1 chunk, as an fp32 sum rounded once would be,
+    4.0e-3 (3.3e-3) in 8, 7.5e-3 (5.2e-3) in 64 and 8.4e-3 (5.9e-3) in 256. Chunks are large where the
+    memory allows: the CUDA budget gives 8 chunks of 1024 tokens at N=8192, H=4096, V=128256, where an fp32
+    accumulator would have taken 1 GiB more than the bf16 gradient.
+    db is summed in fp32 (V elements) and cast at the end.
+    """
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.hidden = torch.empty_like(hidden)
-        self.weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        self.bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        self.hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        self.weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+        sum_dtype = None if bias is None else torch.promote_types(bias.dtype, torch.float32)
+        self.bias = None if bias is None else torch.zeros(bias.shape, dtype=sum_dtype, device=bias.device)
 
     def add(self, grad_logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, rows: slice) -> None:
-        torch.mm(grad_logits, weight, out=self.hidden[rows])
-        _addmm_fp32(self.weight, grad_logits.t(), hidden)
+        """Fold in a chunk's ``[R, V]`` logit gradient; ``hidden`` ``[R, H]`` and ``weight`` in its dtype."""
+        if self.hidden.dtype == grad_logits.dtype:
+            torch.mm(grad_logits, weight, out=self.hidden[rows])
+        else:  # autocast: dH rounded to the matmul dtype, as nn.Linear's would be
+            self.hidden[rows] = grad_logits @ weight
+        accumulate(self.weight, grad_logits.t(), hidden)
         if self.bias is not None:
-            self.bias.add_(grad_logits.sum(0, dtype=torch.float32))
+            self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype))
 
-    def scaled(self, factor: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    def scaled(self, factor: torch.Tensor | None, bias: torch.Tensor | None) -> tuple:
         grads = [self.hidden, self.weight, self.bias]
-        if factor is not None:
-            grads = [None if g is None else g.mul_(factor.to(g.dtype)) for g in grads]
-        hidden, w, b = grads
-        return hidden, w.to(weight.dtype), None if b is None else b.to(bias.dtype)
-
-
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with ``acc`` fp32 and ``a``/``b`` possibly half precision."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    if acc.is_cuda:
-        with contextlib.suppress(RuntimeError, TypeError):  # fp32-output GEMM on half inputs, where supported
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        if factor is not None:  # a 0-dim fp32 factor: one rounding of each product, in the gradient's dtype
+            grads = [None if g is None else g.mul_(factor) for g in grads]
+        hidden, weight, b = grads
+        return hidden, weight, None if b is None else b.to(bias.dtype)
 
 
 class FusedLinearDistillationFunction(torch.autograd.Function):
@@ -173,24 +163,23 @@ class FusedLinearDistillationFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, opts, vocab, chunk_size, triton, student_grad, teacher_grad):
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, opts, vocab, chunk_size, triton, heads):
         n = h_s.shape[0]
         device = h_s.device
         pre = row_targets(labels, None, opts, n, device)
         divisor = pre.counted.sum().clamp(min=1).to(torch.float32)
         in_forward = opts.reduction != "none"
         scale = forward_row_scale(pre.counted, divisor, opts.reduction) if in_forward else None
-        acc_s = _Accumulators(h_s, w_s, b_s) if in_forward and student_grad else None
-        acc_t = _Accumulators(h_t, w_t, b_t) if in_forward and teacher_grad else None
+        tensors = (h_s, w_s, b_s, h_t, w_t, b_t)
+        accumulators = _accumulators(tensors, heads) if in_forward else (None, None)
         with torch.autocast(device.type, enabled=False):
             rows, targets, s_y, t_y = _run_chunks(
-                (h_s, w_s, b_s, h_t, w_t, b_t), labels, pre, opts, vocab, chunk_size, triton, scale, acc_s, acc_t
+                tensors, labels, pre, opts, vocab, chunk_size, triton, heads, scale, accumulators
             )
         output, divisor = finish_rows(rows, targets, s_y, t_y, opts)
-        ctx.opts, ctx.vocab, ctx.chunk_size, ctx.triton = opts, vocab, chunk_size, triton
-        ctx.accumulators = (acc_s, acc_t)
+        ctx.opts, ctx.vocab, ctx.chunk_size, ctx.triton, ctx.heads = opts, vocab, chunk_size, triton, heads
+        ctx.accumulators = accumulators
         ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, labels, pre.counted, divisor)
-        ctx.wants = (student_grad, teacher_grad)
         ctx.mark_non_differentiable(*output[1:])
         return tuple(output)
 
@@ -198,24 +187,14 @@ class FusedLinearDistillationFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused):
         h_s, w_s, b_s, h_t, w_t, b_t, labels, counted, divisor = ctx.saved_tensors
         opts = ctx.opts
-        student_grad, teacher_grad = ctx.wants
         if opts.reduction == "none":  # per-token grad_output: recompute the chunks with it
             scale = row_grad_scale(grad_loss, counted, divisor, "none")
-            acc_s = _Accumulators(h_s, w_s, b_s) if student_grad else None
-            acc_t = _Accumulators(h_t, w_t, b_t) if teacher_grad else None
+            tensors = (h_s, w_s, b_s, h_t, w_t, b_t)
+            acc_s, acc_t = _accumulators(tensors, ctx.heads)
             pre = row_targets(labels, None, opts, h_s.shape[0], h_s.device)
             with torch.autocast(h_s.device.type, enabled=False):
                 _run_chunks(
-                    (h_s, w_s, b_s, h_t, w_t, b_t),
-                    labels,
-                    pre,
-                    opts,
-                    ctx.vocab,
-                    ctx.chunk_size,
-                    ctx.triton,
-                    scale,
-                    acc_s,
-                    acc_t,
+                    tensors, labels, pre, opts, ctx.vocab, ctx.chunk_size, ctx.triton, ctx.heads, scale, (acc_s, acc_t)
                 )
             factor = None
         else:
@@ -226,45 +205,64 @@ class FusedLinearDistillationFunction(torch.autograd.Function):
                 )
             (acc_s, acc_t), ctx.accumulators = ctx.accumulators, None
             factor = grad_loss
-        student = acc_s.scaled(factor, w_s, b_s) if acc_s is not None else (None, None, None)
-        teacher = acc_t.scaled(factor, w_t, b_t) if acc_t is not None else (None, None, None)
-        return (*student, *teacher, None, None, None, None, None, None, None)
+        student = acc_s.scaled(factor, b_s) if acc_s is not None else (None, None, None)
+        teacher = acc_t.scaled(factor, b_t) if acc_t is not None else (None, None, None)
+        return (*student, *teacher, None, None, None, None, None, None)
 
 
-def _run_chunks(tensors, labels, pre: RowTargets, opts, vocab, chunk_size, triton, scale, acc_s, acc_t):
+def _accumulators(tensors, heads: tuple[Head, Head]) -> tuple[_Accumulators | None, _Accumulators | None]:
+    h_s, w_s, b_s, h_t, w_t, b_t = tensors
+    student, teacher = heads
+    return (
+        _Accumulators(h_s, w_s, b_s) if student.grad else None,
+        _Accumulators(h_t, w_t, b_t) if teacher.grad else None,
+    )
+
+
+class _Side(NamedTuple):
+    """One model's operands in the chunk loop."""
+
+    hidden: torch.Tensor  # [N, H], its own dtype
+    weight: torch.Tensor  # [V, H] in the matmul dtype (a copy only under autocast)
+    bias: torch.Tensor | None  # [V] in the logits' dtype
+    head: Head
+    grads: _Accumulators | None
+
+
+def _run_chunks(tensors, labels, pre: RowTargets, opts, vocab, chunk_size, triton, heads, scale, accumulators):
     """Loop over token chunks; returns (RowStatistics, RowTargets, student / teacher target logits) of all rows.
 
     With ``scale`` (``[N]`` row-loss gradient factors) the gradients are folded into the accumulators.
     """
-    h_s, w_s, b_s, h_t, w_t, b_t = tensors
-    n = h_s.shape[0]
+    n = tensors[0].shape[0]
+    sides = [
+        _Side(h, w.to(head.matmul_dtype), None if b is None else b.to(head.logits_dtype), head, acc)
+        for h, w, b, head, acc in zip(tensors[0::3], tensors[1::3], tensors[2::3], heads, accumulators, strict=True)
+    ]
     step = _chunk_step(triton)
     parts = []
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
-        logits_s = F.linear(h_s[rows], w_s, b_s)
-        logits_t = F.linear(h_t[rows], w_t, b_t)
-        chunk_labels = None if labels is None else labels[rows]
+        hidden = [side.hidden[rows].to(side.head.matmul_dtype) for side in sides]
+        logits = [project(x, s.weight, s.bias, s.head.logits_dtype) for x, s in zip(hidden, sides, strict=True)]
         chunk_pre = RowTargets(*(None if x is None else x[rows] for x in pre))
         chunk_scale = None if scale is None else scale[rows]
-        part, (grad_s, grad_t) = step(
-            logits_s,
-            logits_t,
-            chunk_labels,
-            chunk_pre,
-            chunk_scale,
-            opts,
-            vocab,
-            chunk_scale is not None and acc_s is not None,
-            chunk_scale is not None and acc_t is not None,
-        )
+        # Each gradient's dtype, None for none: the Triton kernels write it, the PyTorch path the logits' dtype.
+        wanted = [side.head.matmul_dtype if chunk_scale is not None and side.grads else None for side in sides]
+        chunk_labels = None if labels is None else labels[rows]
+        part, grads = step(*logits, chunk_labels, chunk_pre, chunk_scale, opts, vocab, *wanted)
         parts.append(part)
-        if grad_s is not None:
-            acc_s.add(grad_s, h_s[rows], w_s, rows)
-        if grad_t is not None:
-            acc_t.add(grad_t, h_t[rows], w_t, rows)
-        del logits_s, logits_t, grad_s, grad_t  # free the chunk before the next one allocates
-    return _concatenate(parts, n, h_s.device)
+        del logits  # freed before any cast (a gradient written over them lives on in ``grads``)
+        _fold(grads, hidden, sides, rows)
+        del grads, hidden  # free the chunk before the next one allocates
+    return _concatenate(parts, n, tensors[0].device)
+
+
+def _fold(grads, hidden, sides, rows: slice) -> None:
+    """Add each side's chunk gradient, cast to the matmul dtype if it is not in it, to its accumulators."""
+    for grad, x, side in zip(grads, hidden, sides, strict=True):
+        if grad is not None:
+            side.grads.add(grad.to(side.head.matmul_dtype), x, side.weight, rows)
 
 
 def _chunk_step(triton: bool):
