@@ -30,6 +30,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from lit_distill.kernels import sparse_triton as st
 from lit_distill.kernels import triton_backend as tb
 from lit_distill.kernels.options import DIVERGENCE_CODES
 
@@ -37,11 +38,15 @@ ARCHS = (80, 90)
 # Per SM on both archs: 64K registers, 64 warps, 32 blocks; shared memory differs.
 SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
 # Pointer element types by argument role; the logits' (and gradients') dtype is the variant's.
-INDEX_POINTERS = {"argmax_ptr", "hard_ptr", "label_ptr"}
-FP32_POINTERS = {"stats_ptr", "scale_ptr"}
-I64_SCALARS = {"s_stride", "t_stride", "grad_s_stride", "grad_t_stride"}
+INDEX_POINTERS = {"argmax_ptr", "hard_ptr", "label_ptr", "target_ptr", "ids_ptr"}
+INT32_POINTERS = {"sorted_ptr"}
+FP32_POINTERS = {"stats_ptr", "scale_ptr", "coef_ptr", "slot_ptr"}
+I64_SCALARS = {"s_stride", "t_stride", "grad_s_stride", "grad_t_stride", "grad_stride"}
 FLOAT_SCALARS = {"inv_t", "mix", "soft_coef", "hard_coef", "teacher_coef"}
 KERNELS = {"row_stats": tb._row_stats_kernel, "soft_pass": tb._soft_pass_kernel, "grad": tb._grad_kernel}
+KERNELS.update({"sparse_stats": st._tail_stats_kernel, "sparse_grad": st._tail_grad_kernel})
+#: The sparse kernels' K (slots per token), padded to a power of two as the launcher pads it.
+SPARSE_SLOTS = 64
 #: The benchmark shape: N=8192 rows of a Llama-3 vocabulary, heads exactly as wide as the vocabulary.
 LLAMA = {"vocab": 128256, "width": 128256, "n_rows": 8192}
 #: GPT-2's 50257 tokens on a head padded to 50304 columns: the vocabulary is odd, the widths are not.
@@ -51,7 +56,8 @@ GPT2 = {"vocab": 50257, "width": 50304, "n_rows": 8192}
 def runtime_values(shape: dict) -> dict[str, int]:
     """The integer arguments' values at run time for contiguous ``[n_rows, width]`` logits and gradients."""
     width = shape["width"]
-    values = {name: width for name in ("s_stride", "t_stride", "grad_s_stride", "grad_t_stride")}
+    values = {name: width for name in ("s_stride", "t_stride", "grad_s_stride", "grad_t_stride", "grad_stride")}
+    values["span"] = st.launch_config(shape["vocab"], shape["n_rows"])["span"]
     return {**values, "s_width": width, "t_width": width, "n_rows": shape["n_rows"], "vocab": shape["vocab"]}
 
 
@@ -62,6 +68,8 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict[str, str]:
             sig[name] = "constexpr"
         elif name in INDEX_POINTERS:
             sig[name] = "*i64"
+        elif name in INT32_POINTERS:
+            sig[name] = "*i32"
         elif name in FP32_POINTERS:
             sig[name] = "*fp32"
         elif name.endswith("_ptr"):
@@ -138,7 +146,26 @@ def variants() -> list[dict]:
                             shape,
                         )
                     )
-    return [{**v, "arch": arch} for v in out for arch in ARCHS]
+    return [{**v, "arch": arch} for v in out + sparse_variants() for arch in ARCHS]
+
+
+def sparse_variants() -> list[dict]:
+    """The sparse-teacher kernels at K=64: bf16, fp16 and fp32 at the Llama shape, bf16 at GPT-2's odd
+    vocabulary; the statistics pass with and without the T=1 sums, the gradient plain and with every option."""
+    out = []
+    for shape_name, shape, dtypes in (("", LLAMA, ("bf16", "fp16", "fp32")), ("-odd_vocab", GPT2, ("bf16",))):
+        cfg = st.launch_config(shape["vocab"], shape["n_rows"])
+        for dtype in dtypes:
+            for t1 in (False, True):
+                constexprs = {"K_PAD": SPARSE_SLOTS, "T1": t1, "BLOCK": cfg["row_block"]}
+                name = f"sparse_stats-{dtype}-{'T2' if t1 else 'T1'}{shape_name}"
+                registers = cfg["row_registers"]
+                out.append(_variant("sparse_stats", name, dtype, cfg["row_warps"], constexprs, shape, registers))
+            for same_t, hard in ((True, False), (False, True)):
+                constexprs = {"K_PAD": SPARSE_SLOTS, "SAME_T": same_t, "HARD": hard, "BLOCK": cfg["grad_block"]}
+                name = f"sparse_grad-{dtype}-{'all_options' if hard else 'plain'}{shape_name}"
+                out.append(_variant("sparse_grad", name, dtype, cfg["grad_warps"], constexprs, shape))
+    return out
 
 
 def cuobjdump() -> str | None:

@@ -188,7 +188,7 @@ def sparse_oracle(
     stats = {
         "soft": mean(soft),
         "hard": mean(hard),
-        "teacher_ce": nan[0],
+        "teacher_ce": mean(nan),  # no teacher logits: NaN (0 when no token counts, as every mean)
         "agreement": mean((s.argmax(-1) == top).double()),
         "num_tokens": count,
     }

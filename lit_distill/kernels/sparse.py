@@ -161,9 +161,9 @@ def fused_linear_sparse_distillation_loss(
     if chunk_size is None:
         chunk_size = max(1, LINEAR_CHUNK_ELEMENTS.get(hidden.device.type, 1 << 24) // student_weight.shape[0])
     triton = use_triton(opts.backend, hidden)
-    out = _FusedLinearSparse.apply(
-        hidden, student_weight, student_bias, ids, logprobs, labels, opts, tail, vocab, chunk_size, triton
-    )
+    tensors = (hidden, student_weight, student_bias)
+    want = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+    out = _FusedLinearSparse.apply(*tensors, ids, logprobs, labels, opts, tail, vocab, chunk_size, triton, want)
     out = DistillationOutput(*out)
     return out._replace(loss=out.loss.reshape(lead)) if reduction == "none" else out
 
@@ -173,14 +173,11 @@ class _FusedLinearSparse(torch.autograd.Function):
     ``dH = G W``, ``dW = Σ_chunks Gᵀ H``, ``db = Σ G`` (summed in fp32 for half-precision weights)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, logprobs, labels, opts, tail, vocab, chunk_size, triton):
+    def forward(ctx, hidden, weight, bias, ids, logprobs, labels, opts, tail, vocab, chunk_size, triton, want):
         ctx.args = (opts, tail, vocab, chunk_size, triton)
         counted = row_targets(labels, None, opts, hidden.shape[0], hidden.device).counted
         divisor = counted.sum().clamp(min=1).to(torch.float32)
-        wants = (
-            tuple(x is not None and x.requires_grad for x in (hidden, weight, bias)) if torch.is_grad_enabled() else ()
-        )
-        in_forward = any(wants) and opts.reduction != "none"
+        in_forward = want and opts.reduction != "none"  # grad mode is off in here: asked outside
         scale = forward_row_scale(counted, divisor, opts.reduction) if in_forward else None
         rows, ctx.grads = _run_chunks(hidden, weight, bias, ids, logprobs, labels, *ctx.args, scale)
         output, divisor = finish(rows, labels, opts)
@@ -200,7 +197,7 @@ class _FusedLinearSparse(torch.autograd.Function):
             grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
         ctx.grads = None
         d_hidden, d_weight, d_bias = grads
-        return d_hidden, d_weight.to(weight.dtype), None if bias is None else d_bias.to(bias.dtype), *[None] * 8
+        return d_hidden, d_weight.to(weight.dtype), None if bias is None else d_bias.to(bias.dtype), *[None] * 9
 
 
 def _run_chunks(hidden, weight, bias, ids, logprobs, labels, opts, tail, vocab, chunk_size, triton, scale):

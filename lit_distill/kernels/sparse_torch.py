@@ -88,7 +88,8 @@ def bucket_rows(slot_logits, ids, logprobs, tail_max, tail_lsum, tail_argmax, op
     lp = torch.where(valid, logprobs.to(lq.dtype), -math.inf)
     if tail:
         active = valid.any(-1)
-        lp_tail = torch.clamp(1.0 - lp.exp().sum(-1), min=0.0).log()
+        # In float64: the K log-probabilities' 1 - sum cancels, and near 0 reverse KL hangs on its value.
+        lp_tail = torch.clamp(1.0 - lp.double().exp().sum(-1), min=0.0).log().to(lq.dtype)
     else:  # renormalized over the slots; a row without mass (log 0) has no soft term, NaN still propagates
         mass = torch.logsumexp(lp, -1)
         active = mass != -math.inf
@@ -286,14 +287,16 @@ def _gradient(grad, e, e1, slots: SlotRows, slot_logits, ids, index, labels, sca
     """Writes a chunk's scaled loss gradient into ``grad``: the tail columns from their exponentials ``e``
     (and ``e1``, at T = 1, when T != 1), then the slot columns over them."""
     a, b, h = tail_coefficients(slots, lse1, tail_shift, scale, opts)
-    e.mul_(a[:, None])
+    out = grad if grad.dtype == e.dtype else e  # straight into the gradient: no copy pass when dtypes agree
+    torch.mul(e, a[:, None], out=out)
     if e1 is not None and opts.alpha < 1.0:
-        e.add_(e1.mul_(b[:, None]))
+        out.add_(e1.mul_(b[:, None]))
     if opts.alpha < 1.0:
-        e.scatter_add_(1, labels[:, None], -h[:, None].to(e.dtype))
-    scatter_slots(e, index, ids, slot_values(slots, slot_logits, ids, labels, scale, opts, lse1))
-    zero_rows(e, scale == 0)  # an ignored row gets exactly 0, even where its logits are inf or NaN
-    grad.copy_(e)
+        out.scatter_add_(1, labels[:, None], -h[:, None].to(out.dtype))
+    scatter_slots(out, index, ids, slot_values(slots, slot_logits, ids, labels, scale, opts, lse1))
+    zero_rows(out, scale == 0)  # an ignored row gets exactly 0, even where its logits are inf or NaN
+    if out is not grad:
+        grad.copy_(out)
 
 
 def torch_sparse_loss(student, ids, logprobs, labels, opts, tail, vocab, chunk_rows=None):

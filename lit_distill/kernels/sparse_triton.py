@@ -70,7 +70,7 @@ def _fold(s, start, row_max, sum_t, sum_1, arg, c, T1: tl.constexpr):
 @triton.jit
 def _tail_stats_kernel(
     s_ptr,  # [N, s_width] student logits, row stride s_stride, unit column stride
-    ids_ptr,  # [N, K_PAD] int32 slot ids sorted ascending, NO_SLOT at empty slots and padding
+    sorted_ptr,  # [N, K_PAD] int32 slot ids sorted ascending, NO_SLOT at empty slots and padding
     stats_ptr,  # [3, N] fp32 out: tail max, log sum exp((s - max) / T), log sum exp(s - max) (NaN unless T1)
     argmax_ptr,  # [N] int64 out: first index of the tail's max
     s_stride,
@@ -86,7 +86,7 @@ def _tail_stats_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
     offs = tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + row * K_PAD + tl.arange(0, K_PAD))
+    ids = tl.load(sorted_ptr + row * K_PAD + tl.arange(0, K_PAD))
     nxt = tl.min(ids, 0)
     c = inv_t * LOG2E
     row_max = tl.full([], float("-inf"), tl.float32)
@@ -162,10 +162,10 @@ def _tail_grad_kernel(
 
 def launch_config(vocab: int, rows: int) -> dict[str, int]:
     """Blocks and warps as the dense kernels' (4096-column statistics blocks on 8 warps, capped at 64
-    registers so that four programs fit an SM; 1024-column gradient blocks on 4 warps), and gradient spans
+    registers so that four programs fit an SM; 2048-column gradient blocks on 4 warps), and gradient spans
     that give a few rows at least ~512 programs."""
     row_block = min(4096, triton.next_power_of_2(vocab))
-    grad_block = min(1024, triton.next_power_of_2(vocab))
+    grad_block = min(2048, triton.next_power_of_2(vocab))
     blocks = triton.cdiv(vocab, grad_block)
     per_program = max(1, blocks // max(1, 512 // max(rows, 1)))
     return {"row_block": row_block, "row_warps": 8 if row_block >= 2048 else 4, "row_registers": 64,
@@ -263,4 +263,3 @@ class TritonSparseFunction(torch.autograd.Function):
         grad = torch.empty_like(student)
         _write_gradient(student, grad, ids, ctx.state, scale, ctx.opts, ctx.vocab)
         return grad, None, None, None, None, None, None
-

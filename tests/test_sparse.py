@@ -1,0 +1,305 @@
+"""sparse_distillation_loss (teacher ids + log-probabilities) on both backends against the float64 oracle."""
+
+import math
+
+import pytest
+import torch
+from helpers import TOLERANCES, assert_grad_close
+from oracle import sparse_oracle
+
+from lit_distill import distillation_loss, fused_linear_sparse_distillation_loss, sparse_distillation_loss
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf - inf inside the interpreter
+
+SHAPE = (2, 3)  # leading shape: 6 rows
+VOCAB = 300  # small for the interpreter; not a power of two: its only block is the masked tail block
+SLOTS = 8
+CASES = [(False, "forward_kl"), (True, "forward_kl"), (True, "reverse_kl"), (True, "jsd"), (True, "tvd")]
+
+
+def make_case(shape=SHAPE, vocab=VOCAB, k=SLOTS, width=None, seed=0, scale=2.0, mass=0.8):
+    """Student logits ``(*shape, width)``, teacher ids and log-probs ``(*shape, k)`` from a teacher correlated
+    with the student (its top k, log-probs scaled so the slots hold about ``mass``), labels with one ignored.
+    Row 1 has three empty slots (interleaved), row 2 none filled."""
+    gen = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    student = torch.randn(n, width or vocab, generator=gen) * scale
+    teacher = 0.7 * student[:, :vocab] + torch.randn(n, vocab, generator=gen) * scale
+    logprobs, ids = torch.log_softmax(teacher, -1).topk(k, -1)
+    logprobs = logprobs - logprobs.logsumexp(-1, keepdim=True) + math.log(mass)
+    perm = torch.argsort(torch.rand(n, k, generator=gen), -1)  # slots in no particular order
+    ids, logprobs = ids.gather(1, perm), logprobs.gather(1, perm)
+    if n > 2:
+        ids[1, 1::3] = -1
+        ids[2] = -1
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[min(4, n - 1)] = -100
+    return (student.reshape(*shape, -1), ids.reshape(*shape, k), logprobs.reshape(*shape, k), labels.reshape(shape))
+
+
+def backend_run(student, ids, logprobs, labels, backend_device, weight=1.0, **kw):
+    """(output, student grad) after the backward of ``(loss * weight).sum()``."""
+    backend, device = backend_device
+    s = student.detach().to(device, copy=True).requires_grad_()
+    y = None if labels is None else labels.to(device)
+    out = sparse_distillation_loss(s, ids.to(device), logprobs.to(device), y, backend=backend, **kw)
+    (out.loss * _weight(weight, out.loss)).sum().backward()
+    return out, s.grad
+
+
+def oracle_run(student, ids, logprobs, labels, weight=1.0, divergence="forward_kl", **kw):
+    s64 = student.detach().double().requires_grad_()
+    loss, stats = sparse_oracle(s64, ids, logprobs, labels, divergence_name=divergence, **kw)
+    (loss * _weight(weight, loss).double()).sum().backward()
+    return loss.detach(), stats, s64.grad
+
+
+def _weight(weight, loss):
+    if isinstance(weight, torch.Tensor):
+        return weight.to(loss.device, loss.dtype)
+    if loss.dim() == 0:
+        return torch.tensor(weight, dtype=loss.dtype, device=loss.device)
+    return torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
+
+
+def assert_matches(backend_device, case, dtype=torch.float32, weight=1.0, **kw):
+    student, ids, logprobs, labels = case
+    student = student.to(dtype)
+    out, grad = backend_run(student, ids, logprobs, labels, backend_device, weight, **kw)
+    loss, stats, grad64 = oracle_run(student, ids, logprobs, labels, weight, **kw)
+    rtol, grad_rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.loss.detach().cpu().double(), loss, rtol=rtol, atol=1e-6)
+    for name in ("soft", "hard", "teacher_ce", "agreement"):
+        torch.testing.assert_close(getattr(out, name).cpu().double(), stats[name], rtol=rtol, atol=1e-6, equal_nan=True)
+    assert int(out.num_tokens) == stats["num_tokens"]
+    # A row whose loss is +inf (a slot or tail with mass on one side only) has a NaN gradient on both sides.
+    grad, grad64 = grad.cpu().reshape(-1, grad.shape[-1]), grad64.reshape(-1, grad.shape[-1])
+    infinite = torch.isnan(grad64).any(-1)
+    assert bool(torch.isnan(grad[infinite]).all())
+    assert_grad_close(grad[~infinite], grad64[~infinite], grad_rtol)
+    return out, grad.reshape(student.shape)
+
+
+@pytest.mark.parametrize(("tail", "divergence"), CASES)
+@pytest.mark.parametrize(("temperature", "alpha"), [(1.0, 1.0), (2.0, 0.3), (1.0, 0.0)])
+def test_matches_oracle(backend_device, tail, divergence, temperature, alpha):
+    kw = {"tail": tail, "divergence": divergence, "temperature": temperature, "alpha": alpha}
+    assert_matches(backend_device, make_case(), **kw)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_and_grad_output(backend_device, reduction):
+    kw = {"tail": True, "divergence": "jsd", "beta": 0.3, "alpha": 0.6, "reduction": reduction}
+    out, _ = assert_matches(backend_device, make_case(seed=3), weight=2.5, **kw)
+    assert out.loss.shape == (() if reduction != "none" else SHAPE)
+
+
+def test_padding_columns_and_whole_blocks(backend_device):
+    # vocab 256 fills whole blocks (no masked tail block); the 16 padding columns get exactly 0
+    case = make_case(vocab=256, width=272, seed=5)
+    _, grad = assert_matches(backend_device, case, vocab_size=256, tail=True, temperature=2.0, alpha=0.5)
+    assert bool((grad[..., 256:] == 0).all())
+
+
+def test_several_gradient_programs_per_row(backend_device):
+    """V = 2500: several statistics blocks, and (on Triton) gradient spans whose slots are written after."""
+    assert_matches(backend_device, make_case(shape=(2,), vocab=2500, k=6, seed=6), tail=True, alpha=0.7)
+
+
+def test_confident_student_tail_is_summed_not_subtracted(backend_device):
+    """The student's tail holds ~1e-9: 1 - sum(q over the slots) in fp32 would be 0 or 6e-8, a wrong loss."""
+    student, ids, logprobs, labels = make_case(seed=7)
+    s = torch.full_like(student, -25.0)
+    valid = ids >= 0
+    s.reshape(-1, VOCAB).scatter_(
+        1, ids.reshape(-1, SLOTS).clamp(min=0), torch.where(valid, 1.0, -25.0).reshape(-1, SLOTS)
+    )
+    case = (s, ids, logprobs, labels)
+    out, _ = assert_matches(backend_device, case, tail=True)
+    loss64 = oracle_run(*case, tail=True)[0]
+    # The cancelling alternative, on the same fp32 inputs: its tail mass, hence its loss, are far off.
+    q = torch.softmax(s.reshape(-1, VOCAB), -1)
+    naive_tail = 1 - torch.where(valid.reshape(-1, SLOTS), q.gather(1, ids.reshape(-1, SLOTS).clamp(min=0)), 0).sum(-1)
+    exact_tail = torch.softmax(s.reshape(-1, VOCAB).double(), -1).sum(-1) - torch.where(
+        valid.reshape(-1, SLOTS),
+        torch.softmax(s.reshape(-1, VOCAB).double(), -1).gather(1, ids.reshape(-1, SLOTS).clamp(min=0)),
+        0,
+    ).sum(-1)
+    rows = valid.reshape(-1, SLOTS).any(-1)
+    assert float(exact_tail[rows].max()) < 1e-8
+    assert float(((naive_tail.double() - exact_tail) / exact_tail)[rows].abs().max()) > 0.5
+    assert abs(float(out.loss.detach()) - float(loss64)) < 1e-5 * float(loss64)
+
+
+def test_all_rows_ignored_or_empty(backend_device):
+    student, ids, logprobs, labels = make_case(seed=8)
+    out, grad = backend_run(student, ids, logprobs, torch.full_like(labels, -100), backend_device, alpha=0.5)
+    assert float(out.loss.detach()) == 0 and int(out.num_tokens) == 0 and bool((grad == 0).all())
+    out, grad = backend_run(student, torch.full_like(ids, -1), logprobs, labels, backend_device, tail=True)
+    assert float(out.loss.detach()) == 0 and bool((grad == 0).all()) and float(out.agreement) == 0
+
+
+def test_fused_linear_matches_projected_logits(backend_device):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(9)
+    hidden, weight, bias = (
+        torch.randn(2, 3, 16, generator=gen),
+        torch.randn(VOCAB, 16, generator=gen) / 2,
+        torch.randn(VOCAB, generator=gen),
+    )
+    _, ids, logprobs, labels = make_case(seed=9)
+    kw = {"tail": True, "divergence": "reverse_kl", "temperature": 2.0, "alpha": 0.4, "backend": backend}
+    leaves = [x.to(device, copy=True).requires_grad_() for x in (hidden, weight, bias)]
+    out = fused_linear_sparse_distillation_loss(
+        leaves[0],
+        leaves[1],
+        ids.to(device),
+        logprobs.to(device),
+        labels.to(device),
+        student_bias=leaves[2],
+        chunk_size=4,
+        **kw,
+    )
+    (2 * out.loss).backward()
+    refs = [x.detach().clone().requires_grad_() for x in (hidden, weight, bias)]
+    ref = sparse_distillation_loss(refs[0] @ refs[1].T + refs[2], ids, logprobs, labels, **{**kw, "backend": "torch"})
+    (2 * ref.loss).backward()
+    torch.testing.assert_close(out.loss.detach().cpu(), ref.loss.detach(), rtol=1e-5, atol=1e-6)
+    for leaf, reference in zip(leaves, refs, strict=True):
+        torch.testing.assert_close(leaf.grad.cpu(), reference.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_reductions_on_torch(reduction):
+    gen = torch.Generator().manual_seed(10)
+    hidden, weight = (
+        torch.randn(6, 8, generator=gen, dtype=torch.float64),
+        torch.randn(VOCAB, 8, generator=gen, dtype=torch.float64),
+    )
+    _, ids, logprobs, labels = make_case(shape=(6,), seed=10)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = fused_linear_sparse_distillation_loss(
+        h, w, ids, logprobs, labels, tail=True, alpha=0.5, reduction=reduction, chunk_size=4
+    )
+    (out.loss * _weight(1.7, out.loss)).sum().backward()
+    h64, w64 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, _ = sparse_oracle(h64 @ w64.T, ids, logprobs, labels, tail=True, alpha=0.5, reduction=reduction)
+    (loss * _weight(1.7, loss)).sum().backward()
+    torch.testing.assert_close(out.loss.detach(), loss.detach())
+    torch.testing.assert_close(h.grad, h64.grad)
+    torch.testing.assert_close(w.grad, w64.grad)
+
+
+def test_bf16_logits_on_torch():
+    assert_matches(("torch", "cpu"), make_case(seed=11), dtype=torch.bfloat16, tail=True, temperature=2.0, alpha=0.5)
+
+
+@pytest.mark.parametrize(("tail", "divergence"), CASES)
+def test_gradcheck_float64(tail, divergence):
+    student, ids, logprobs, labels = make_case(shape=(4,), vocab=12, k=4, seed=12)
+    ids[1, 1] = -1
+    kw = {"tail": tail, "divergence": divergence, "temperature": 2.0, "alpha": 0.5, "backend": "torch"}
+    s = student.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: sparse_distillation_loss(x, ids, logprobs, labels, **kw).loss, (s,))
+
+
+def _fuzz_case(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(options):
+        return options[int(torch.randint(len(options), (), generator=gen))]
+
+    vocab = int(torch.randint(5, 400, (), generator=gen))
+    k = int(torch.randint(1, min(vocab, 20) + 1, (), generator=gen))
+    tail, divergence = draw(CASES)
+    case = make_case(
+        shape=(int(torch.randint(1, 9, (), generator=gen)),),
+        vocab=vocab,
+        k=k,
+        seed=seed + 100,
+        scale=draw([0.5, 2.0, 8.0]),
+        mass=draw([0.3, 0.9, 1.0]),
+    )
+    kw = {
+        "tail": tail,
+        "divergence": divergence,
+        "beta": draw([0.0, 0.2, 0.5, 1.0]),
+        "temperature": draw([0.5, 1.0, 3.0]),
+        "t2_scaling": draw([True, False]),
+        "alpha": draw([0.0, 0.5, 1.0]),
+        "reduction": draw(["mean", "sum", "none"]),
+    }
+    return case, kw
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_fuzz_torch(seed):
+    case, kw = _fuzz_case(seed)
+    assert_matches(("torch", "cpu"), case, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter cases run where there is no GPU")
+@pytest.mark.parametrize("seed", range(4))
+def test_fuzz_interpreter(seed):
+    case, kw = _fuzz_case(seed)
+    assert_matches(("triton", "cpu"), case, **kw)
+
+
+def test_sampled_targets_are_unbiased():
+    """Targets drawn as ``samples`` tokens from p, stored as distinct ids with log(count / samples): the student
+    gradient averaged over draws is the dense forward-KL gradient q - p, within 4 standard errors."""
+    n, vocab, samples, draws = 3, 40, 6, 400
+    gen = torch.Generator().manual_seed(13)
+    student = torch.randn(n, vocab, generator=gen, dtype=torch.float64)
+    p = torch.softmax(torch.randn(n, vocab, generator=gen, dtype=torch.float64) * 1.5, -1)
+    grads = []
+    for _ in range(draws):
+        drawn = torch.multinomial(p, samples, replacement=True, generator=gen)
+        counts = torch.zeros(n, vocab, dtype=torch.float64).scatter_add_(
+            1, drawn, torch.ones_like(drawn, dtype=torch.float64)
+        )
+        top, ids = counts.topk(samples, -1)  # the distinct ids first; the rest are counts of 0: empty slots
+        ids = torch.where(top > 0, ids, -1)
+        s = student.clone().requires_grad_()
+        sparse_distillation_loss(s, ids, (top / samples).log(), reduction="sum").loss.backward()
+        grads.append(s.grad)
+    grads = torch.stack(grads)
+    s = student.clone().requires_grad_()
+    distillation_loss(s, p.log(), reduction="sum").loss.backward()
+    error = (grads.mean(0) - s.grad).abs()
+    # From the per-draw gradients; floored by the known variance p (1 - p) / samples of a count's share, for
+    # the rare tokens that no draw picked (whose empirical variance is 0).
+    standard_error = torch.maximum(grads.std(0), (p * (1 - p) / samples).sqrt()) / math.sqrt(draws)
+    assert bool((error <= 4 * standard_error).all()), float((error / standard_error).max())
+    assert float(standard_error.max()) < 0.05  # the check has teeth: a biased target would exceed it
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (
+            {"ids": lambda ids: ids.masked_fill(ids == ids[0, 0], -2)},
+            ValueError,
+            r"teacher id -2 is outside \[-1, 300\)",
+        ),
+        ({"ids": lambda ids: torch.where(ids == ids[0, 0], 300, ids)}, ValueError, r"outside \[-1, 300\)"),
+        ({"ids": lambda ids: torch.cat([ids[..., :1], ids[..., :-1]], -1)}, ValueError, "repeat token"),
+        ({"ids": lambda ids: ids.float()}, TypeError, "teacher_ids must be an integer tensor"),
+        ({"ids": lambda ids: ids[..., :-1]}, ValueError, "must have the same shape"),
+        ({"ids": lambda ids: ids[:1], "logprobs": lambda lp: lp[:1]}, ValueError, "leading shape"),
+        ({"logprobs": lambda lp: lp.long()}, TypeError, "teacher_logprobs must be floating point"),
+        ({"kw": {"divergence": "reverse_kl"}}, ValueError, "need the tail bucket: pass tail=True"),
+        ({"kw": {"tail": True, "divergence": "skew_forward_kl"}}, ValueError, "not defined for sparse teachers"),
+        ({"kw": {"alpha": 0.5}, "labels": None}, ValueError, "labels is None"),
+        ({"kw": {"vocab_size": 301}}, ValueError, "larger than the student's vocabulary"),
+        ({"kw": {"tail": 1}}, TypeError, "tail must be a bool"),
+    ],
+)
+def test_bad_input(change, error, match):
+    student, ids, logprobs, labels = make_case()
+    ids = change.get("ids", lambda x: x)(ids)
+    logprobs = change.get("logprobs", lambda x: x)(logprobs)
+    labels = change.get("labels", labels)
+    with pytest.raises(error, match=match):
+        sparse_distillation_loss(student, ids, logprobs, labels, backend="torch", **change.get("kw", {}))
