@@ -44,6 +44,8 @@ def compiled():
 #: Registers per thread: the statistics pass is capped at 64 (four 8-warp programs per SM); the others hold
 #: what their math needs today (skew_reverse_kl's 79 is the most), so a regression shows.
 REGISTER_BUDGETS = {"row_stats": 64, "soft_pass": 80, "grad": 80}
+#: The sparse-teacher kernels: the statistics pass capped at 64 as the dense one; the gradient pass holds 40.
+REGISTER_BUDGETS.update({"sparse_stats": 64, "sparse_grad": 48})
 #: Instructions of the statistics loop for forward KL at T=1, outside the rarely taken argmax branch. The
 #: H200 prototype (``../shared/research/h200_prototype.py``) issues about 423; ours issued 877 before the
 #: log2 rewrite and issue 441 with it.
