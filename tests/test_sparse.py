@@ -131,6 +131,19 @@ def test_confident_student_tail_is_summed_not_subtracted(backend_device):
     assert abs(float(out.loss.detach()) - float(loss64)) < 1e-5 * float(loss64)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_tail_beyond_fp32_range(backend_device, temperature):
+    """The tail 100/T nats below the slots: its mass (e^-100) underflows fp32 if shifted by the row's max.
+    The loss and the tail columns' gradient (q_u / Q_tail times a finite factor) still match the oracle."""
+    student, ids, logprobs, labels = make_case(seed=14)
+    valid = (ids >= 0).reshape(-1, SLOTS)
+    s = torch.randn(student.shape, generator=torch.Generator().manual_seed(15)).reshape(-1, VOCAB) - 100.0
+    s.scatter_(1, ids.reshape(-1, SLOTS).clamp(min=0), torch.where(valid, 0.0, -100.0))
+    case = (s.reshape(student.shape), ids, logprobs, labels)
+    out, _ = assert_matches(backend_device, case, tail=True, temperature=temperature, alpha=0.5)
+    assert math.isfinite(float(out.soft)) and float(out.soft) > 10
+
+
 def test_all_rows_ignored_or_empty(backend_device):
     student, ids, logprobs, labels = make_case(seed=8)
     out, grad = backend_run(student, ids, logprobs, torch.full_like(labels, -100), backend_device, alpha=0.5)

@@ -1,11 +1,10 @@
-"""Distillation from a sparse teacher: K token ids per position with their log-probabilities.
-
-``sparse_distillation_loss`` takes the student's logits, ``fused_linear_sparse_distillation_loss`` its hidden
-states and lm_head. The per-row math is in ``sparse_torch.py`` (shared with the Triton path, with the
-chunked PyTorch backend), the kernels in ``sparse_triton.py``.
+"""Distillation from a sparse teacher (K token ids per position with their log-probabilities): the public
+functions. The per-row math and the PyTorch path are in ``sparse_torch.py``, the kernels in ``sparse_triton.py``.
 """
 
 from __future__ import annotations
+
+from dataclasses import fields
 
 import torch
 
@@ -13,7 +12,7 @@ from .backend import use_triton
 from .inputs import check_labels
 from .options import LossOptions
 from .rows import DistillationOutput, forward_row_scale, row_grad_scale, row_targets
-from .sparse_torch import SparseRows, finish, torch_sparse_loss, torch_sparse_rows
+from .sparse_torch import SparseRows, empty_rows, finish, torch_sparse_loss, torch_sparse_rows
 
 __all__ = ["fused_linear_sparse_distillation_loss", "sparse_distillation_loss"]
 
@@ -21,6 +20,7 @@ __all__ = ["fused_linear_sparse_distillation_loss", "sparse_distillation_loss"]
 TAIL_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 #: Elements of the ``[chunk, V]`` logits the fused-linear form projects at once, by device type.
 LINEAR_CHUNK_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 24}
+OPTION_NAMES = {f.name for f in fields(LossOptions)}
 
 
 def sparse_distillation_loss(
@@ -84,9 +84,7 @@ def sparse_distillation_loss(
             with a divergence other than forward KL, and the option errors of ``distillation_loss``.
         TypeError: non-integer ids, non-floating logits or log-probabilities.
     """
-    opts = _options(
-        tail, divergence, beta, temperature, t2_scaling, alpha, vocab_size, ignore_index, reduction, backend
-    )
+    opts = _options(locals())
     _check_tensor("student_logits", student_logits, floating=True)
     lead, width = student_logits.shape[:-1], student_logits.shape[-1]
     vocab = _vocab(width, opts)
@@ -138,16 +136,12 @@ def fused_linear_sparse_distillation_loss(
         gradient is folded into them in the forward (``dH = G W``, ``dW += Gᵀ H``, ``db += Σ G``) and the
         backward only scales them by ``grad_output``, except with ``reduction="none"``, which recomputes.
     """
-    opts = _options(
-        tail, divergence, beta, temperature, t2_scaling, alpha, vocab_size, ignore_index, reduction, backend
-    )
+    opts = _options(locals())
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
         _check_tensor(name, x, floating=True)
     if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
-        raise ValueError(
-            f"student_hidden {tuple(student_hidden.shape)} and student_weight "
-            f"{tuple(student_weight.shape)} do not match: the weight must be (vocab, hidden)"
-        )
+        shapes = f"student_hidden {tuple(student_hidden.shape)} and student_weight {tuple(student_weight.shape)}"
+        raise ValueError(f"{shapes} do not match: the weight must be (vocab, hidden)")
     if student_bias is not None and tuple(student_bias.shape) != (student_weight.shape[0],):
         raise ValueError(f"student_bias {tuple(student_bias.shape)} must have shape ({student_weight.shape[0]},)")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
@@ -209,23 +203,16 @@ def _run_chunks(hidden, weight, bias, ids, logprobs, labels, opts, tail, vocab, 
         rows_of = torch_sparse_rows
     sum_dtype = torch.promote_types(weight.dtype, torch.float32)
     grads = None
-    if scale is not None:
-        grads = [
-            torch.empty_like(hidden),
-            torch.zeros(weight.shape, dtype=sum_dtype, device=weight.device),
-            None if bias is None else torch.zeros(bias.shape, dtype=sum_dtype, device=bias.device),
-        ]
+    if scale is not None:  # dW and db summed in fp32 (or fp64)
+        zeros = [None if x is None else torch.zeros(x.shape, dtype=sum_dtype, device=x.device) for x in (weight, bias)]
+        grads = [torch.empty_like(hidden), *zeros]
     parts = []
     for start in range(0, n, chunk_size):
         r = slice(start, min(start + chunk_size, n))
         logits = torch.nn.functional.linear(hidden[r], weight, bias)
-        y = None if labels is None else labels[r]
+        y, scale_r = (None if x is None else x[r] for x in (labels, scale))
         grad = None if scale is None else logits  # written over the logits, which are read first
-        parts.append(
-            rows_of(
-                logits, ids[r], logprobs[r], y, opts, tail, vocab, scale=None if scale is None else scale[r], grad=grad
-            )
-        )
+        parts.append(rows_of(logits, ids[r], logprobs[r], y, opts, tail, vocab, scale=scale_r, grad=grad))
         if grad is not None:
             torch.mm(grad, weight, out=grads[0][r])
             grads[1].addmm_(grad.t().to(sum_dtype), hidden[r].to(sum_dtype))
@@ -233,24 +220,14 @@ def _run_chunks(hidden, weight, bias, ids, logprobs, labels, opts, tail, vocab, 
                 grads[2].add_(grad.sum(0, dtype=sum_dtype))
         del logits, grad
     if not parts:
-        empty = torch.empty(0, device=hidden.device)
-        index = torch.empty(0, dtype=torch.long, device=hidden.device)
-        return SparseRows(empty, empty, empty, index, index, None if labels is None else empty), grads
+        return empty_rows(torch.float32, hidden.device, labels is not None), grads
     return SparseRows(*(None if p[0] is None else torch.cat(p) for p in zip(*parts, strict=True))), grads
 
 
-def _options(tail, divergence, beta, temperature, t2_scaling, alpha, vocab_size, ignore_index, reduction, backend):
-    opts = LossOptions(
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        t2_scaling=t2_scaling,
-        alpha=alpha,
-        vocab_size=vocab_size,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        backend=backend,
-    )
+def _options(arguments: dict) -> LossOptions:
+    """The validated options from a public function's ``locals()`` (its keywords are LossOptions fields)."""
+    tail = arguments["tail"]
+    opts = LossOptions(**{k: v for k, v in arguments.items() if k in OPTION_NAMES})
     if not isinstance(tail, bool):
         raise TypeError(f"tail must be a bool, got {type(tail).__name__}")
     allowed = TAIL_DIVERGENCES if tail else ("forward_kl",)
@@ -285,10 +262,8 @@ def _check_teacher(ids, logprobs, labels, lead, vocab, device, opts):
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"teacher_ids must be an integer tensor (e.g. torch.long), got {ids.dtype}")
     if ids.shape != logprobs.shape:
-        raise ValueError(
-            f"teacher_ids {tuple(ids.shape)} and teacher_logprobs {tuple(logprobs.shape)} must have"
-            " the same shape (..., K)"
-        )
+        shapes = f"teacher_ids {tuple(ids.shape)} and teacher_logprobs {tuple(logprobs.shape)}"
+        raise ValueError(f"{shapes} must have the same shape (..., K)")
     if ids.shape[:-1] != lead:
         raise ValueError(f"teacher_ids {tuple(ids.shape)} must have the student's leading shape {tuple(lead)} plus K")
     for name, x in (("teacher_ids", ids), ("teacher_logprobs", logprobs)):
@@ -312,10 +287,8 @@ def _check_ids(ids: torch.Tensor, vocab: int) -> None:
         torch._assert_async(~repeated.any(), "teacher_ids repeat a token within a position")
         return
     if out_of_range.any():
-        raise ValueError(
-            f"teacher id {ids[out_of_range][0].item()} is outside [-1, {vocab}): ids must be tokens"
-            " of the student's vocabulary, or -1 for an empty slot"
-        )
+        bad = int(ids[out_of_range][0])
+        raise ValueError(f"teacher id {bad} is outside [-1, {vocab}): a token of the student's vocabulary or -1")
     if repeated.any():
         row = int(repeated.any(-1).nonzero()[0])
         token = int(ordered[row, 1:][repeated[row]][0])

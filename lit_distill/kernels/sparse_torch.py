@@ -1,16 +1,20 @@
 """Sparse teacher signals: the per-row bucket math both backends share, and the chunked PyTorch path.
 
 A teacher given as K slots per token (ids, -1 for an empty slot, with log-probabilities at temperature T)
-leaves only the student's row to stream over the vocabulary. A backend computes, per row, the student's
-log-sum-exp over the columns that are not slots (the tail: its max, log sum exp((s - max) / T) and argmax),
-with the slot columns masked out, never subtracted afterwards: 1 - sum(q over the slots) cancels to 0 or
-garbage when the student is confident. The rest needs only the K slot logits: :func:`bucket_rows`, O(N K)
-work that both backends call, so they cannot disagree on it.
+leaves only the student's row to stream over the vocabulary. A backend computes per row the log-sum-exp of
+the tail, the columns that are no slot (its max, log sum exp((s - max) / T), argmax), with the slots masked
+out, never subtracted afterwards: 1 - sum(q over the slots) cancels when the student is confident. The rest
+needs only the K slot logits: :func:`bucket_rows`, O(N K) work both backends call.
 
-Gradients (``SparseDistillationFunction`` in ``sparse.py`` has the derivation): with buckets b (the slots,
-and with ``tail=True`` the rest), ``Q_b`` the student's mass, ``g_b = dD/dQ_b`` and ``S = sum_b Q_b g_b``,
-``dD/da_u = q_u (g_b(u) - S)`` for a = s / T. A slot column's gradient is its bucket's ``Q_b (g_b - S)``; a
-tail column's is ``r_u Q_tail (g_tail - S)`` with ``r_u = q_u / Q_tail``, the tail's own softmax.
+The math per row, a = s / T, q = softmax(a) over the real vocabulary. Buckets b: the K slots and, with
+``tail=True``, the tail. Teacher masses P_b (tail: max(0, 1 - sum p); ``tail=False``: p renormalized, no
+tail), student masses Q_b = sum of q over b; D = D(P, Q) over the buckets. With g_b = dD/dQ_b (Q
+unconstrained) and S = sum_b Q_b g_b, the softmax Jacobian gives dD/da_u = q_u (g_b(u) - S), so:
+  slot column j: Q_j (g_j - S), its bucket being that one column;
+  tail column u: r_u Q_tail (g_tail - S), r_u = q_u / Q_tail = exp((s_u - tail max) / T - tail log sum).
+Q_b (g_b - S) is Q_b sum(P) - P_b (forward KL), Q_b (log Q_b - log P_b - D) (reverse KL), and h_b - Q_b
+sum(h) with h_b = (1 - beta) Q_b log(Q_b / M_b) (jsd) or Q_b sign(Q_b - P_b) / 2 (tvd). The loss's gradient
+in s is alpha c / T times that (c = T² or 1) plus (1 - alpha) (softmax(s) - onehot(label)), at T = 1.
 """
 
 from __future__ import annotations
@@ -23,15 +27,13 @@ import torch
 from .options import LossOptions
 from .rows import DistillationOutput, RowStatistics, finish_rows, forward_row_scale, row_targets
 
-#: Larger than any column index: the student argmax's "no candidate".
-NO_COLUMN = 1 << 62
-#: Elements per ``[chunk, V]`` workspace (4 MiB in fp32), as in the dense PyTorch path.
-CHUNK_ELEMENTS = 1 << 20
+NO_COLUMN = 1 << 62  # past every column: the student argmax's "no candidate"
+CHUNK_ELEMENTS = 1 << 20  # per [chunk, V] workspace (4 MiB in fp32), as in the dense PyTorch path
+UNDERFLOW = -69.0  # log of 1e-30: a tail sum below it has lost fp32 digits to subnormals
 
 
 def zero_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Set the rows of ``grad`` ``[R, V]`` where ``rows`` ``[R]`` is True to exactly 0 (NaN * 0 would be NaN);
-    on CPU only those rows are touched, elsewhere a fill pass that needs no host sync."""
+    """Rows of ``grad`` where ``rows`` is True to exactly 0 (0 * NaN is NaN); on CPU touching only those rows."""
     if rows.device.type != "cpu":
         return grad.masked_fill_(rows[:, None], 0.0)
     if rows.any():
@@ -40,29 +42,18 @@ def zero_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 class SlotRows(NamedTuple):
-    """The per-row results of :func:`bucket_rows` (``[R]`` unless noted; compute dtype).
+    """The per-row results of :func:`bucket_rows` (``[R]`` unless noted; compute dtype)."""
 
-    Attributes:
-        divergence: D over the buckets at temperature T, without T² (0 in a row without teacher mass).
-        row_max: max of the student's valid logits (raw).
-        log_sum: log sum exp((s - row_max) / T) over the valid columns.
-        tail_factor: a tail column's dD/da is ``tail_factor * exp((s - tail shift) / T)``.
-        slot_grad: ``[R, K]`` dD/da at each slot's column (0 at empty slots).
-        student_argmax: int64, first index of the student's max.
-        teacher_top: int64, the id of the teacher's most likely slot (-1 without one).
-    """
-
-    divergence: torch.Tensor
-    row_max: torch.Tensor
-    log_sum: torch.Tensor
-    tail_factor: torch.Tensor
-    slot_grad: torch.Tensor
-    student_argmax: torch.Tensor
-    teacher_top: torch.Tensor
+    divergence: torch.Tensor  # D over the buckets at T, without T² (0 in a row without teacher mass)
+    row_max: torch.Tensor  # max of the student's valid logits (raw)
+    log_sum: torch.Tensor  # log sum exp((s - row_max) / T) over the valid columns
+    tail_factor: torch.Tensor  # a tail column's dD/da is tail_factor * exp((s - tail shift) / T)
+    slot_grad: torch.Tensor  # [R, K] dD/da at each slot's column (0 at empty slots)
+    student_argmax: torch.Tensor  # int64, first index of the student's max
+    teacher_top: torch.Tensor  # int64, the id of the teacher's most likely slot (-1 without one)
 
 
-def shift_of(row_max: torch.Tensor) -> torch.Tensor:
-    """The exponent shift of a row: its max, or 0 in an all -inf row (no -inf - -inf = NaN)."""
+def shift_of(row_max: torch.Tensor) -> torch.Tensor:  # a row's max, or 0 in an all -inf row (not NaN)
     return torch.where(row_max == -math.inf, 0.0, row_max)
 
 
@@ -71,8 +62,7 @@ def total_log_sum(slot_logits, tail_max, tail_lsum, inv_t: float) -> tuple[torch
     slot logits (-inf at empty slots). The shift comes before the scaling, as in the dense backends."""
     row_max = torch.maximum(tail_max, slot_logits.amax(-1))
     shift = shift_of(row_max)
-    tail_term = (tail_max - shift) * inv_t + tail_lsum
-    terms = torch.cat([(slot_logits - shift[:, None]) * inv_t, tail_term[:, None]], -1)
+    terms = torch.cat([(slot_logits - shift[:, None]) * inv_t, ((tail_max - shift) * inv_t + tail_lsum)[:, None]], -1)
     return row_max, torch.logsumexp(terms, -1)
 
 
@@ -95,33 +85,21 @@ def bucket_rows(slot_logits, ids, logprobs, tail_max, tail_lsum, tail_argmax, op
         active = mass != -math.inf
         lp = lp - mass[:, None]
         lp_tail = torch.full_like(mass, -math.inf)
-    div, grad = bucket_divergence(
-        torch.cat([lp, lp_tail[:, None]], -1),
-        torch.cat([lq, lq_tail[:, None]], -1),
-        opts.resolved_divergence,
-        opts.beta,
-    )
+    lP, lQ = torch.cat([lp, lp_tail[:, None]], -1), torch.cat([lq, lq_tail[:, None]], -1)
+    div, grad = bucket_divergence(lP, lQ, opts.resolved_divergence, opts.beta)
     div = torch.where(active, div, 0.0)
     # The derivative of an infinite loss has no value: NaN in the whole row, as in the dense backends.
     grad = torch.where(active[:, None], grad, 0.0).masked_fill_((div == math.inf)[:, None], math.nan)
     slot_grad, tail_grad = grad[:, :-1], grad[:, -1]
     tail_factor = torch.where(tail_grad == 0, 0.0, tail_grad * (-tail_lsum).exp())
-    return SlotRows(
-        div,
-        row_max,
-        log_sum,
-        tail_factor,
-        slot_grad,
-        _student_argmax(slot_logits, ids, tail_max, tail_argmax),
-        _teacher_top(lp, ids),
-    )
+    student_argmax = _student_argmax(slot_logits, ids, tail_max, tail_argmax)
+    return SlotRows(div, row_max, log_sum, tail_factor, slot_grad, student_argmax, _teacher_top(lp, ids))
 
 
 def bucket_divergence(lP, lQ, kind: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """D ``[R]`` and ``Q_b (g_b - S)`` ``[R, B]`` over buckets given as log-masses ``[R, B]`` (-inf for 0).
 
-    g = dD/dQ with Q unconstrained: forward KL -P/Q, reverse KL log(Q/P) + 1, jsd (1-beta) log(Q/M), tvd
-    sign(Q - P) / 2. The KLs use closed forms of Q (g - S), exact also where a bucket underflows.
+    The KLs use closed forms of Q (g - S) (see the module docstring), exact also where a bucket underflows.
     """
     P, Q = lP.exp(), lQ.exp()
     if kind == "forward_kl":
@@ -141,13 +119,11 @@ def bucket_divergence(lP, lQ, kind: str, beta: float) -> tuple[torch.Tensor, tor
     return div, q_g - Q * q_g.sum(-1, keepdim=True)
 
 
-def _weighted_log_ratio(w, log_x, log_y):
-    """sum(w (log_x - log_y)) with 0 where w == 0 (not w > 0: a NaN weight propagates)."""
+def _weighted_log_ratio(w, log_x, log_y):  # 0 where w == 0 (not w > 0: a NaN weight propagates)
     return torch.where(w != 0, w * (log_x - log_y), 0.0).sum(-1)
 
 
-def _student_argmax(slot_logits, ids, tail_max, tail_argmax):
-    """First index of the row's max, as torch.argmax: the tail's, or the smallest slot id holding the max."""
+def _student_argmax(slot_logits, ids, tail_max, tail_argmax):  # the first index of the max, as torch.argmax
     slot_max = slot_logits.amax(-1)
     holds = (slot_logits == slot_max[:, None]) & (ids >= 0)
     best_slot = torch.where(holds, ids, NO_COLUMN).amin(-1)
@@ -155,8 +131,7 @@ def _student_argmax(slot_logits, ids, tail_max, tail_argmax):
     return torch.where(slot_max == tail_max, torch.minimum(best_slot, tail_argmax), best)
 
 
-def _teacher_top(lp, ids):
-    """The id of the first slot with the highest probability; -1 in a row without teacher mass."""
+def _teacher_top(lp, ids):  # the id of the first most likely slot; -1 in a row without teacher mass
     top = ids.gather(1, lp.argmax(-1, keepdim=True)).squeeze(1)
     return torch.where(lp.amax(-1) > -math.inf, top, -1)
 
@@ -164,9 +139,8 @@ def _teacher_top(lp, ids):
 def fill_index(ids: torch.Tensor) -> torch.Tensor:
     """``[R, K]`` scatter index: a slot's id, or for an empty slot the row's first slot id (0 in a row without
     slots), so that a scatter writing each slot's value writes every column once (no duplicate races)."""
-    valid = ids >= 0
-    first = ids.gather(1, valid.to(torch.uint8).argmax(-1, keepdim=True)).clamp(min=0)
-    return torch.where(valid, ids, first)
+    first = ids.gather(1, (ids >= 0).to(torch.uint8).argmax(-1, keepdim=True)).clamp(min=0)
+    return torch.where(ids >= 0, ids, first)
 
 
 def scatter_slots(grad, index, ids, values) -> None:
@@ -192,11 +166,14 @@ class SparseRows(NamedTuple):
 def finish(rows: SparseRows, labels: torch.Tensor | None, opts: LossOptions) -> tuple[DistillationOutput, torch.Tensor]:
     """The reduced output and the mean's divisor: ``rows.finish_rows`` without a teacher cross-entropy."""
     targets = row_targets(labels, None, opts, rows.divergence.shape[0], rows.divergence.device)
-    none = torch.zeros_like(rows.divergence)  # the teacher's log-sum-exp, read only for a teacher CE
-    stats = RowStatistics(
-        rows.divergence, rows.row_max, rows.log_sum, none, none, rows.student_argmax, rows.teacher_top
-    )
+    unused = torch.zeros_like(rows.divergence)  # the teacher's log-sum-exp, read only for a teacher CE
+    stats = RowStatistics(*rows[:3], unused, unused, rows.student_argmax, rows.teacher_top)
     return finish_rows(stats, targets, rows.target_logit, None, opts)
+
+
+def empty_rows(dtype, device, labels: bool) -> SparseRows:
+    empty, index = torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=torch.long, device=device)
+    return SparseRows(empty, empty, empty, index, index, empty if labels else None)
 
 
 def slot_values(slots: SlotRows, slot_logits, ids, labels, scale, opts: LossOptions, lse1) -> torch.Tensor:
@@ -217,58 +194,64 @@ def torch_sparse_rows(student, ids, logprobs, labels, opts, tail, vocab, scale=N
     chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // vocab)
     t1 = labels is not None and opts.temperature != 1.0  # the cross-entropy's sums at T = 1 cost a pass
     work = torch.empty(1 + t1, min(chunk_rows, n), vocab, dtype=dtype, device=student.device)
-    parts = []
     if n == 0:
-        empty, index = torch.empty(0, dtype=dtype, device=student.device), torch.empty(0, dtype=torch.long)
-        return SparseRows(empty, empty, empty, index, index, None if labels is None else empty)
+        return empty_rows(dtype, student.device, labels is not None)
     if grad is not None:
         grad[:, vocab:] = 0
+    parts = []
     for start in range(0, n, chunk_rows):
         r = slice(start, min(start + chunk_rows, n))
-        y = None if labels is None else labels[r]
-        parts.append(
-            _chunk(
-                student[r, :vocab],
-                ids[r],
-                logprobs[r],
-                y,
-                opts,
-                tail,
-                work[:, : r.stop - start],
-                None if scale is None else scale[r],
-                None if grad is None else grad[r, :vocab],
-            )
-        )
+        y, chunk_scale, chunk_grad = (None if x is None else x[r] for x in (labels, scale, grad))
+        chunk_grad = None if chunk_grad is None else chunk_grad[:, :vocab]
+        rows, state = _chunk(student[r, :vocab], ids[r], logprobs[r], y, opts, tail, work[:, : r.stop - start])
+        if chunk_grad is not None:  # the last write: the gradient may be the logits themselves
+            _gradient(chunk_grad, chunk_scale, opts, *state)
+        parts.append(rows)
     return SparseRows(*(None if p[0] is None else torch.cat(p) for p in zip(*parts, strict=True)))
 
 
-def _chunk(s, ids, logprobs, labels, opts: LossOptions, tail: bool, work, scale, grad) -> SparseRows:
-    inv_t = 1.0 / opts.temperature
+def _chunk(s, ids, logprobs, labels, opts: LossOptions, tail: bool, work):
+    """A chunk of rows ``[R, V]``: its :class:`SparseRows`, and what :func:`_gradient` needs.
+
+    The tail is shifted by the row's max, not its own: a read pass (``max``) instead of a masked copy and a
+    second max. Only where that underflows (a tail below e^-69 of the max) are rows redone with the tail's max.
+    """
     x, *rest = work.unbind(0)
     index = fill_index(ids)
-    has_slot = (ids >= 0).any(-1, keepdim=True)
     at_index = s.gather(1, index).to(x.dtype)
     slot_logits = torch.where(ids >= 0, at_index, -math.inf)
-    x.copy_(s).scatter_(1, index, torch.where(has_slot, -math.inf, at_index))  # the slots out of the tail
-    tail_max, tail_argmax = x.max(-1)
-    tail_shift = shift_of(tail_max)
-    x.sub_(tail_shift[:, None])
-    if rest:  # the tail's exponentials at T = 1, for the cross-entropy
-        e1 = torch.exp(x, out=rest[0])
-        tail_lsum1 = e1.sum(-1).log()
-    if inv_t != 1.0:
-        x.mul_(inv_t)
-    e = x.exp_()  # 0 at the slot columns
-    tail_lsum = e.sum(-1).log()
-    slots = bucket_rows(slot_logits, ids, logprobs, tail_max, tail_lsum, tail_argmax, opts, tail)
+    has_slot = (ids >= 0).any(-1, keepdim=True)
+    tail_max, argmax = s.max(-1)
+    tail_max = tail_max.to(x.dtype)
+    e1 = rest[0] if rest else None
+    tail_lsum, tail_lsum1 = _tail_sums(s, index, has_slot, x, e1, opts.temperature, shift_of(tail_max))
+    under = (tail_lsum < UNDERFLOW) & ((ids >= 0).sum(-1) < s.shape[1])  # -inf is right without tail columns
+    if bool(under.any()):
+        r = under.nonzero().squeeze(1)
+        masked = s[r].to(x.dtype).scatter_(1, index[r], torch.where(has_slot[r], -math.inf, at_index[r]))
+        tail_max[r] = masked.max(-1).values
+        parts = [torch.empty_like(x[r]), None if e1 is None else torch.empty_like(x[r])]
+        lsums = _tail_sums(s[r], index[r], has_slot[r], *parts, opts.temperature, shift_of(tail_max[r]))
+        for buffer, part, lsum, value in zip((x, e1), parts, (tail_lsum, tail_lsum1), lsums, strict=True):
+            if buffer is not None:
+                buffer[r], lsum[r] = part, value
+    slots = bucket_rows(slot_logits, ids, logprobs, tail_max, tail_lsum, argmax, opts, tail)
     lse1 = (slots.row_max, slots.log_sum) if not rest else total_log_sum(slot_logits, tail_max, tail_lsum1, 1.0)
     safe = None if labels is None else torch.where(labels == opts.ignore_index, 0, labels)
     s_y = None if safe is None else s.gather(1, safe[:, None]).squeeze(1).to(x.dtype)
-    if grad is not None:  # the last write: ``grad`` may be ``s`` itself
-        _gradient(
-            grad, e, rest[0] if rest else None, slots, slot_logits, ids, index, safe, scale, opts, tail_shift, lse1
-        )
-    return SparseRows(slots.divergence, *lse1, slots.student_argmax, slots.teacher_top, s_y)
+    rows = SparseRows(slots.divergence, *lse1, slots.student_argmax, slots.teacher_top, s_y)
+    return rows, (x, e1, slots, slot_logits, ids, index, safe, shift_of(tail_max), lse1)
+
+
+def _tail_sums(s, index, has_slot, x, e1, temperature, shift):
+    """Writes ``exp((s - shift) / T)`` into ``x`` (and ``exp(s - shift)`` into ``e1`` unless None), 0 at the
+    slots; returns the log of their row sums (the second None without ``e1``)."""
+    torch.sub(s, shift[:, None], out=x)
+    x.scatter_(1, index, torch.where(has_slot, -math.inf, x.gather(1, index)))  # a row without slots: as it is
+    lsum1 = None if e1 is None else torch.exp(x, out=e1).sum(-1).log()
+    if temperature != 1.0:
+        x.mul_(1.0 / temperature)
+    return x.exp_().sum(-1).log(), lsum1
 
 
 def tail_coefficients(slots: SlotRows, lse1, tail_shift, scale, opts: LossOptions):
@@ -283,9 +266,9 @@ def tail_coefficients(slots: SlotRows, lse1, tail_shift, scale, opts: LossOption
     return (a + q1, zero, hard * scale) if opts.temperature == 1.0 else (a, q1, hard * scale)
 
 
-def _gradient(grad, e, e1, slots: SlotRows, slot_logits, ids, index, labels, scale, opts, tail_shift, lse1):
-    """Writes a chunk's scaled loss gradient into ``grad``: the tail columns from their exponentials ``e``
-    (and ``e1``, at T = 1, when T != 1), then the slot columns over them."""
+def _gradient(grad, scale, opts, e, e1, slots: SlotRows, slot_logits, ids, index, labels, tail_shift, lse1):
+    """Writes a chunk's loss gradient times ``scale`` into ``grad``: the tail columns from their exponentials
+    ``e`` (and ``e1``, at T = 1, when T != 1), then the slot columns over them."""
     a, b, h = tail_coefficients(slots, lse1, tail_shift, scale, opts)
     out = grad if grad.dtype == e.dtype else e  # straight into the gradient: no copy pass when dtypes agree
     torch.mul(e, a[:, None], out=out)
@@ -299,8 +282,7 @@ def _gradient(grad, e, e1, slots: SlotRows, slot_logits, ids, index, labels, sca
         grad.copy_(out)
 
 
-def torch_sparse_loss(student, ids, logprobs, labels, opts, tail, vocab, chunk_rows=None):
-    """The chunked PyTorch path on flattened inputs: ``(DistillationOutput, its fields as a tuple)``."""
+def torch_sparse_loss(student, ids, logprobs, labels, opts, tail, vocab, chunk_rows=None) -> DistillationOutput:
     want = torch.is_grad_enabled() and student.requires_grad
     return DistillationOutput(
         *_ChunkedSparse.apply(student, ids, logprobs, labels, opts, tail, vocab, chunk_rows, want)
@@ -308,8 +290,7 @@ def torch_sparse_loss(student, ids, logprobs, labels, opts, tail, vocab, chunk_r
 
 
 class _ChunkedSparse(torch.autograd.Function):
-    """Row-chunked forward that also writes each row's loss gradient; the backward rescales it (as the
-    dense PyTorch path does: on a CPU recomputing the exponentials would cost more than keeping them)."""
+    """Chunked forward writing each row's loss gradient, which the backward rescales (as the dense path)."""
 
     @staticmethod
     def forward(ctx, student, ids, logprobs, labels, opts, tail, vocab, chunk_rows, want_grad):
@@ -325,6 +306,8 @@ class _ChunkedSparse(torch.autograd.Function):
         if ctx.grad is None:  # a second backward (gradcheck, retain_graph): recompute
             ctx.grad = _forward(*ctx.saved_tensors, *ctx.args, True)[1]
         grad, ctx.grad = ctx.grad, None
+        if ctx.args[0].reduction != "none" and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+            return grad, *[None] * 8  # the common case costs no pass over the gradient
         factor = grad_loss.reshape(-1, 1) if ctx.args[0].reduction == "none" else grad_loss.reshape(1, 1)
         grad.mul_(factor.to(grad.dtype))
         zero_rows(grad, (factor == 0).reshape(-1).expand(grad.shape[0]))  # 0 * NaN would be NaN
@@ -332,10 +315,8 @@ class _ChunkedSparse(torch.autograd.Function):
 
 
 def _forward(student, ids, logprobs, labels, opts, tail, vocab, chunk_rows, want_grad):
-    n = student.shape[0]
-    counted = row_targets(labels, None, opts, n, student.device).counted
+    counted = row_targets(labels, None, opts, student.shape[0], student.device).counted
     divisor = counted.sum().clamp(min=1).to(torch.promote_types(student.dtype, torch.float32))
-    scale = forward_row_scale(counted, divisor, opts.reduction)
     grad = torch.empty_like(student) if want_grad else None
-    rows = torch_sparse_rows(student, ids, logprobs, labels, opts, tail, vocab, scale, grad, chunk_rows)
-    return rows, grad
+    scale = forward_row_scale(counted, divisor, opts.reduction)
+    return torch_sparse_rows(student, ids, logprobs, labels, opts, tail, vocab, scale, grad, chunk_rows), grad
