@@ -1,5 +1,6 @@
 """Distillation from a sparse teacher (K token ids per position with their log-probabilities): the public
-functions. The per-row math and the PyTorch path are in ``sparse_torch.py``, the kernels in ``sparse_triton.py``.
+functions. The per-row math is in ``sparse_rows.py``, the PyTorch path in ``sparse_torch.py``, the kernels in
+``sparse_triton.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from .backend import use_triton
 from .inputs import check_labels
 from .options import LossOptions
 from .rows import DistillationOutput, forward_row_scale, row_grad_scale, row_targets
-from .sparse_torch import SparseRows, empty_rows, finish, torch_sparse_loss, torch_sparse_rows
+from .sparse_rows import SparseRows, empty_rows, finish
+from .sparse_torch import torch_sparse_loss, torch_sparse_rows
 
 __all__ = ["fused_linear_sparse_distillation_loss", "sparse_distillation_loss"]
 

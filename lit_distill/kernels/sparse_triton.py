@@ -4,7 +4,7 @@ Passes over the student's row: 2, as for a cross-entropy. The statistics pass (o
 the online max, log-sum-exp (at T, and at T=1 when a cross-entropy needs it) and argmax of the tail, the
 columns outside the teacher's slots; the gradient pass writes the grad_output-scaled gradient once, the tail
 columns from a per-row formula and then the K slot columns over them. The K slots' own numbers are O(N K)
-gathers and the bucket math of ``sparse_torch.bucket_rows``, shared with the PyTorch path.
+gathers and the bucket math of ``sparse_rows.bucket_rows``, shared with the PyTorch path.
 
 Keeping the slots out of the tail: each row's ids are sorted (on the host; [N, K] is small) and held in
 registers, and the statistics pass sets the slots of each block to -inf, taking them in order (one [K] min
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .rows import DistillationOutput, row_grad_scale, row_targets
-from .sparse_torch import SparseRows, bucket_rows, finish, shift_of, slot_values, tail_coefficients, total_log_sum
+from .sparse_rows import SparseRows, bucket_rows, finish, shift_of, slot_values, tail_coefficients, total_log_sum
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -241,7 +241,7 @@ def triton_sparse_loss(student, ids, logprobs, labels, opts, tail, vocab) -> Dis
 
 class TritonSparseFunction(torch.autograd.Function):
     """Sparse-teacher loss on ``[N, V]`` logits: statistics in the forward, the gradient in the backward
-    (the math: ``sparse_torch.py``'s module docstring and :func:`sparse_torch.bucket_divergence`)."""
+    (the math: ``sparse_rows.py``'s module docstring)."""
 
     @staticmethod
     def forward(ctx, student, ids, logprobs, labels, opts, tail, vocab):
