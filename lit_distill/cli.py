@@ -4,6 +4,7 @@ lit-distill demo [--quick]                      distillation end to end on the b
 lit-distill fit --config configs/<x>.yaml       train any technique from YAML (LightningCLI)
 lit-distill validate|test|predict ...            the other LightningCLI subcommands
 lit-distill kernels                             the loss on random logits, Triton kernels vs PyTorch
+lit-distill cache-teacher --config <x>.yaml     a teacher's sparse signal over a corpus, for offline distillation
 
 ``cli_main`` is the console script (it returns the exit status, 0 on success). It imports nothing heavy
 before it knows the command: ``kernels`` must ask for Triton's CPU interpreter before anything imports
@@ -42,7 +43,12 @@ def cli_main(args: list[str] | None = None) -> int:
     from .lightning_cli import run_cli
 
     try:
-        run_cli(None if args is None else argv)
+        if argv[:1] == ["cache-teacher"]:
+            from .teacher_cache.command import cache_teacher_main
+
+            cache_teacher_main(argv[1:])
+        else:
+            run_cli(None if args is None else argv)
     except Exception as err:  # the library's own message instead of a traceback through Lightning's loops
         stated = None if debug_requested() else run_error(err)
         if stated is None:

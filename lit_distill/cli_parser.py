@@ -96,6 +96,7 @@ def techniques_help() -> str:
         DistillationModule,
         HardLabelDistillation,
         LanguageModelTraining,
+        OfflineDistillation,
         SoftLabelDistillation,
     )
 
@@ -105,7 +106,13 @@ def techniques_help() -> str:
         "\nTechniques: --model CLASS (model: class_path: in a config), then --model.init_args.NAME VALUE.\n"
         "A dotted NAME reaches inside a nested class, as --model.init_args.loss.init_args.temperature 4 does."
     ]
-    for cls in (SoftLabelDistillation, HardLabelDistillation, CoDistillation, LanguageModelTraining):
+    for cls in (
+        SoftLabelDistillation,
+        HardLabelDistillation,
+        CoDistillation,
+        OfflineDistillation,
+        LanguageModelTraining,
+    ):
         own = _class_help(cls, "model.init_args", skip=shared_names)
         summary = first_sentence((cls.__doc__ or "").strip().splitlines()[0]).rstrip(".")
         parts.append(f"\n{cls.__name__} ({cls.__module__.rsplit('.', 1)[0]}): {summary}.")
@@ -119,7 +126,24 @@ def techniques_help() -> str:
     parts.append(
         "\nThe loss, model.init_args.loss (class lit_distill.losses.DistillationLoss, the default):\n" + _options(loss)
     )
+    parts.extend(_data_help())
     return "\n".join(parts) + "\n"
+
+
+def _data_help() -> list[str]:
+    """The data's options: TextDataModule's in full (the default), TeacherCacheDataModule's by name."""
+    import inspect
+
+    from .data import TextDataModule
+    from .teacher_cache import TeacherCacheDataModule
+
+    cache_options = ", ".join(f"--data.{name}" for name in inspect.signature(TeacherCacheDataModule).parameters)
+    return [
+        "\nThe data, --data.NAME VALUE: TextDataModule's (lit_distill.data, the default):",
+        _options(_class_help(TextDataModule, "data")),
+        "\nOr a teacher cache for OfflineDistillation: --data lit_distill.teacher_cache.TeacherCacheDataModule"
+        f" (data: class_path: ... in a config), then {cache_options}.",
+    ]
 
 
 def _class_help(cls: type, prefix: str, skip: set[str] | None = None) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .demo_offline import OFFLINE, write_caches
 from .demo_report import QUICK_NOTE, Row, report
 from .demo_training import train_student, train_teacher
 
@@ -46,7 +47,7 @@ PRESETS = {
         "max_train_tokens": 200_000,
     },
 }
-TECHNIQUES = ("alone", "soft-label", "hard-label", "co-distillation")
+TECHNIQUES = ("alone", "soft-label", "hard-label", "co-distillation", *OFFLINE)
 
 DESCRIPTION = (
     "Distillation end to end on the bundled Shakespeare, offline, on a CPU: trains a tokenizer and a small "
@@ -130,10 +131,11 @@ def demo_main(argv: list[str] | None = None) -> list[Row]:
     )
 
     teacher, teacher_row = train_teacher(data, sizes, ns, cache, out)
+    caches, notes = write_caches(teacher, data, sizes, ns, cache)
     rows, curves = [teacher_row], {}
     for technique in TECHNIQUES:
-        row, curve = train_student(technique, teacher, data, sizes, ns, out)
+        row, curve = train_student(technique, teacher, data, sizes, ns, out, caches)
         rows.append(row)
         curves[technique] = curve
-    report(rows, curves, sizes, out, quick=ns.quick)
+    report(rows, curves, sizes, out, quick=ns.quick, notes=notes)
     return rows

@@ -25,8 +25,9 @@ class Row:
     wall_seconds: float
 
 
-def report(rows: list[Row], curves: dict, sizes: dict, out: Path, quick: bool = False) -> None:
-    """Print the table and the verdict; write ``results.md``, ``results.json`` and the plot to ``out``."""
+def report(rows: list[Row], curves: dict, sizes: dict, out: Path, quick: bool = False, notes: list[str] = ()) -> None:
+    """Print the table, ``notes`` (the teacher caches) and the verdict; write ``results.md``, ``results.json``
+    and the plot to ``out``."""
     header = f"{'model':<28} {'val loss':>9} {'val ppl':>9} {'agreement':>10} {'tokens/s':>9} {'wall s':>8}"
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -35,7 +36,7 @@ def report(rows: list[Row], curves: dict, sizes: dict, out: Path, quick: bool = 
         lines.append(
             f"{r.model:<28} {r.val_loss:>9.4f} {r.val_ppl:>9.2f} {agreement:>10} {speed:>9} {r.wall_seconds:>8.1f}"
         )
-    table = "\n".join(lines)
+    table = "\n".join([*lines, *notes])
     print("\n" + table)
     alone = next(r for r in rows if r.model == "student: alone")
     soft = next(r for r in rows if r.model == "student: soft-label")
@@ -44,6 +45,13 @@ def report(rows: list[Row], curves: dict, sizes: dict, out: Path, quick: bool = 
         f"soft-label distillation {'beats' if gain > 0 else 'trails'} training alone by {abs(gain):.4f} "
         "nats/token of validation loss"
     )
+    for r in rows:
+        if r.model.startswith("student: offline"):
+            verdict += (
+                f"\n{r.model[len('student: ') :]}: {alone.val_loss - r.val_loss:+.4f} nats against training alone,"
+                f" {r.val_loss - soft.val_loss:+.4f} against online soft-label, at"
+                f" {r.tokens_per_sec / soft.tokens_per_sec:.2f}x its tokens/s"
+            )
     if quick:
         verdict += f"\n{QUICK_NOTE}"
     print(verdict)
@@ -66,6 +74,8 @@ _STYLES = {
     "soft-label": {"linestyle": "-", "linewidth": 5, "alpha": 0.4, "marker": "s", "markersize": 8},
     "hard-label": {"linestyle": ":", "linewidth": 2, "marker": "^", "markersize": 5},
     "co-distillation": {"linestyle": "--", "linewidth": 1.5, "marker": "D", "markersize": 4},
+    "offline top-k": {"linestyle": "-.", "linewidth": 1.5, "marker": "v", "markersize": 4},
+    "offline sampled": {"linestyle": "-.", "linewidth": 1.5, "marker": "x", "markersize": 5},
 }
 
 

@@ -103,6 +103,7 @@ def train_teacher(data, sizes: dict, ns, cache: Path, out: Path):
         tokens_per_sec = tokens / (time.perf_counter() - start)
     model.eval()
     ce, agreement = _evaluate(model, None, data)
+    model.name_or_path = str(directory)  # the cache (demo_offline.py) names the teacher by its directory
     return model, Row("teacher", ce, math.exp(ce), agreement, tokens_per_sec, time.perf_counter() - start)
 
 
@@ -132,14 +133,18 @@ class _Curve(Callback):
         self.seconds += time.perf_counter() - start
 
 
-def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path):
-    """Train one student with ``technique``; its row of the table and its validation curve ``[(step, CE)]``."""
+def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path, caches: dict | None = None):
+    """Train one student with ``technique``; its row of the table and its validation curve ``[(step, CE)]``.
+
+    ``caches`` holds the teacher cache of each offline technique (``demo_offline.py``).
+    """
     import lightning.pytorch as pl
 
     from .losses import DistillationLoss
     from .modules import CoDistillation, HardLabelDistillation, LanguageModelTraining, SoftLabelDistillation
 
     pl.seed_everything(ns.seed + 1, verbose=False)  # every student starts from the same weights and data order
+    train_data = data  # offline students read their teacher cache instead
     spec = _llama(sizes, "student", data)
     common = {"optimizer": _optimizer(3e-3)}  # a constant rate: at 250 steps a decay only slows the students
     soft = DistillationLoss(temperature=2.0, alpha=0.5)
@@ -149,13 +154,17 @@ def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path):
         module = SoftLabelDistillation(spec, teacher, soft, **common)
     elif technique == "hard-label":
         module = HardLabelDistillation(spec, teacher, DistillationLoss(), mode="argmax", **common)
-    else:  # the teacher keeps learning, gently: a tenth of the student's peak rate
+    elif technique == "co-distillation":  # the teacher keeps learning, gently: a tenth of the student's peak rate
         module = CoDistillation(spec, copy.deepcopy(teacher), soft, teacher_ce_weight=1.0, teacher_lr=3e-4, **common)
+    else:
+        from .demo_offline import offline_module
+
+        module, train_data = offline_module(technique, spec, caches[technique], sizes, common["optimizer"])
     print(f"student ({technique}): {sizes['student_steps']} steps")
     recorder = _Curve(data, sizes["student_steps"])
     trainer = _trainer(sizes["student_steps"], sizes, out, technique, recorder)
     start = time.perf_counter()
-    trainer.fit(module, data)
+    trainer.fit(module, train_data)
     seconds = time.perf_counter() - start - recorder.seconds  # training (with Lightning's validation), not the plot
     module.student.eval()
     ce, agreement = _evaluate(module.student, teacher, data)

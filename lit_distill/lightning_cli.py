@@ -26,11 +26,13 @@ DESCRIPTION = (
 COMMANDS = {
     "demo": "The end-to-end demo: a teacher and four students on the bundled corpus (`lit-distill demo --help`).",
     "kernels": "The loss and its gradient on random logits, Triton kernels beside PyTorch (`--help` for sizes).",
+    "cache-teacher": "A teacher's top-k or sampled signal over the data, stored for OfflineDistillation (`--help`).",
 }
 USAGE = (
     "%(prog)s [-c CONFIG] [--print_config] [--seed_everything SEED] [--ckpt_path PATH]\n"
     "       [--trainer.NAME VALUE] [--model CLASS] [--model.init_args.NAME VALUE] [--data.NAME VALUE]"
 )
+DEFAULT_DATA = "lit_distill.data.TextDataModule"
 # ckpt_path values that name a checkpoint Lightning finds itself, not a file
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 TRAINER_TITLE = (
@@ -43,16 +45,18 @@ def run_cli(args: list[str] | None = None) -> LitDistillCLI:
     """Run ``lit-distill fit|validate|test|predict ...`` (``args`` without the program name; None reads
     ``sys.argv``) and return the :class:`LitDistillCLI`, whose ``trainer``, ``model`` and ``datamodule`` are
     those of the run."""
+    from lightning.pytorch import LightningDataModule
+
     from .callbacks import CheckpointOnInterrupt
     from .console import quiet
-    from .data import TextDataModule
     from .modules import CausalLMModule
 
     quiet()
     return LitDistillCLI(
         CausalLMModule,
-        TextDataModule,
+        LightningDataModule,
         subclass_mode_model=True,
+        subclass_mode_data=True,  # TextDataModule by default (see add_arguments_to_parser), or a teacher cache
         args=args,
         trainer_defaults={"callbacks": [CheckpointOnInterrupt()]},  # added to the config's callbacks
         save_config_kwargs={"overwrite": True},
@@ -72,6 +76,9 @@ class LitDistillCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The tokenizer decides the vocabulary and the special-token ids; models described by a config dict take
         # them from there.
+        # The data is a TextDataModule unless the config names another class (a TeacherCacheDataModule): a `data:`
+        # section without class_path holds TextDataModule's arguments, as before.
+        parser.set_defaults({"data": {"class_path": DEFAULT_DATA}})
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.special_tokens", "model.init_args.special_tokens", apply_on="instantiate")
         # Lightning's flags are documented on its site; the help keeps each one's first sentence.
@@ -110,7 +117,7 @@ class LitDistillCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         directory = default_tokenizer(config)
         if directory is not None:
-            config.data.tokenizer = directory
+            config.data.init_args.tokenizer = directory
             rank_zero_info(f"data.tokenizer: the teacher's, from {directory}")
 
     def instantiate_classes(self) -> None:
@@ -153,7 +160,10 @@ def default_tokenizer(config: Namespace) -> str | None:
     from .data import saved_tokenizer_dir
 
     data = config.get("data")
-    if data is None or not isinstance(data, Namespace) or data.get("tokenizer") is not None:
+    if not isinstance(data, Namespace) or not _is_text_data(data.get("class_path")):
+        return None
+    data = data.get("init_args")
+    if not isinstance(data, Namespace) or data.get("tokenizer") is not None:
         return None
     model = config.get("model")
     init_args = model.get("init_args") if isinstance(model, Namespace) else None
@@ -161,6 +171,19 @@ def default_tokenizer(config: Namespace) -> str | None:
     teacher_args = teacher.get("init_args") if isinstance(teacher, Namespace) else None
     name = teacher_args.get("name_or_path") if isinstance(teacher_args, Namespace) else None
     return str(name) if isinstance(name, str) and saved_tokenizer_dir(name) is not None else None
+
+
+def _is_text_data(class_path: Any) -> bool:
+    """Whether a data class path names TextDataModule (jsonargparse shortens it to ``lit_distill.TextDataModule``)."""
+    import importlib
+
+    from .data import TextDataModule
+
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None) is TextDataModule
+    except ImportError:
+        return False
 
 
 def with_verified_checkpoints(plugins: Any, strategy: Any = None) -> list:

@@ -253,6 +253,22 @@ def resume(technique: str, kind: str, out: str, strategy) -> None:
 
 
 # ------------------------------------------------------------------------------------------ tokenizers
+def small_text_data(root: Path, seq_len: int = 16, batch_size: int = 4):
+    """A ``TextDataModule`` over eight short works written to ``root`` (a BPE of 300 tokens, cached there)."""
+    from lit_distill.data import TextDataModule
+
+    words = "the quality of mercy is not strained it droppeth as the gentle rain from heaven upon the place beneath"
+    with open(root / "works.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"text": f"Work {i}. " + " ".join(words.split()[i:] + words.split()[:i]) * 6}) + "\n")
+    data = TextDataModule(
+        files=[str(root / "works.jsonl")], vocab_size=300, seq_len=seq_len, batch_size=batch_size,
+        val_fraction=0.25, cache_dir=str(root / "cache"),
+    )  # fmt: skip
+    data.setup()
+    return data
+
+
 def permuted_tokenizer(source: Path, target: Path) -> Path:
     """A copy of the tokenizer saved in ``source`` with two ordinary tokens' ids swapped: the same size and
     tokens, other ids (what a BPE trained on other text looks like to the models)."""

@@ -148,8 +148,31 @@ def test_gpu_example_config_parses(capsys):
     assert "meta-llama/Llama-3.1-8B" in printed and "SoftLabelDistillation" in printed
 
 
+@pytest.mark.parametrize("method", ["topk", "sampled"])
+def test_cache_teacher_then_offline_config_trains_from_the_cache(workdir, monkeypatch, method):
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("LIT_DISTILL_CACHE", str(workdir / "cache"))
+    cache = f"artifacts/teacher-cache-{method}"
+    status = cli_main(
+        ["cache-teacher", "--config", str(CONFIGS / "cache_teacher.yaml"), "--model.method", method,
+         "--cache_dir", cache, "--max_sequences", "12", "--shard_sequences", "5", "--data.max_train_tokens", "4096",
+         "--trainer.enable_progress_bar", "false"]
+    )  # fmt: skip
+    assert status == 0
+    manifest = json.loads((workdir / cache / "manifest.json").read_text())
+    assert (manifest["method"], manifest["k"], manifest["sequences"], len(manifest["shards"])) == (method, 64, 12, 3)
+    quick = [arg for arg in QUICK if "max_train_tokens" not in arg and arg != "4096"]
+    cli = run_cli(["fit", "--config", str(CONFIGS / f"offline_{method}.yaml"), *quick])
+    assert cli.trainer.global_step == 2 and type(cli.datamodule).__name__ == "TeacherCacheDataModule"
+    assert cli.model.student.config.vocab_size == manifest["vocab_size"]  # linked from the cache's tokenizer
+    assert (workdir / "artifacts" / f"student-offline-{method}" / "config.json").exists()
+
+
 def test_every_config_is_covered():
     tested = {
+        "cache_teacher.yaml",
+        "offline_topk.yaml",
+        "offline_sampled.yaml",
         "teacher.yaml",
         "soft_label.yaml",
         "hard_label_argmax.yaml",
@@ -175,21 +198,25 @@ def test_help_lists_the_techniques_and_every_command(capsys):
 def test_demo_quick_writes_table_logs_and_plot(tmp_path, capsys):
     cli_main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--cache-dir", str(tmp_path / "cache")])
     out = capsys.readouterr().out
-    for row in ("teacher", "student: alone", "student: soft-label", "student: hard-label", "student: co-distillation"):
+    students = ("alone", "soft-label", "hard-label", "co-distillation", "offline top-k", "offline sampled")
+    for row in ("teacher", *(f"student: {name}" for name in students)):
         assert row in out
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert len(results["rows"]) == 5 and all(r["val_loss"] > 0 for r in results["rows"])
+    assert len(results["rows"]) == 7 and all(r["val_loss"] > 0 for r in results["rows"])
     # the plot's curves are measured like the table: each ends at its student's number, at the last step
     table = {r["model"]: r["val_loss"] for r in results["rows"]}
     assert {name: curve[-1] for name, curve in results["curves"].items()} == {
-        name: [30, table[f"student: {name}"]] for name in ("alone", "soft-label", "hard-label", "co-distillation")
+        name: [30, table[f"student: {name}"]] for name in students
     }
+    # the teacher caches' size: 32 slots of 6 bytes and an int32 token id per token
+    assert re.search(r"cache topk: 15,360 tokens, .* MiB \(196 bytes/token\), written in", out)
     assert "--quick is a smoke test" in out and "does not beat" not in out
     assert (tmp_path / "demo" / "validation_curves.png").stat().st_size > 0
     assert list((tmp_path / "demo" / "tensorboard").rglob("events.out.tfevents.*"))
     # a second run reuses the cached teacher
     cli_main(["demo", "--quick", "--out", str(tmp_path / "demo2"), "--cache-dir", str(tmp_path / "cache")])
-    assert "teacher: reusing" in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert "teacher: reusing" in again and "teacher cache (sampled, 32 slots): reusing" in again
 
 
 def test_demo_rejects_bad_sizes(tmp_path):

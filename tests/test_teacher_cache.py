@@ -5,13 +5,16 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny
+from helpers import small_text_data, tiny
 from safetensors.torch import load_file
 
-from lit_distill.data import TextDataModule
 from lit_distill.teacher_cache import TeacherCacheDataModule, TeacherSignal, cache_teacher, sparse_signal
 from lit_distill.teacher_cache.manifest import MANIFEST, CacheManifest, shard_name
 
@@ -20,17 +23,7 @@ SEQ_LEN = 16
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    words = "the quality of mercy is not strained it droppeth as the gentle rain from heaven upon the place beneath"
-    with open(root / "works.jsonl", "w") as f:
-        for i in range(8):
-            f.write(json.dumps({"text": f"Work {i}. " + " ".join(words.split()[i:] + words.split()[:i]) * 6}) + "\n")
-    module = TextDataModule(
-        files=[str(root / "works.jsonl")], vocab_size=300, seq_len=SEQ_LEN, batch_size=4, val_fraction=0.25,
-        cache_dir=str(root / "cache"),
-    )  # fmt: skip
-    module.setup()
-    return module
+    return small_text_data(tmp_path_factory.mktemp("corpus"), seq_len=SEQ_LEN)
 
 
 def teacher_for(data, seed=1):
@@ -176,3 +169,23 @@ def test_a_cache_of_another_tokenizer_is_refused(data, tmp_path):
     with pytest.raises(ValueError, match="written with another tokenizer"):
         TeacherCacheDataModule(str(tmp_path / "cache"), tokenizer=str(other))
     assert CacheManifest.read(tmp_path / "cache").settings.k == 4
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is missing")
+def test_two_processes_write_the_cache_one_process_writes(tmp_path):
+    worker = Path(__file__).parent / "cache_worker.py"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    manifests = []
+    for devices in (1, 2):
+        out = tmp_path / f"cache-{devices}"
+        proc = subprocess.run(
+            [sys.executable, str(worker), str(devices), str(tmp_path), str(out)],
+            capture_output=True, text=True, timeout=600, env=env, cwd=worker.parent,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        manifests.append(json.loads((out / MANIFEST).read_text()))
+    single, ddp = manifests
+    assert len(ddp["shards"]) == len(single["shards"]) >= 3
+    assert ddp["shards"] == single["shards"]  # the same bytes: each shard's draws are seeded per sequence

@@ -3,7 +3,7 @@
 ``CausalLMModule`` (causal_lm.py) trains one model on next tokens: the shift, optimizers, token-exact
 normalization (normalization.py), validation, export and checkpoint checks. ``DistillationModule``
 (distillation.py) adds the teacher, frozen or trained, and the fused loss call. Each technique overrides
-``compute_loss``.
+``compute_loss``. ``OfflineDistillation`` (offline.py) has no teacher: it reads a teacher cache's signal.
 """
 
 from .causal_lm import CausalLMModule
@@ -11,6 +11,7 @@ from .co_distillation import CoDistillation
 from .distillation import DistillationModule
 from .hard_label import HardLabelDistillation
 from .language_model import LanguageModelTraining
+from .offline import OfflineDistillation
 from .soft_label import SoftLabelDistillation
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "DistillationModule",
     "HardLabelDistillation",
     "LanguageModelTraining",
+    "OfflineDistillation",
     "SoftLabelDistillation",
 ]

@@ -1,0 +1,74 @@
+"""The demo's offline students: the teacher's signal cached once (top-k with a tail bucket, and sampled), then
+students trained from the caches with no teacher in memory."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+#: technique: (cache method, slots, the loss's tail bucket). 32 of the 4096 tokens per position.
+OFFLINE = {"offline top-k": ("topk", 32, True), "offline sampled": ("sampled", 32, False)}
+#: the temperature of the caches: the online soft-label student's
+TEMPERATURE = 2.0
+
+
+def write_caches(teacher, data, sizes: dict, ns, cache: Path) -> tuple[dict[str, Path], list[str]]:
+    """Write (or reuse) each offline technique's teacher cache; their directories and a line on each cache.
+
+    Only as many training sequences as a student reads (steps x batch size) are cached: the students train
+    within one pass over them, so caching the whole split would cost time and show nothing more.
+    """
+    from .console import quiet
+    from .teacher_cache import TeacherSignal, cache_teacher
+
+    sequences = sizes["student_steps"] * sizes["batch_size"]
+    teacher_key = teacher.name_or_path  # its cache directory, named by its config, sizes, seed and tokenizer
+    directories, notes = {}, []
+    for technique, (method, slots, _) in OFFLINE.items():
+        key = hashlib.sha1(f"{teacher_key}{method}{slots}{TEMPERATURE}{sequences}".encode()).hexdigest()[:12]
+        directory = cache / "demo" / f"teacher-cache-{method}-{key}"
+        start = time.perf_counter()
+        reused = (directory / "manifest.json").exists()
+        print(f"teacher cache ({method}, {slots} slots): {'reusing' if reused else 'writing'} {directory}")
+        if not reused:
+            quiet()
+            signal = TeacherSignal(
+                teacher, method=method, k=slots, samples=slots, temperature=TEMPERATURE, seed=ns.seed
+            )
+            cache_teacher(signal, data, directory, max_sequences=sequences, batch_size=64, trainer=_predictor())
+        seconds = time.perf_counter() - start
+        size = sum(p.stat().st_size for p in directory.glob("shard-*.safetensors"))
+        notes.append(_cache_note(method, slots, size, sequences * sizes["seq_len"], seconds, reused))
+        directories[technique] = directory
+    return directories, notes
+
+
+def _predictor():
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+
+
+def _cache_note(method: str, slots: int, size: int, tokens: int, seconds: float, reused: bool) -> str:
+    what = "reused" if reused else f"written in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)"
+    return f"cache {method}: {tokens:,} tokens, {size / 2**20:.1f} MiB ({size / tokens:.0f} bytes/token), {what}"
+
+
+def offline_module(technique: str, spec, directory: Path, sizes: dict, optimizer):
+    """The student's module and its data for an offline technique."""
+    from .losses import DistillationLoss
+    from .modules import OfflineDistillation
+    from .teacher_cache import TeacherCacheDataModule
+
+    _, _, tail = OFFLINE[technique]
+    loss = DistillationLoss(temperature=TEMPERATURE, alpha=0.5)  # as the online soft-label student
+    module = OfflineDistillation(spec, loss=loss, tail=tail, optimizer=optimizer)
+    return module, TeacherCacheDataModule(str(directory), batch_size=sizes["batch_size"])
