@@ -181,10 +181,13 @@ class FusedLinearDistillationFunction(torch.autograd.Function):
         ctx.accumulators = accumulators
         ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, labels, pre.counted, divisor)
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics outputs
         return tuple(output)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
+        if grad_loss is None:
+            return (None,) * 12
         h_s, w_s, b_s, h_t, w_t, b_t, labels, counted, divisor = ctx.saved_tensors
         opts = ctx.opts
         if opts.reduction == "none":  # per-token grad_output: recompute the chunks with it

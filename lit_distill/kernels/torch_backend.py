@@ -78,10 +78,13 @@ class _ChunkedDistillation(torch.autograd.Function):
         ctx.grads = grads
         ctx.save_for_backward(student, teacher, labels)
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics outputs
         return tuple(output)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
+        if grad_loss is None:
+            return None, None, None, None, None, None, None, None
         if ctx.grads is None:  # a second backward: the first one handed the buffers over
             ctx.grads = _statistics_and_gradients(*ctx.saved_tensors, *ctx.args)[1]
         grads, ctx.grads = ctx.grads, None
