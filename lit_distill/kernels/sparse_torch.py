@@ -27,7 +27,7 @@ from .sparse_rows import (
     total_log_sum,
 )
 
-CHUNK_ELEMENTS = 1 << 20  # per [chunk, V] workspace (4 MiB in fp32), as in the dense PyTorch path
+CHUNK_ELEMENTS = 1 << 23  # per [chunk, V] workspace (4 MiB in fp32), as in the dense PyTorch path
 UNDERFLOW = -69.0  # log of 1e-30: a tail sum below it has lost fp32 digits to subnormals
 
 
@@ -63,7 +63,9 @@ def torch_sparse_rows(student, ids, logprobs, labels, opts, tail, vocab, scale=N
     dtype = torch.promote_types(student.dtype, torch.float32)
     chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // vocab)
     t1 = labels is not None and opts.temperature != 1.0  # the cross-entropy's sums at T = 1 cost a pass
-    work = torch.empty(1 + t1, min(chunk_rows, n), vocab, dtype=dtype, device=student.device)
+    # The exponentials go straight into the gradient buffer where they can: less memory, warmer caches.
+    in_place = grad is not None and grad.dtype == dtype and grad.data_ptr() != student.data_ptr()
+    work = torch.empty(int(not in_place) + t1, min(chunk_rows, n), vocab, dtype=dtype, device=student.device)
     if n == 0:
         return empty_rows(dtype, student.device, labels is not None)
     if grad is not None:
@@ -73,27 +75,27 @@ def torch_sparse_rows(student, ids, logprobs, labels, opts, tail, vocab, scale=N
         r = slice(start, min(start + chunk_rows, n))
         y, chunk_scale, chunk_grad = (None if x is None else x[r] for x in (labels, scale, grad))
         chunk_grad = None if chunk_grad is None else chunk_grad[:, :vocab]
-        rows, state = _chunk(student[r, :vocab], ids[r], logprobs[r], y, opts, tail, work[:, : r.stop - start])
+        buffers = list(work[:, : r.stop - start].unbind(0))
+        x = chunk_grad if in_place else buffers.pop(0)
+        rows, state = _chunk(student[r, :vocab], ids[r], logprobs[r], y, opts, tail, x, *buffers)
         if chunk_grad is not None:  # the last write: the gradient may be the logits themselves
             _gradient(chunk_grad, chunk_scale, opts, *state)
         parts.append(rows)
     return SparseRows(*(None if p[0] is None else torch.cat(p) for p in zip(*parts, strict=True)))
 
 
-def _chunk(s, ids, logprobs, labels, opts: LossOptions, tail: bool, work):
+def _chunk(s, ids, logprobs, labels, opts: LossOptions, tail: bool, x, e1=None):
     """A chunk of rows ``[R, V]``: its :class:`SparseRows`, and what :func:`_gradient` needs.
 
     The tail is shifted by the row's max, not its own: a read pass (``max``) instead of a masked copy and a
     second max. Only where that underflows (a tail below e^-69 of the max) are rows redone with the tail's max.
     """
-    x, *rest = work.unbind(0)
     index = fill_index(ids)
     at_index = s.gather(1, index).to(x.dtype)
     slot_logits = torch.where(ids >= 0, at_index, -math.inf)
     has_slot = (ids >= 0).any(-1, keepdim=True)
     tail_max, argmax = s.max(-1)
     tail_max = tail_max.to(x.dtype)
-    e1 = rest[0] if rest else None
     tail_lsum, tail_lsum1 = _tail_sums(s, index, has_slot, x, e1, opts.temperature, shift_of(tail_max))
     under = (tail_lsum < UNDERFLOW) & ((ids >= 0).sum(-1) < s.shape[1])  # -inf is right without tail columns
     if bool(under.any()):
@@ -106,7 +108,7 @@ def _chunk(s, ids, logprobs, labels, opts: LossOptions, tail: bool, work):
             if buffer is not None:
                 buffer[r], lsum[r] = part, value
     slots = bucket_rows(slot_logits, ids, logprobs, tail_max, tail_lsum, argmax, opts, tail)
-    lse1 = (slots.row_max, slots.log_sum) if not rest else total_log_sum(slot_logits, tail_max, tail_lsum1, 1.0)
+    lse1 = (slots.row_max, slots.log_sum) if e1 is None else total_log_sum(slot_logits, tail_max, tail_lsum1, 1.0)
     safe = None if labels is None else torch.where(labels == opts.ignore_index, 0, labels)
     s_y = None if safe is None else s.gather(1, safe[:, None]).squeeze(1).to(x.dtype)
     rows = SparseRows(slots.divergence, *lse1, slots.student_argmax, slots.teacher_top, s_y)
