@@ -55,10 +55,10 @@ def sparse_distillation_loss(
     and the reductions. A row with no non-empty slot (or, with ``tail=False``, only ``-inf`` log-probs) has
     a soft term of 0 and no soft gradient.
 
-    Non-finite values: ``-inf`` log-probabilities are slots of probability 0. A slot with teacher mass where
-    the student's logit is ``-inf`` (or, with ``tail=True``, a teacher tail with mass and a student tail of
-    0) makes forward KL +inf and that row's gradient NaN, as in the dense loss; NaN in a counted row
-    propagates to the loss. Log-probabilities above 0 are not checked.
+    Non-finite values: ``-inf`` log-probabilities are slots of probability 0. A bucket with mass on one side
+    only makes a KL +inf and the row's gradient NaN, as in the dense loss: forward KL at a slot with teacher
+    mass where the student's logit is ``-inf``, reverse KL where the teacher's tail is 0 (slots summing to 1)
+    and the student's is not. NaN in a counted row propagates; log-probabilities above 0 are not checked.
 
     Args:
         student_logits: ``(..., V)`` floating logits; gets the gradient.

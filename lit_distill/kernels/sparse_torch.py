@@ -27,7 +27,7 @@ from .sparse_rows import (
     total_log_sum,
 )
 
-CHUNK_ELEMENTS = 1 << 23  # per [chunk, V] workspace (4 MiB in fp32), as in the dense PyTorch path
+CHUNK_ELEMENTS = 1 << 23  # per [chunk, V] buffer (32 MiB in fp32): little per-chunk Python work, still in L3
 UNDERFLOW = -69.0  # log of 1e-30: a tail sum below it has lost fp32 digits to subnormals
 
 
@@ -98,7 +98,7 @@ def _chunk(s, ids, logprobs, labels, opts: LossOptions, tail: bool, x, e1=None):
     tail_max = tail_max.to(x.dtype)
     tail_lsum, tail_lsum1 = _tail_sums(s, index, has_slot, x, e1, opts.temperature, shift_of(tail_max))
     under = (tail_lsum < UNDERFLOW) & ((ids >= 0).sum(-1) < s.shape[1])  # -inf is right without tail columns
-    if bool(under.any()):
+    if bool(under.any()):  # rare; a host sync on CUDA, where this path is the fallback
         r = under.nonzero().squeeze(1)
         masked = s[r].to(x.dtype).scatter_(1, index[r], torch.where(has_slot[r], -math.inf, at_index[r]))
         tail_max[r] = masked.max(-1).values
