@@ -316,3 +316,17 @@ def test_bad_input(change, error, match):
     labels = change.get("labels", labels)
     with pytest.raises(error, match=match):
         sparse_distillation_loss(student, ids, logprobs, labels, backend="torch", **change.get("kw", {}))
+
+
+@pytest.mark.slow  # six subprocesses
+def test_bench_script_writes_its_table(tmp_path):
+    import csv
+
+    from bench import sparse as bench_sparse
+
+    args = ["--rows", "8", "--vocab", "300", "--slots", "4", "--reps", "1", "--device", "cpu", "--out", str(tmp_path)]
+    assert bench_sparse.main(args) == 0
+    with open(tmp_path / "sparse.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["provider"] for r in rows] == ["dense-torch", "sparse-torch", "sparse-tail"]
+    assert all(float(r["ms"]) > 0 and int(r["extra_bytes"]) >= 0 for r in rows)
