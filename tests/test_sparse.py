@@ -72,11 +72,16 @@ def assert_matches(backend_device, case, dtype=torch.float32, weight=1.0, **kw):
     for name in ("soft", "hard", "teacher_ce", "agreement"):
         torch.testing.assert_close(getattr(out, name).cpu().double(), stats[name], rtol=rtol, atol=1e-6, equal_nan=True)
     assert int(out.num_tokens) == stats["num_tokens"]
-    # A row whose loss is +inf (a slot or tail with mass on one side only) has a NaN gradient on both sides.
+    # A counted row whose soft term is +inf (a bucket with mass on one side only) gets a NaN gradient in every
+    # column, the dense loss's convention; the oracle's autograd gives NaN there, or the finite parts' slope.
     grad, grad64 = grad.cpu().reshape(-1, grad.shape[-1]), grad64.reshape(-1, grad.shape[-1])
-    infinite = torch.isnan(grad64).any(-1)
+    row_kw = {**kw, "reduction": "none", "alpha": 1.0}
+    soft_rows = oracle_run(student, ids, logprobs, labels, **row_kw)[0].reshape(-1)
+    counted = torch.ones_like(soft_rows, dtype=torch.bool) if labels is None else labels.reshape(-1) != -100
+    infinite = counted & (torch.isnan(grad64).any(-1) | (torch.isinf(soft_rows) & (kw.get("alpha", 1.0) > 0)))
     assert bool(torch.isnan(grad[infinite]).all())
-    assert_grad_close(grad[~infinite], grad64[~infinite], grad_rtol)
+    assert bool((grad[~counted] == 0).all())  # an ignored row gets exactly 0, whatever its logits hold
+    assert_grad_close(grad[counted & ~infinite], grad64[counted & ~infinite], grad_rtol)
     return out, grad.reshape(student.shape)
 
 
@@ -142,6 +147,21 @@ def test_tail_beyond_fp32_range(backend_device, temperature):
     case = (s.reshape(student.shape), ids, logprobs, labels)
     out, _ = assert_matches(backend_device, case, tail=True, temperature=temperature, alpha=0.5)
     assert math.isfinite(float(out.soft)) and float(out.soft) > 10
+
+
+@pytest.mark.parametrize(("tail", "divergence"), CASES)
+def test_non_finite_inputs(backend_device, tail, divergence):
+    """A -inf student logit at a slot (forward KL +inf in that row), a -inf teacher log-probability (a slot of
+    probability 0), logits of +-1e4, and a NaN logit in an ignored row (which counts for nothing)."""
+    student, ids, logprobs, labels = make_case(seed=20)
+    s, lp = student.reshape(-1, VOCAB).clone(), logprobs.reshape(-1, SLOTS).clone()
+    s[0, ids.reshape(-1, SLOTS)[0, 2]] = -math.inf
+    lp[3, 1] = -math.inf
+    s[5] *= 5000
+    s[4, 7] = math.nan  # row 4's label is ignore_index
+    case = (s.reshape(student.shape), ids, lp.reshape(logprobs.shape), labels)
+    out, grad = assert_matches(backend_device, case, tail=tail, divergence=divergence, reduction="none", alpha=0.7)
+    assert bool((grad.reshape(-1, VOCAB)[4] == 0).all()) and float(out.loss.detach().reshape(-1)[4]) == 0
 
 
 def test_all_rows_ignored_or_empty(backend_device):
