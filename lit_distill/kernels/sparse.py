@@ -166,7 +166,8 @@ def fused_linear_sparse_distillation_loss(
 
 class _FusedLinearSparse(torch.autograd.Function):
     """Token-chunked ``S = H Wᵀ + b`` and the sparse loss; with G = d loss / dS per chunk:
-    ``dH = G W``, ``dW = Σ_chunks Gᵀ H``, ``db = Σ G`` (summed in fp32 for half-precision weights)."""
+    ``dH = G W``, ``dW = Σ_chunks Gᵀ H`` (in the weight's dtype: each chunk's matmul sums in fp32 and the
+    running sum is rounded once per chunk, no fp32 copies of the chunk), ``db = Σ G`` in fp32 (or fp64)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, logprobs, labels, opts, tail, vocab, chunk_size, triton, want):
@@ -203,11 +204,10 @@ def _run_chunks(hidden, weight, bias, ids, logprobs, labels, opts, tail, vocab, 
         from .sparse_triton import triton_sparse_rows as rows_of
     else:
         rows_of = torch_sparse_rows
-    sum_dtype = torch.promote_types(weight.dtype, torch.float32)
     grads = None
-    if scale is not None:  # dW and db summed in fp32 (or fp64)
-        zeros = [None if x is None else torch.zeros(x.shape, dtype=sum_dtype, device=x.device) for x in (weight, bias)]
-        grads = [torch.empty_like(hidden), *zeros]
+    if scale is not None:
+        d_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.promote_types(bias.dtype, torch.float32))
+        grads = [torch.empty_like(hidden), torch.zeros_like(weight), d_bias]
     parts = []
     for start in range(0, n, chunk_size):
         r = slice(start, min(start + chunk_size, n))
@@ -217,9 +217,9 @@ def _run_chunks(hidden, weight, bias, ids, logprobs, labels, opts, tail, vocab, 
         parts.append(rows_of(logits, ids[r], logprobs[r], y, opts, tail, vocab, scale=scale_r, grad=grad))
         if grad is not None:
             torch.mm(grad, weight, out=grads[0][r])
-            grads[1].addmm_(grad.t().to(sum_dtype), hidden[r].to(sum_dtype))
+            grads[1].addmm_(grad.t(), hidden[r])
             if bias is not None:
-                grads[2].add_(grad.sum(0, dtype=sum_dtype))
+                grads[2].add_(grad.sum(0, dtype=grads[2].dtype))
         del logits, grad
     if not parts:
         return empty_rows(torch.float32, hidden.device, labels is not None), grads
