@@ -3,12 +3,14 @@ teacher cache, and what it refuses."""
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import adam, small_text_data, tiny, trainer
+from helpers import InterruptAt, adam, small_text_data, tiny, trainer
+from lightning.pytorch.callbacks import Callback
 from oracle import sparse_oracle
 
-from lit_distill.callbacks import TemperatureScheduler
+from lit_distill.callbacks import CheckpointOnInterrupt, TemperatureScheduler
 from lit_distill.losses import DistillationLoss
 from lit_distill.modules import OfflineDistillation
 from lit_distill.teacher_cache import TeacherCacheDataModule, TeacherSignal, cache_teacher, sparse_signal
@@ -103,3 +105,36 @@ def test_a_temperature_schedule_is_refused_with_a_cache(cache):
     schedule = TemperatureScheduler(start=2.0, end=1.0)
     with pytest.raises(ValueError, match="a TemperatureScheduler cannot run with a teacher cache"):
         trainer(max_steps=1, callbacks=[schedule]).fit(module, TeacherCacheDataModule(str(directory)))
+
+
+class SeenBatches(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.global_step, batch["input_ids"][:, :4].tolist()))
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_resume_continue_exactly_on_the_cache(cache, tmp_path):
+    """A run stopped at step 3 and resumed trains on the uninterrupted run's batches, in its order, to its weights."""
+    data, directory = cache
+
+    def run(callbacks, ckpt_path=None):
+        pl.seed_everything(0)
+        module = OfflineDistillation(
+            tiny(vocab_size=data.vocab_size), loss=DistillationLoss(temperature=2.0, alpha=0.5), optimizer=adam
+        )
+        fit = trainer(max_steps=6, limit_val_batches=0, default_root_dir=tmp_path, callbacks=callbacks)
+        fit.fit(module, TeacherCacheDataModule(str(directory), batch_size=4), ckpt_path=ckpt_path)
+        return module
+
+    full = SeenBatches()
+    uninterrupted = run([full])
+    first, second = SeenBatches(), SeenBatches()
+    with pytest.raises(SystemExit):
+        run([first, CheckpointOnInterrupt(dirpath=str(tmp_path)), InterruptAt(3)])
+    resumed = run([second], ckpt_path=tmp_path / "interrupted.ckpt")
+    assert first.seen + second.seen == full.seen and len(full.seen) == 6
+    for key, value in uninterrupted.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, msg=key)
