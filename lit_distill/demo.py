@@ -1,9 +1,10 @@
 """``lit-distill demo``: distillation end to end on the bundled corpus, offline, on a laptop CPU.
 
 1. Trains a byte-level BPE and a small teacher on the bundled Shakespeare (both cached for the next run).
-2. Trains four same-size students for the same number of steps from the same initialization: one alone
-   (plain cross-entropy), one with soft labels, one with the teacher's argmax as hard labels, and one
-   co-distilled with a copy of the teacher that keeps training.
+2. Trains six same-size students for the same number of steps from the same initialization: one alone
+   (plain cross-entropy), one with soft labels, one with the teacher's argmax as hard labels, one
+   co-distilled with a copy of the teacher that keeps training, and two offline from teacher caches
+   (top-k with a tail bucket, and sampled; ``demo_offline.py``), written once and cached.
 3. Evaluates every model on held-out whole works and prints a table; writes TensorBoard logs, a PNG of
    the validation curves and the table (``results.md``, ``results.json``) to ``--out``.
 """
@@ -18,7 +19,7 @@ from .demo_report import QUICK_NOTE, Row, report
 from .demo_training import train_student, train_teacher
 
 PRESETS = {
-    # about 7 minutes on 2 CPU cores, about 6 once the teacher is cached (README: The demo)
+    # about 10 minutes on 2 CPU cores, about 6 once the teacher and its caches are cached (README: The demo)
     "default": {
         "vocab_size": 4096,
         "seq_len": 128,
@@ -51,10 +52,11 @@ TECHNIQUES = ("alone", "soft-label", "hard-label", "co-distillation", *OFFLINE)
 
 DESCRIPTION = (
     "Distillation end to end on the bundled Shakespeare, offline, on a CPU: trains a tokenizer and a small "
-    "teacher (both cached), then four students of the same size and steps (trained alone, soft-label, "
-    "hard-label, co-distilled), and prints their validation loss on held-out works. Writes the table "
-    "(results.md, results.json), a plot of the validation curves and TensorBoard logs to --out. About seven "
-    "minutes on 2 CPU cores the first time, about six once the tokenizer and teacher are cached."
+    "teacher (both cached), then six students of the same size and steps (trained alone, soft-label, "
+    "hard-label, co-distilled, and two from teacher caches: top-k and sampled), and prints their validation "
+    "loss on held-out works. Writes the table (results.md, results.json), a plot of the validation curves and "
+    "TensorBoard logs to --out. About ten minutes on 2 CPU cores the first time, about six once the tokenizer, "
+    "teacher and caches are cached."
 )
 
 

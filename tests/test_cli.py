@@ -216,7 +216,7 @@ def test_demo_quick_writes_table_logs_and_plot(tmp_path, capsys):
     # a second run reuses the cached teacher
     cli_main(["demo", "--quick", "--out", str(tmp_path / "demo2"), "--cache-dir", str(tmp_path / "cache")])
     again = capsys.readouterr().out
-    assert "teacher: reusing" in again and "teacher cache (sampled, 32 slots): reusing" in again
+    assert "teacher: reusing" in again and "teacher cache (sampled, 32 slots, T=2): reusing" in again
 
 
 def test_demo_rejects_bad_sizes(tmp_path):
