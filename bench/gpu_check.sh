@@ -7,7 +7,8 @@
 #      into GPU_CHECK_SHARDS pytest processes side by side: tests-<i>.log and tests-<i>.xml (junit);
 #   3. the BLOCK/warps sweep of the Triton statistics and gradient kernels (python3 -m bench.sweep): sweep/;
 #   4. the benchmarks (python3 -m bench), lit-triton and eager (and Liger when installed) on logits forward_kl,
-#      reverse_kl and jsd and on fused_linear forward_kl, then torch.compile on forward_kl: bench-*/;
+#      reverse_kl and jsd and on fused_linear forward_kl, the sparse-teacher loss (python3 -m bench.sparse, K=64),
+#      then torch.compile on forward_kl: bench-*/;
 #   5. SUMMARY.md, rewritten after every step: each step's time and status, test counts per file and backend,
 #      the tables, the best launch config, and the total wall time.
 # Each step runs under `timeout` within its cap and what the budget leaves, so a hang costs that step only;
@@ -30,10 +31,12 @@ if [[ ${1:-} == --dry-run ]]; then
     dev=(--device cpu --reps 1 --rows 8 --vocab 300 --hidden 16)
     divergences=(forward_kl) modes=(fwd) fast=(lit-torch eager) slow=(eager lit-torch)
     sweep_args=(--device cpu --rows 2 --vocab 300 --row-configs 128x4 256x8 --grad-configs 64x4 --reps 1)
+    sparse_args=(--device cpu --rows 8 --vocab 300 --slots 8 --reps 1)
 else
     dev=(--device cuda --rows 8192 --vocab 128256 --hidden 4096)
     divergences=(forward_kl reverse_kl jsd) modes=(fwd+bwd fwd) fast=(lit-triton eager liger) slow=(eager compile)
     sweep_args=(--device cuda)
+    sparse_args=(--device cuda --rows 8192 --vocab 128256 --slots 64)
 fi
 
 log() { echo "[$((SECONDS - start))s] $*" | tee -a "$out/steps.log"; }
@@ -158,7 +161,7 @@ cols = ["divergence", "mode", "config", "row", "grad", "ms", "ms_p20", "ms_p80",
         "grad_rel_diff_vs_default", "error"]
 lines += ["", *table(sweep, cols)] if sweep else ["(no sweep results)"]
 
-steps_order = ("logits", "fused", "compile-logits", "compile-fused")
+steps_order = ("logits", "fused", "compile-logits", "compile-fused")  # bench-sparse: its own table below
 bench = csv_rows(*(f"bench-{s}/*.csv" for s in steps_order))
 lines += ["", "## Benchmarks", ""]
 cols = ["case", "divergence", "mode", "shape", "dtype", "provider", "ms", "extra_MiB", "rate", "rate_unit",
@@ -168,6 +171,8 @@ notes = {l for f in glob.glob(path("bench-*.log")) for l in read(f).splitlines()
 lines += [f"- {l}" for l in sorted(notes)]
 if bench:
     lines += ["", f"Device: {bench[0]['device']}, torch {bench[0]['torch']}, triton {bench[0]['triton']}, {bench[0]['date']}"]
+sparse = read(path("bench-sparse.log")).splitlines()
+lines += ["", "## Sparse-teacher loss (bench/sparse.py)", "", "```", *(sparse[-15:] or ["(not run)"]), "```"]
 
 with open(path("SUMMARY.md.tmp"), "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -260,6 +265,7 @@ step bench-logits 90 python3 -m bench --case logits --divergence "${divergences[
     --providers "${fast[@]}" --out "$out/bench-logits" "${dev[@]}"
 step bench-fused 60 python3 -m bench --case fused_linear --divergence forward_kl --modes "${modes[0]}" \
     --providers "${fast[@]}" --out "$out/bench-fused" "${dev[@]}"
+step bench-sparse 45 python3 -m bench.sparse "${sparse_args[@]}" --out "$out/bench-sparse"
 step bench-compile-logits 120 python3 -m bench --case logits --divergence forward_kl --modes "${modes[@]}" \
     --providers "${slow[@]}" --out "$out/bench-compile-logits" "${dev[@]}"
 step bench-compile-fused 90 python3 -m bench --case fused_linear --divergence forward_kl --modes "${modes[0]}" \

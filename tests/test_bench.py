@@ -200,7 +200,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = [line.split("\t") for line in (tmp_path / "steps.tsv").read_text().splitlines()]
     names = ["imports", "collect", "tests-0", "tests-1", "sweep", "bench-logits", "bench-fused"]
-    names += ["bench-compile-logits", "bench-compile-fused"]
+    names += ["bench-sparse", "bench-compile-logits", "bench-compile-fused"]
     assert sorted(s[0] for s in steps) == sorted(names)
     assert all(s[3] == "ok" for s in steps), steps
     summary = (tmp_path / "SUMMARY.md").read_text()
@@ -208,4 +208,5 @@ def test_gpu_check_dry_run(tmp_path):
         assert heading in summary
     assert re.search(r"\| \*\*all\*\* \|  \| (\d+) \|", summary)  # every GPU test skipped on a CPU
     assert "best forward_kl fwd+bwd: row " in summary and "| logits | forward_kl | fwd | N=8 V=300 |" in summary
+    assert "## Sparse-teacher loss" in summary and "sparse-torch" in summary.split("## Sparse-teacher loss")[1]
     assert list(tmp_path.glob("sweep/sweep-cpu-*.csv")) and len(list(tmp_path.glob("bench-*/bench-cpu-*.csv"))) == 4
