@@ -36,6 +36,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "TOKENIZER_FILES",
     "EpochShuffle",
+    "ShuffledDataModule",
     "TextDataModule",
     "check_tokenizer",
     "default_cache_dir",
@@ -107,7 +108,38 @@ class EpochShuffle(Sampler[int]):
         return iter(order[skip:])
 
 
-class TextDataModule(pl.LightningDataModule):
+class ShuffledDataModule(pl.LightningDataModule):
+    """A data module whose training batches come in :class:`EpochShuffle`'s order, resumable mid-epoch: the
+    shuffle seed is saved in checkpoints. Subclasses set ``batch_size`` and ``num_workers``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sampler: EpochShuffle | None = None
+        self._resumed_seed: int | None = None
+
+    def shuffled_loader(self, dataset: Dataset) -> DataLoader:
+        """The training DataLoader of ``dataset``."""
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # Lightning swaps in a DistributedSampler (one order per epoch); a resume restarts the epoch.
+            return DataLoader(dataset, self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers)
+        self.sampler = EpochShuffle(len(dataset), self.batch_size, self._batches_done)
+        if self._resumed_seed is not None:
+            self.sampler.seed, self.sampler.resuming = self._resumed_seed, True
+            self._resumed_seed = None
+        return DataLoader(dataset, self.batch_size, sampler=self.sampler, drop_last=True, num_workers=self.num_workers)
+
+    def _batches_done(self) -> int:
+        """Batches of the current epoch the trainer has finished (restored from a checkpoint on resume)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer is not None else 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shuffle_seed": self.sampler.seed} if self.sampler is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resumed_seed = state_dict.get("shuffle_seed")
+
+
+class TextDataModule(ShuffledDataModule):
     """Packed fixed-length token sequences for causal-LM training and distillation.
 
     Args:
@@ -161,8 +193,6 @@ class TextDataModule(pl.LightningDataModule):
         )
         self.train_blocks: torch.Tensor | None = None
         self.val_blocks: torch.Tensor | None = None
-        self.sampler: EpochShuffle | None = None
-        self._resumed_seed: int | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -184,25 +214,7 @@ class TextDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        blocks = _Blocks(self.train_blocks)
-        if self.trainer is not None and self.trainer.world_size > 1:
-            # Lightning swaps in a DistributedSampler (one order per epoch); a resume restarts the epoch.
-            return DataLoader(blocks, self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers)
-        self.sampler = EpochShuffle(len(blocks), self.batch_size, self._batches_done)
-        if self._resumed_seed is not None:
-            self.sampler.seed, self.sampler.resuming = self._resumed_seed, True
-            self._resumed_seed = None
-        return DataLoader(blocks, self.batch_size, sampler=self.sampler, drop_last=True, num_workers=self.num_workers)
-
-    def _batches_done(self) -> int:
-        """Batches of the current epoch the trainer has finished (restored from a checkpoint on resume)."""
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer is not None else 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"shuffle_seed": self.sampler.seed} if self.sampler is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resumed_seed = state_dict.get("shuffle_seed")
+        return self.shuffled_loader(_Blocks(self.train_blocks))
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

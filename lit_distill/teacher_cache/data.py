@@ -7,12 +7,11 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import EpochShuffle, load_tokenizer, special_token_ids
+from ..data import ShuffledDataModule, load_tokenizer, special_token_ids
 from .manifest import TOKENIZER_DIR, VALIDATION, CacheManifest, CacheSettings, sha256_file, tokenizer_hash
 
 
@@ -54,7 +53,7 @@ class _Validation(Dataset):
         return {"input_ids": self.blocks[index]}
 
 
-class TeacherCacheDataModule(pl.LightningDataModule):
+class TeacherCacheDataModule(ShuffledDataModule):
     """Batches of cached sequences with their teacher signal, for :class:`~lit_distill.modules.OfflineDistillation`.
 
     Training batches hold ``input_ids`` ``(B, L)``, ``attention_mask``, ``teacher_ids`` ``(B, L, K)`` (-1 for an
@@ -94,8 +93,6 @@ class TeacherCacheDataModule(pl.LightningDataModule):
         if verify:
             self._check_shards()
         self.train_set = _CachedSequences(self.directory, self.manifest)
-        self.sampler: EpochShuffle | None = None
-        self._resumed_seed: int | None = None
         self.val_blocks: torch.Tensor | None = None
 
     @property
@@ -147,26 +144,7 @@ class TeacherCacheDataModule(pl.LightningDataModule):
                 self.val_blocks = f.get_tensor("input_ids").long()
 
     def train_dataloader(self) -> DataLoader:
-        if self.trainer is not None and self.trainer.world_size > 1:
-            return DataLoader(
-                self.train_set, self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers
-            )
-        self.sampler = EpochShuffle(len(self.train_set), self.batch_size, self._batches_done)
-        if self._resumed_seed is not None:
-            self.sampler.seed, self.sampler.resuming = self._resumed_seed, True
-            self._resumed_seed = None
-        return DataLoader(
-            self.train_set, self.batch_size, sampler=self.sampler, drop_last=True, num_workers=self.num_workers
-        )
-
-    def _batches_done(self) -> int:
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer is not None else 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"shuffle_seed": self.sampler.seed} if self.sampler is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resumed_seed = state_dict.get("shuffle_seed")
+        return self.shuffled_loader(self.train_set)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
