@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from helpers import Rows, make_batch, make_module
+from helpers import Rows, make_batch, make_module, with_teacher_signal
 
 from lit_distill.callbacks import CheckpointOnInterrupt
 
@@ -39,6 +39,8 @@ def trim(rows):
 def main(technique: str, devices: int, out: str, fault: str = "") -> None:
     # Rows 0 and 2 (process 0 under DDP) are heavily padded, rows 1 and 3 (process 1) not at all.
     batch = make_batch(rows=4, length=12, seed=5, padding=[(0, 8), (2, 6)])
+    if technique == "offline":
+        batch = with_teacher_signal(batch)
     pl.seed_everything(0)
     module = make_module(technique, on_nonfinite="skip" if fault == "nan-skip" else "raise")
     module.optimizer = lambda params: torch.optim.SGD(params, lr=1.0)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_distill.losses import DistillationLoss
 from lit_distill.models import CausalLM
-from lit_distill.modules import CoDistillation, HardLabelDistillation, SoftLabelDistillation
+from lit_distill.modules import CoDistillation, HardLabelDistillation, OfflineDistillation, SoftLabelDistillation
 
 # ------------------------------------------------------------------------------------------ tiny models
 VOCAB = 96
@@ -58,6 +58,16 @@ def make_batch(rows=4, length=12, seed=0, padding=()):
         ids[row, length - count :] = 0
         mask[row, length - count :] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def with_teacher_signal(batch, slots=8, temperature=2.0):
+    """``batch`` with the top-``slots`` signal of ``make_module``'s teacher, as a teacher cache holds it."""
+    from lit_distill.teacher_cache import sparse_signal
+
+    with torch.no_grad():
+        logits = tiny(hidden=48, seed=1).eval()(input_ids=batch["input_ids"]).logits
+    ids, logprobs = sparse_signal(logits, method="topk", k=slots, temperature=temperature)
+    return {**batch, "teacher_ids": ids, "teacher_logprobs": logprobs}
 
 
 def loader(*batches):
@@ -98,6 +108,9 @@ def make_module(kind, **kwargs):
         return HardLabelDistillation(**common, **generate, **kwargs)
     if kind == "co":
         return CoDistillation(**common, teacher_ce_weight=0.5, **kwargs)
+    if kind == "offline":  # the teacher's signal comes with the batch (with_teacher_signal)
+        del common["teacher"]
+        return OfflineDistillation(**common, **kwargs)
     raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
 
 
