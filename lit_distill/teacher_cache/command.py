@@ -11,6 +11,7 @@ temperature, seed), ``--data.*`` the :class:`~lit_distill.data.TextDataModule`'s
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ..cli_errors import configuration_error, debug_requested
 from ..cli_parser import LitDistillParser, shorten_help
 
+USAGE = "%(prog)s [-c CONFIG] --cache_dir DIR [--model.NAME VALUE] [--data.NAME VALUE] [--trainer.NAME VALUE]"
 DESCRIPTION = (
     "Run a teacher over the data's training split and store its sparse signal (top-k or sampled tokens with"
     " their log-probabilities) in --cache_dir, for OfflineDistillation. A rerun resumes at the first"
@@ -54,17 +56,21 @@ def cache_teacher_main(argv: list[str]) -> Any:
     from .signal import TeacherSignal
     from .writer import cache_teacher
 
-    cli = CacheTeacherCLI(
-        TeacherSignal,
-        TextDataModule,
-        run=False,
-        args=argv,
-        trainer_defaults={"use_distributed_sampler": False, "logger": False, "enable_model_summary": False},
-        save_config_callback=None,
-        parser_kwargs={"description": DESCRIPTION, "prog": "lit-distill cache-teacher"},
-        parser_class=LitDistillParser,
-        auto_configure_optimizers=False,
-    )
+    # LightningCLI reads sys.argv when given no args (and warns when given both): hand it this command's.
+    saved, sys.argv = sys.argv, [sys.argv[0], *argv]
+    try:
+        cli = CacheTeacherCLI(
+            TeacherSignal,
+            TextDataModule,
+            run=False,
+            trainer_defaults={"use_distributed_sampler": False, "logger": False, "enable_model_summary": False},
+            save_config_callback=None,
+            parser_kwargs={"description": DESCRIPTION, "prog": "lit-distill cache-teacher", "usage": USAGE},
+            parser_class=LitDistillParser,
+            auto_configure_optimizers=False,
+        )
+    finally:
+        sys.argv = saved
     config = cli.config
     manifest = cache_teacher(
         cli.model,
