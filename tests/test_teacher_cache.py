@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import small_text_data, tiny
@@ -189,3 +190,10 @@ def test_two_processes_write_the_cache_one_process_writes(tmp_path):
     single, ddp = manifests
     assert len(ddp["shards"]) == len(single["shards"]) >= 3
     assert ddp["shards"] == single["shards"]  # the same bytes: each shard's draws are seeded per sequence
+
+
+def test_several_processes_need_their_own_sampler(data, tmp_path):
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)  # not launched
+    with pytest.raises(ValueError, match=r"needs Trainer\(use_distributed_sampler=False\)"):
+        cache_teacher(TeacherSignal(teacher_for(data)), data, tmp_path, trainer=trainer)
+    assert not (tmp_path / MANIFEST).exists()

@@ -90,6 +90,11 @@ def cache_teacher(
     trainer = trainer or pl.Trainer(
         accelerator="auto", devices=1, logger=False, use_distributed_sampler=False, enable_model_summary=False
     )
+    if trainer.world_size > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+        raise ValueError(
+            "cache_teacher on several processes needs Trainer(use_distributed_sampler=False): each process reads"
+            " its own shards, and Lightning's sampler would split them again"
+        )
     if trainer.is_global_zero:
         write_settings(directory, settings)
         save_file({"input_ids": data.val_blocks.to(ID_DTYPE).contiguous()}, directory / VALIDATION)
