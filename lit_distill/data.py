@@ -38,6 +38,7 @@ __all__ = [
     "EpochShuffle",
     "ShuffledDataModule",
     "TextDataModule",
+    "TokenBlocks",
     "check_tokenizer",
     "default_cache_dir",
     "load_tokenizer",
@@ -65,7 +66,9 @@ def pack(documents: list[str], tokenizer, seq_len: int, what: str) -> torch.Tens
     return torch.tensor(ids[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)
 
 
-class _Blocks(Dataset):
+class TokenBlocks(Dataset):
+    """Rows of a ``(sequences, seq_len)`` tensor as ``{"input_ids": row}`` items."""
+
     def __init__(self, blocks: torch.Tensor) -> None:
         self.blocks = blocks
 
@@ -214,11 +217,11 @@ class TextDataModule(ShuffledDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self.shuffled_loader(_Blocks(self.train_blocks))
+        return self.shuffled_loader(TokenBlocks(self.train_blocks))
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(_Blocks(self.val_blocks), batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(TokenBlocks(self.val_blocks), batch_size=self.batch_size, num_workers=self.num_workers)
 
     def describe(self) -> dict[str, Any]:
         """Sizes of the splits, for logs and tables."""

@@ -282,6 +282,13 @@ def _row_stats_kernel(
 
 
 @triton.jit
+def _soft_block(s, t, shift_s, shift_t, lsum_a, lsum_b, inv_t, mix, DIVERGENCE: tl.constexpr):
+    """A block's sums of the divergence terms and of q * g (fp32 logits, -inf at padding)."""
+    term, q_g, _ = _pointwise_terms((s - shift_s) * inv_t - lsum_a, (t - shift_t) * inv_t - lsum_b, mix, DIVERGENCE)
+    return tl.sum(term, 0), tl.sum(q_g, 0)
+
+
+@triton.jit
 def _soft_pass_kernel(
     s_ptr,  # [N, s_width] student logits
     t_ptr,  # [N, t_width] teacher logits
@@ -313,16 +320,15 @@ def _soft_pass_kernel(
     for start in range(0, whole, BLOCK):
         s = tl.load(s_row + start + offs).to(tl.float32)
         t = tl.load(t_row + start + offs).to(tl.float32)
-        term, q_g, _ = _pointwise_terms((s - shift_s) * inv_t - lsum_a, (t - shift_t) * inv_t - lsum_b, mix, DIVERGENCE)
-        div += tl.sum(term, 0)
-        q_dot_g += tl.sum(q_g, 0)
-    if whole < vocab:  # the partial last block; its padding columns have q = p = 0, so terms of 0
+        block_div, block_q_dot_g = _soft_block(s, t, shift_s, shift_t, lsum_a, lsum_b, inv_t, mix, DIVERGENCE)
+        div += block_div
+        q_dot_g += block_q_dot_g
+    if whole < vocab:  # the partial last block: its padding columns have q = p = 0, so terms of exactly 0
         s = _load_block(s_row, whole + offs, s_width, vocab)
         t = _load_block(t_row, whole + offs, t_width, vocab)
-        term, q_g, _ = _pointwise_terms((s - shift_s) * inv_t - lsum_a, (t - shift_t) * inv_t - lsum_b, mix, DIVERGENCE)
-        valid = whole + offs < vocab
-        div += tl.sum(tl.where(valid, term, 0.0), 0)
-        q_dot_g += tl.sum(tl.where(valid, q_g, 0.0), 0)
+        block_div, block_q_dot_g = _soft_block(s, t, shift_s, shift_t, lsum_a, lsum_b, inv_t, mix, DIVERGENCE)
+        div += block_div
+        q_dot_g += block_q_dot_g
     tl.store(stats_ptr + STAT_DIVERGENCE * n_rows + row, div)
     tl.store(stats_ptr + STAT_Q_DOT_G * n_rows + row, q_dot_g)
 

@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import ShuffledDataModule, load_tokenizer, special_token_ids
+from ..data import ShuffledDataModule, TokenBlocks, load_tokenizer, special_token_ids
 from .manifest import TOKENIZER_DIR, VALIDATION, CacheManifest, CacheSettings, sha256_file, tokenizer_hash
 
 
@@ -40,17 +40,6 @@ class _CachedSequences(Dataset):
             "teacher_ids": handle.get_slice("teacher_ids")[row : row + 1][0].long(),
             "teacher_logprobs": handle.get_slice("teacher_logprobs")[row : row + 1][0].float(),
         }
-
-
-class _Validation(Dataset):
-    def __init__(self, blocks: torch.Tensor) -> None:
-        self.blocks = blocks
-
-    def __len__(self) -> int:
-        return self.blocks.shape[0]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.blocks[index]}
 
 
 class TeacherCacheDataModule(ShuffledDataModule):
@@ -148,4 +137,4 @@ class TeacherCacheDataModule(ShuffledDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(_Validation(self.val_blocks), batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(TokenBlocks(self.val_blocks), batch_size=self.batch_size, num_workers=self.num_workers)
