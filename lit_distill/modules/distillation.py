@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -15,6 +15,24 @@ from ..kernels import DistillationOutput
 from ..models import CausalLM, build, fusable_head, vocab_size
 from .causal_lm import CausalLMModule
 from .normalization import is_deepspeed, is_sharded
+
+
+class ForwardPasses(NamedTuple):
+    """What the student's and the teacher's forward passes give the loss, for positions 0..T-2.
+
+    Attributes:
+        student: ``(B, T-1, V)`` logits, or ``(B, T-1, H)`` hidden states when the heads are fused.
+        teacher: the same for the teacher (its own width when fused).
+        labels: ``(B, T-1)`` next tokens, ``ignore_index`` where not counted.
+        student_head: ``(weight, bias)`` of the student's lm_head when fused, else None.
+        teacher_head: the same for the teacher.
+    """
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    labels: torch.Tensor
+    student_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 class DistillationModule(CausalLMModule):
@@ -113,21 +131,32 @@ class DistillationModule(CausalLMModule):
 
     def distill(self, batch: Mapping[str, torch.Tensor], **overrides: Any) -> DistillationOutput:
         """Both forward passes and the distillation loss (sum over counted tokens); ``overrides`` go to the loss."""
+        return self.distillation_loss(self.forward_passes(batch), **overrides)
+
+    def forward_passes(self, batch: Mapping[str, torch.Tensor]) -> ForwardPasses:
+        """Both models' forward passes on ``batch``, for one or more :meth:`distillation_loss` calls."""
         input_ids, attention_mask, labels = self.shifted_inputs(batch)
         heads = self.fused_heads()
         with torch.set_grad_enabled(self.teacher_trains and torch.is_grad_enabled()):
             teacher_out = _forward(self.teacher, heads[1], input_ids, attention_mask)
         student_out = _forward(self.student, heads[0], input_ids, attention_mask)
-        overrides = {"reduction": "sum", **overrides}
         if heads[0] is None:
-            return self.loss(_logits(student_out)[:, :-1], _logits(teacher_out)[:, :-1], labels, **overrides)
+            return ForwardPasses(_logits(student_out)[:, :-1], _logits(teacher_out)[:, :-1], labels)
         (h_s, w_s, b_s), (h_t, w_t, b_t) = student_out, teacher_out
+        return ForwardPasses(h_s[:, :-1], h_t[:, :-1], labels, (w_s, b_s), (w_t, b_t))
+
+    def distillation_loss(self, passes: ForwardPasses, **overrides: Any) -> DistillationOutput:
+        """The loss (sum over counted tokens) on :meth:`forward_passes`' outputs; ``overrides`` go to the loss."""
+        overrides = {"reduction": "sum", **overrides}
+        if passes.student_head is None:
+            return self.loss(passes.student, passes.teacher, passes.labels, **overrides)
+        (w_s, b_s), (w_t, b_t) = passes.student_head, passes.teacher_head
         return self.loss.fused_linear(
-            h_s[:, :-1],
+            passes.student,
             w_s,
-            h_t[:, :-1],
+            passes.teacher,
             w_t,
-            labels,
+            passes.labels,
             student_bias=b_s,
             teacher_bias=b_t,
             chunk_size=self.chunk_size,

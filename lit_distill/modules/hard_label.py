@@ -19,7 +19,12 @@ class HardLabelDistillation(DistillationModule):
     """Train the student with cross-entropy on tokens the teacher picks.
 
     - ``mode="argmax"``: at every position the target is the teacher's most likely next token, taken from
-      the same fused pass that computes the statistics (token-level hard labels).
+      the same fused pass that computes the statistics (token-level hard labels). With ``label_weight=w``
+      the per-token loss is ``(1 - w) * CE(student, teacher argmax) + w * CE(student, data label)``, both
+      cross-entropies from one forward pass of each model: ``w=0.5`` is DeiT's hard distillation (Touvron
+      et al., 2021); ``w=0``, the default, is the pure form (the teacher's argmax only).
+      The logged ``hard`` is that same mix of the two cross-entropies (the training objective per token);
+      ``agreement`` and ``teacher_ce`` are as in the pure form.
     - ``mode="generate"``: sequence-level distillation. The first ``prompt_length`` tokens of each sequence
       are a prompt; the teacher generates ``max_new_tokens`` tokens after it (sampling with
       ``sampling_temperature`` and ``top_p``, or greedy with ``do_sample=False``), and the student trains
@@ -28,6 +33,7 @@ class HardLabelDistillation(DistillationModule):
 
     Args:
         mode: ``"argmax"`` or ``"generate"``.
+        label_weight: weight in [0, 1] of the cross-entropy on the data's labels (argmax mode).
         prompt_length: prompt tokens per sequence (generate mode).
         max_new_tokens: tokens the teacher generates per prompt (generate mode).
         do_sample: sample (True) or decode greedily (False).
@@ -37,13 +43,15 @@ class HardLabelDistillation(DistillationModule):
 
     Raises:
         ValueError: for an unknown mode, non-positive lengths, a sampling temperature <= 0, top_p outside
-            (0, 1], or ``mode="generate"`` with a teacher that cannot generate.
+            (0, 1], ``mode="generate"`` with a teacher that cannot generate, a label_weight outside [0, 1],
+            or a label_weight > 0 with ``mode="generate"``.
     """
 
     def __init__(
         self,
         *args: Any,
         mode: str = "argmax",
+        label_weight: float = 0.0,
         prompt_length: int = 16,
         max_new_tokens: int = 32,
         do_sample: bool = True,
@@ -53,6 +61,16 @@ class HardLabelDistillation(DistillationModule):
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose 'argmax' or 'generate'")
+        if not 0 <= label_weight <= 1:
+            raise ValueError(
+                f"label_weight must lie in [0, 1] (0.5: DeiT's hard distillation, 0: the teacher's argmax only),"
+                f" got {label_weight}"
+            )
+        if label_weight > 0 and mode == "generate":
+            raise ValueError(
+                f"label_weight={label_weight} needs mode='argmax': the teacher's generated tokens are not aligned"
+                " with the data's labels; set label_weight=0 or use mode='argmax'"
+            )
         if prompt_length < 1 or max_new_tokens < 1:
             raise ValueError(f"prompt_length and max_new_tokens must be >= 1, got {prompt_length}, {max_new_tokens}")
         if not (sampling_temperature > 0 and math.isfinite(sampling_temperature)):
@@ -69,6 +87,7 @@ class HardLabelDistillation(DistillationModule):
                 f" .generate); {type(self.teacher).__name__} cannot"
             )
         self.mode = mode
+        self.label_weight = label_weight
         self.prompt_length = prompt_length
         self.max_new_tokens = max_new_tokens
         self.do_sample = do_sample
@@ -79,10 +98,26 @@ class HardLabelDistillation(DistillationModule):
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
         if self.mode == "argmax":
-            return self.distill(batch, alpha=0.0, hard_labels="teacher_argmax")
+            return self.argmax_loss(batch)
         sequences, labels = self.generate_targets(batch)
         logits = self.student(input_ids=sequences).logits[:, :-1]
         return cross_entropy_output(logits, labels[:, 1:], self.loss.ignore_index)
+
+    def argmax_loss(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
+        """CE on the teacher's argmax, mixed with CE on the data's labels by ``label_weight`` (summed)."""
+        passes = self.forward_passes(batch)
+        argmax = self.distillation_loss(passes, alpha=0.0, hard_labels="teacher_argmax")
+        w = self.label_weight
+        if w == 0:  # the pure form: no second loss call
+            return argmax
+        # Both calls count the same tokens (those with a label), so their sums and means mix alike.
+        labels = self.distillation_loss(passes, alpha=0.0, hard_labels="labels")
+        if w == 1:  # the argmax term left out, not multiplied by 0 (0 * inf would be NaN)
+            return argmax._replace(loss=labels.loss, hard=labels.hard)
+        return argmax._replace(
+            loss=(1 - w) * argmax.loss + w * labels.loss,
+            hard=(1 - w) * argmax.hard + w * labels.hard,
+        )
 
     @torch.no_grad()
     def generate_targets(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
