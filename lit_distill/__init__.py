@@ -26,6 +26,9 @@ __all__ = [
     "ExportModel",
     "HardLabelDistillation",
     "LanguageModelTraining",
+    "OfflineDistillation",
+    "OnPolicyDistillation",
+    "OnPolicyEvaluation",
     "SoftLabelDistillation",
     "TemperatureScheduler",
     "TextDataModule",
@@ -41,6 +44,7 @@ _LAZY = {
     "AlphaScheduler": "callbacks",
     "CheckpointOnInterrupt": "callbacks",
     "ExportModel": "callbacks",
+    "OnPolicyEvaluation": "callbacks",
     "TemperatureScheduler": "callbacks",
     "TokensPerSecond": "callbacks",
     "TextDataModule": "data",
@@ -50,6 +54,8 @@ _LAZY = {
     "CoDistillation": "modules",
     "DistillationModule": "modules",
     "HardLabelDistillation": "modules",
+    "OfflineDistillation": "modules",
+    "OnPolicyDistillation": "modules",
     "SoftLabelDistillation": "modules",
 }
 

@@ -23,7 +23,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_distill.losses import DistillationLoss
 from lit_distill.models import CausalLM
-from lit_distill.modules import CoDistillation, HardLabelDistillation, OfflineDistillation, SoftLabelDistillation
+from lit_distill.modules import (
+    CoDistillation,
+    HardLabelDistillation,
+    OfflineDistillation,
+    OnPolicyDistillation,
+    SoftLabelDistillation,
+)
 
 # ------------------------------------------------------------------------------------------ tiny models
 VOCAB = 96
@@ -40,7 +46,7 @@ TINY = {
     "eos_token_id": 2,
     "pad_token_id": 0,
 }
-KINDS = ["soft", "hard-argmax", "hard-generate", "co"]
+KINDS = ["soft", "hard-argmax", "hard-generate", "co", "on-policy"]
 
 
 def tiny(hidden=32, seed=0, **extra):
@@ -108,6 +114,9 @@ def make_module(kind, **kwargs):
         return HardLabelDistillation(**common, **generate, **kwargs)
     if kind == "co":
         return CoDistillation(**common, teacher_ce_weight=0.5, **kwargs)
+    if kind == "on-policy":  # greedy, so that one process and two continue the same prompts the same way
+        on_policy = {"prompt_length": 4, "max_new_tokens": 6, "do_sample": False}
+        return OnPolicyDistillation(**common, **{**on_policy, **kwargs})
     if kind == "offline":  # the teacher's signal comes with the batch (with_teacher_signal)
         del common["teacher"]
         return OfflineDistillation(**common, **kwargs)

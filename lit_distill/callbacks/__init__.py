@@ -1,7 +1,9 @@
-"""Lightning callbacks: loss schedules (alpha, temperature), model export, Ctrl-C checkpoints, tokens per second."""
+"""Lightning callbacks: loss schedules (alpha, temperature), model export, Ctrl-C checkpoints, tokens per second,
+and the teacher's scores of the student's own samples at validation."""
 
 from .export import ExportModel
 from .interrupt import CheckpointOnInterrupt
+from .sample_quality import OnPolicyEvaluation
 from .schedules import AlphaScheduler, HyperparameterSchedule, TemperatureScheduler
 from .throughput import TokensPerSecond
 
@@ -10,6 +12,7 @@ __all__ = [
     "CheckpointOnInterrupt",
     "ExportModel",
     "HyperparameterSchedule",
+    "OnPolicyEvaluation",
     "TemperatureScheduler",
     "TokensPerSecond",
 ]

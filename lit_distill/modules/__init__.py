@@ -4,6 +4,7 @@
 normalization (normalization.py), validation, export and checkpoint checks. ``DistillationModule``
 (distillation.py) adds the teacher, frozen or trained, and the fused loss call. Each technique overrides
 ``compute_loss``. ``OfflineDistillation`` (offline.py) has no teacher: it reads a teacher cache's signal.
+``OnPolicyDistillation`` (on_policy.py) trains on the student's own samples (generation.py), scored by the teacher.
 """
 
 from .causal_lm import CausalLMModule
@@ -12,6 +13,7 @@ from .distillation import DistillationModule
 from .hard_label import HardLabelDistillation
 from .language_model import LanguageModelTraining
 from .offline import OfflineDistillation
+from .on_policy import OnPolicyDistillation
 from .soft_label import SoftLabelDistillation
 
 __all__ = [
@@ -21,5 +23,6 @@ __all__ = [
     "HardLabelDistillation",
     "LanguageModelTraining",
     "OfflineDistillation",
+    "OnPolicyDistillation",
     "SoftLabelDistillation",
 ]

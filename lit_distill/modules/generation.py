@@ -1,0 +1,130 @@
+"""Continuing prompts with a model's ``generate``: seeded, in eval mode, as one right-padded training batch."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class Continuations(NamedTuple):
+    """Prompts and the tokens generated after them, packed to the left of each row.
+
+    Attributes:
+        input_ids: ``(B, P + G)`` each row's prompt, then its generated tokens, then padding.
+        attention_mask: ``(B, P + G)`` 1 on the prompt and the kept generated tokens, 0 on padding.
+        labels: ``(B, P + G)`` the kept generated tokens, ``ignore_index`` elsewhere (the Hugging Face
+            convention: aligned with ``input_ids``; position t is predicted from the tokens before it).
+        generated_tokens: ``(B,)`` kept generated tokens per row (up to and including an end-of-sequence
+            token; what follows it is dropped).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    generated_tokens: torch.Tensor
+
+
+def can_generate(model: nn.Module) -> bool:
+    """Whether ``model`` has a Hugging Face ``generate`` that works (its ``can_generate()`` when it has one)."""
+    check = getattr(model, "can_generate", None)
+    return callable(getattr(model, "generate", None)) and (check is None or bool(check()))
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (a run's seed, a step, a rank): distinct tuples give unrelated seeds."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Draw from a fresh generator seeded with ``seed`` inside, and leave the global RNG as it was (None: as is)."""
+    if seed is None:
+        yield
+        return
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@torch.no_grad()
+def continue_prompts(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    ignore_index: int = -100,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    synced_gpus: bool | None = None,
+) -> Continuations:
+    """Continue row ``i``'s first ``prompt_lengths[i]`` tokens of ``input_ids`` by up to ``max_new_tokens``.
+
+    The model generates in eval mode (no dropout) with its KV cache, and is put back in the mode it was in.
+    Prompts of different lengths are left-padded for ``generate`` (which derives the positions from the
+    attention mask) and packed back to the left afterwards, so that the training forward pass sees each row
+    at its natural positions.
+
+    Args:
+        model: a Hugging Face causal LM (see :func:`can_generate`).
+        input_ids: ``(B, T)`` token ids whose prefixes are the prompts.
+        prompt_lengths: ``(B,)`` prompt tokens per row, each in ``[1, T]``.
+        max_new_tokens: tokens to generate per row (fewer when every row has ended with end-of-sequence).
+        ignore_index: the label of positions that are not generated tokens.
+        do_sample: sample (True) or decode greedily.
+        temperature, top_p: sampling temperature and nucleus mass.
+        seed: seeds the sampling without touching the global RNG (None: draw from the global RNG).
+        synced_gpus: keep decoding until every process stops (ZeRO-3); None lets Hugging Face decide.
+    """
+    width = int(prompt_lengths.max())
+    config = model.generation_config
+    eos = config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos if eos is not None else 0)
+    # Left-pad: row i's prompt sits in the last prompt_lengths[i] of `width` columns.
+    offset = (width - prompt_lengths).unsqueeze(1)  # (B, 1) padding columns before each prompt
+    source = torch.arange(width, device=input_ids.device).unsqueeze(0) - offset
+    in_prompt = source >= 0
+    prompts = torch.where(in_prompt, input_ids.gather(1, source.clamp(min=0)), pad)
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    training = model.training
+    model.eval()
+    try:
+        with seeded(seed, input_ids.device):
+            sequences = model.generate(
+                input_ids=prompts,
+                attention_mask=in_prompt.long(),
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                pad_token_id=pad,
+                synced_gpus=synced_gpus,
+                **sampling,
+            )
+    finally:
+        model.train(training)
+    generated = sequences[:, width:]
+    keep = torch.ones_like(generated, dtype=torch.bool)
+    if eos is not None:  # keep the end-of-sequence token itself, drop what follows it
+        is_eos = (generated == eos).long()
+        keep = (is_eos.cumsum(1) - is_eos) == 0
+    # Pack left: shift row i by its padding, so its prompt starts at column 0.
+    mask = torch.cat([in_prompt, keep], 1)
+    length = sequences.shape[1]
+    index = torch.arange(length, device=input_ids.device).unsqueeze(0) + offset
+    inside = index < length
+    index = index.clamp(max=length - 1)
+    mask = mask.gather(1, index) & inside
+    ids = torch.where(mask, sequences.gather(1, index), pad)
+    is_generated = mask & (torch.arange(length, device=input_ids.device).unsqueeze(0) >= prompt_lengths.unsqueeze(1))
+    labels = torch.where(is_generated, ids, ignore_index)
+    return Continuations(ids, mask.long(), labels, is_generated.sum(1))

@@ -1,0 +1,279 @@
+"""On-policy distillation: the student learns on sequences it generated itself, scored by the teacher."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from typing_extensions import override
+
+from ..kernels import DistillationOutput
+from ..losses import DistillationLoss
+from ..models import CausalLM
+from .distillation import DistillationModule, _forward, _logits
+from .generation import can_generate, continue_prompts, derived_seed
+
+ESTIMATORS = ("full", "sampled_token")
+
+
+class OnPolicyDistillation(DistillationModule):
+    """GKD-style distillation that mixes the student's own samples with the data's sequences.
+
+    Every training micro-batch is on-policy with probability ``lmbda`` (drawn from ``seed``, the optimizer
+    step and the micro-batch's place in it: every process draws the same, and a resumed run draws again what
+    the uninterrupted one drew), otherwise off-policy: soft-label distillation on the batch's own tokens,
+    with the loss as configured.
+
+    On-policy, the student continues each prompt (the first ``prompt_length`` tokens of each sequence, or
+    the tokens a ``prompt_mask`` in the batch marks, a prefix of each row, for chat-style data) by
+    ``max_new_tokens`` tokens with Hugging Face ``generate`` under ``no_grad``, in eval mode, with the KV
+    cache. Each process samples its own (seeded by the same draw and its rank). Only the generated tokens
+    count: the prompt, the padding and anything after an end-of-sequence token do not. Then:
+
+    - ``estimator="full"``: both models score prompt + continuation, and the loss's divergence is computed
+      over the whole vocabulary at every generated position by the fused kernels (from hidden states and
+      head weights where both heads are plain linear layers). The student's own tokens are not labels to
+      learn, so on-policy batches use the divergence alone (``alpha`` = 1); ``alpha`` applies to the
+      off-policy batches.
+    - ``estimator="sampled_token"``: only the two models' log-probabilities of the sampled tokens are read.
+      The per-token reverse-KL estimate ``log q - log p`` (detached) weighs ``log q``: its gradient is, in
+      expectation over the student's samples, the gradient of the reverse KL at each position (exactly so
+      when ``sampling_temperature`` equals the loss's temperature and ``top_p`` is 1). The loss's value is
+      the estimate itself. Needs ``divergence="reverse_kl"``. Off-policy batches, whose tokens are not the
+      student's samples, use the full reverse KL.
+
+    Args:
+        student, teacher: as in :class:`~lit_distill.modules.distillation.DistillationModule`; the student
+            must be able to generate when ``lmbda > 0``.
+        loss: the divergence, temperature and alpha; default ``DistillationLoss(divergence="jsd", beta=0.5)``,
+            GKD's generalized JSD at TRL's default beta: bounded, and halfway between forward KL's
+            mode-covering and reverse KL's mode-seeking.
+        lmbda: probability that a micro-batch is on-policy (GKD's λ), in [0, 1].
+        prompt_length: prompt tokens per sequence (when the batch has no ``prompt_mask``); must be shorter than
+            the sequences.
+        max_new_tokens: tokens the student generates per prompt.
+        sampling_temperature, top_p: the student's sampling temperature (not the distillation temperature)
+            and nucleus mass.
+        do_sample: sample (True) or decode greedily (False: a deterministic on-policy batch, for tests).
+        estimator: ``"full"`` or ``"sampled_token"``.
+        seed: seeds the λ draws and the samples.
+        *args, **kwargs: ``optimizer``, ``fused_linear``, ... as in
+            :class:`~lit_distill.modules.distillation.DistillationModule`.
+
+    Logged every step: ``train/on_policy_fraction`` (on-policy micro-batches so far, over all), and on
+    on-policy batches ``train/generated_tokens_per_sec``, ``train/mean_generated_length``; after every batch
+    ``train/generation_time_fraction`` (the share of this run's training-batch time spent generating).
+
+    Raises:
+        ValueError: for ``lmbda`` outside [0, 1], ``prompt_length`` or ``max_new_tokens`` below 1, a sampling
+            temperature <= 0, ``top_p`` outside (0, 1], an unknown estimator, ``"sampled_token"`` with a
+            divergence other than reverse KL, a student that cannot generate, and (at the first batch)
+            prompts that are not shorter than the sequences.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module | CausalLM,
+        teacher: nn.Module | CausalLM | None = None,
+        loss: DistillationLoss | None = None,
+        *args: Any,
+        lmbda: float = 1.0,
+        prompt_length: int = 16,
+        max_new_tokens: int = 32,
+        sampling_temperature: float = 1.0,
+        top_p: float = 1.0,
+        do_sample: bool = True,
+        estimator: str = "full",
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        _check_options(lmbda, prompt_length, max_new_tokens, sampling_temperature, top_p, estimator)
+        loss = loss if loss is not None else DistillationLoss(divergence="jsd", beta=0.5)
+        if estimator == "sampled_token" and loss.divergence != "reverse_kl":
+            raise ValueError(
+                f"estimator='sampled_token' estimates the reverse KL from the sampled tokens alone; it cannot"
+                f" estimate divergence={loss.divergence!r}. Use divergence='reverse_kl', or estimator='full'"
+            )
+        super().__init__(student, teacher, loss, *args, **kwargs)
+        if lmbda > 0 and not can_generate(self.student):
+            raise ValueError(
+                f"on-policy distillation needs a student that can generate text (a Hugging Face causal LM with"
+                f" .generate); {type(self.student).__name__} cannot. Use lmbda=0 for off-policy batches only"
+            )
+        self.lmbda, self.prompt_length, self.max_new_tokens = lmbda, prompt_length, max_new_tokens
+        self.sampling_temperature, self.top_p, self.do_sample = sampling_temperature, top_p, do_sample
+        self.estimator, self.seed = estimator, seed
+        self.counts = {"batches": 0, "on_policy": 0, "generation_s": 0.0, "batch_s": 0.0}
+        self._batch_start = 0.0
+        self._draw = 0
+
+    # -------------------------------------------------------- the λ draw
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The optimizer step and the micro-batch's place in it: the same on every process and after a resume.
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        self._draw = derived_seed(self.seed, self.trainer.global_step, micro)
+        self.counts["batches"] += 1
+        self.counts["on_policy"] += int(self.is_on_policy())
+        self._log("train/on_policy_fraction", self.counts["on_policy"] / self.counts["batches"])
+        self._batch_start = _now(self.device)
+
+    def is_on_policy(self) -> bool:
+        """Whether the current micro-batch is on-policy (a function of the seed and its place in the run)."""
+        if self.lmbda in (0.0, 1.0):
+            return self.lmbda == 1.0
+        generator = torch.Generator().manual_seed(self._draw)
+        return bool(torch.rand((), generator=generator) < self.lmbda)
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.counts["batch_s"] += _now(self.device) - self._batch_start
+        fraction = self.counts["generation_s"] / max(self.counts["batch_s"], 1e-9)
+        self._log("train/generation_time_fraction", fraction)
+
+    def _log(self, name: str, value: float) -> None:
+        if self._trainer is not None and self.trainer.training:  # compute_loss also runs outside training
+            self.log(name, value, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------ the loss
+    @override
+    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
+        if not self.is_on_policy():  # the data's tokens, not the student's samples: the loss as configured
+            return self.distill(batch)
+        generated = self.generate(batch)
+        if self.estimator == "full":
+            return self.distill(generated, alpha=1.0)  # the student's own tokens are not labels to learn
+        return self.sampled_token_loss(generated)
+
+    def generate(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The student's continuations of the batch's prompts, as a batch whose labels are the generated tokens."""
+        input_ids = self.shifted_inputs(batch)[0]
+        lengths = self.prompt_lengths(batch)
+        start = _now(self.device)
+        out = continue_prompts(
+            self.student,
+            input_ids,
+            lengths,
+            max_new_tokens=self.max_new_tokens,
+            ignore_index=self.loss.ignore_index,
+            do_sample=self.do_sample,
+            temperature=self.sampling_temperature,
+            top_p=self.top_p,
+            seed=derived_seed(self.seed, self._draw, self.global_rank),  # each process samples its own
+            synced_gpus=True if self.generates_in_lockstep() else None,
+        )
+        seconds = max(_now(self.device) - start, 1e-9)
+        self.counts["generation_s"] += seconds
+        tokens = out.generated_tokens.sum().item()
+        self._log("train/generated_tokens_per_sec", tokens / seconds)
+        self._log("train/mean_generated_length", tokens / len(lengths))
+        return {"input_ids": out.input_ids, "attention_mask": out.attention_mask, "labels": out.labels}
+
+    def prompt_lengths(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``(B,)`` prompt tokens per row: ``prompt_length``, or what the batch's ``prompt_mask`` marks."""
+        input_ids = batch["input_ids"]
+        rows, length = input_ids.shape
+        if "prompt_mask" in batch:
+            lengths = batch["prompt_mask"].sum(1)
+            if bool((lengths < 1).any() | (lengths >= length).any()):
+                raise ValueError(
+                    f"every row's prompt_mask must mark between 1 and {length - 1} tokens (the sequences have"
+                    f" {length}); got {lengths.tolist()}"
+                )
+            return lengths
+        if self.prompt_length >= length:
+            raise ValueError(
+                f"prompt_length={self.prompt_length} is not shorter than the sequences ({length} tokens): nothing"
+                " of them would be left to compare with; use a shorter prompt_length"
+            )
+        return torch.full((rows,), self.prompt_length, device=input_ids.device)
+
+    def sampled_token_loss(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
+        """The policy-gradient form of the reverse KL on the batch's label tokens (summed over counted tokens)."""
+        input_ids, attention_mask, labels = self.shifted_inputs(batch)
+        counted = labels != self.loss.ignore_index
+        heads = self.fused_heads()
+        with torch.no_grad():
+            teacher = _counted_logits(self.teacher, heads[1], input_ids, attention_mask, counted)
+        student = _counted_logits(self.student, heads[0], input_ids, attention_mask, counted)
+        return sampled_token_reverse_kl(student, teacher, labels[counted], self.loss)
+
+    # --------------------------------------------------------- checkpoints
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["on_policy_counts"] = dict(self.counts)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.counts.update(checkpoint.get("on_policy_counts", {}))
+
+
+def sampled_token_reverse_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor, loss: DistillationLoss
+) -> DistillationOutput:
+    """Reverse KL estimated from ``(M, V)`` logits at the sampled ``(M,)`` tokens, summed over the M tokens.
+
+    With ``r = log q(y) - log p(y)`` at the loss's temperature, the loss is ``T² Σ [r + sg(r) (log q - sg(log
+    q))]`` (T² with ``t2_scaling``): its value is the estimate ``T² Σ r`` and its gradient ``T² Σ r ∇log q``,
+    whose expectation over ``y ~ q`` is the reverse KL's gradient. ``hard`` and ``teacher_ce`` are the
+    student's and the teacher's mean negative log-likelihood of the tokens at T=1.
+    """
+    vocab = loss.vocab_size or student_logits.shape[-1]
+    student_logits, teacher_logits = student_logits[:, :vocab].float(), teacher_logits[:, :vocab].float()
+    temperature = loss.temperature
+    log_q = -F.cross_entropy(student_logits / temperature, tokens, reduction="none")
+    log_p = -F.cross_entropy(teacher_logits / temperature, tokens, reduction="none")
+    estimate = (log_q - log_p).detach()
+    scale = temperature**2 if loss.t2_scaling else 1.0
+    summed = scale * (estimate + estimate * (log_q - log_q.detach())).sum()
+    count = tokens.new_tensor(tokens.numel())
+    divisor = max(tokens.numel(), 1)
+    with torch.no_grad():
+        hard = F.cross_entropy(student_logits, tokens, reduction="sum") / divisor
+        teacher_ce = F.cross_entropy(teacher_logits, tokens, reduction="sum") / divisor
+        agreement = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().sum() / divisor
+    nan = torch.full((), math.nan, device=summed.device)
+    soft = scale * estimate.sum() / divisor if tokens.numel() else nan
+    return DistillationOutput(summed, soft, hard, teacher_ce, agreement, count)
+
+
+def _counted_logits(
+    model: nn.Module, head: nn.Linear | None, input_ids: torch.Tensor, mask: torch.Tensor | None, counted: torch.Tensor
+) -> torch.Tensor:
+    """``(M, V)`` next-token logits at the counted positions only (from the hidden states where the head allows)."""
+    out = _forward(model, head, input_ids, mask)
+    if head is None:
+        return _logits(out)[:, :-1][counted]
+    hidden, weight, bias = out
+    return F.linear(hidden[:, :-1][counted], weight, bias)
+
+
+def _check_options(
+    lmbda: float, prompt_length: int, max_new_tokens: int, sampling_temperature: float, top_p: float, estimator: str
+) -> None:
+    if not 0.0 <= lmbda <= 1.0:
+        raise ValueError(f"lmbda is the probability that a batch is on-policy; it must lie in [0, 1], got {lmbda}")
+    if prompt_length < 1:
+        raise ValueError(f"prompt_length must be >= 1, got {prompt_length}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not (sampling_temperature > 0 and math.isfinite(sampling_temperature)):
+        raise ValueError(f"sampling_temperature must be > 0, got {sampling_temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose 'full' or 'sampled_token'")
+
+
+def _now(device: torch.device) -> float:
+    """The host clock after the device's queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
