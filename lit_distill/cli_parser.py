@@ -97,6 +97,7 @@ def techniques_help() -> str:
         HardLabelDistillation,
         LanguageModelTraining,
         OfflineDistillation,
+        OnPolicyDistillation,
         SoftLabelDistillation,
     )
 
@@ -110,6 +111,7 @@ def techniques_help() -> str:
         SoftLabelDistillation,
         HardLabelDistillation,
         CoDistillation,
+        OnPolicyDistillation,
         OfflineDistillation,
         LanguageModelTraining,
     ):

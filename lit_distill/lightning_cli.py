@@ -19,7 +19,8 @@ from .cli_parser import SUBCOMMANDS, LitDistillParser, first_sentence, shorten_h
 DESCRIPTION = (
     "lit-distill: LLM knowledge distillation with PyTorch Lightning. `lit-distill fit --config"
     " configs/<x>.yaml` trains a technique (--model): SoftLabelDistillation, HardLabelDistillation (mode"
-    " argmax|generate), CoDistillation, or LanguageModelTraining (a teacher, or a student trained alone);"
+    " argmax|generate), CoDistillation, OnPolicyDistillation, OfflineDistillation (from a teacher cache), or"
+    " LanguageModelTraining (a teacher, or a student trained alone);"
     " `lit-distill fit --help` lists every technique's options and the loss's."
 )
 # Commands outside LightningCLI, listed with its subcommands in `lit-distill --help`.

@@ -62,6 +62,7 @@ def console(workdir: Path, *args: str, timeout: int = 600) -> tuple[int, str]:
         ("hard_label_argmax.yaml", "student-hard-label"),
         ("hard_label_generate.yaml", "student-hard-label-generate"),
         ("co_distillation.yaml", "student-co-distillation"),
+        ("on_policy.yaml", "student-on-policy"),
     ],
 )
 def test_every_config_trains_a_few_steps_and_exports(workdir, monkeypatch, config, student_dir):
@@ -86,6 +87,9 @@ def test_every_config_trains_a_few_steps_and_exports(workdir, monkeypatch, confi
     assert student.config.hidden_size == 96
     if config == "co_distillation.yaml":
         assert (workdir / "artifacts" / "teacher-co-distillation" / "config.json").exists()
+    if config == "on_policy.yaml":  # its OnPolicyEvaluation scored the student's samples at validation
+        metrics = cli.trainer.callback_metrics
+        assert 0 < float(metrics["val/teacher_nll_of_student"]) < 20 and float(metrics["val/student_reverse_kl"]) > 0
 
 
 def test_ctrl_c_saves_a_checkpoint_the_command_line_resumes_from(workdir, monkeypatch):
@@ -178,6 +182,7 @@ def test_every_config_is_covered():
         "hard_label_argmax.yaml",
         "hard_label_generate.yaml",
         "co_distillation.yaml",
+        "on_policy.yaml",
         "hf_example.yaml",
         "fsdp_example.yaml",  # parsed in test_sharded.py
         "deepspeed_example.yaml",  # parsed in test_sharded.py
@@ -189,8 +194,9 @@ def test_help_lists_the_techniques_and_every_command(capsys):
     with pytest.raises(SystemExit):
         cli_main(["--help"])
     out = capsys.readouterr().out
-    for name in ("SoftLabelDistillation", "HardLabelDistillation", "CoDistillation", "LanguageModelTraining"):
+    for name in ("SoftLabelDistillation", "HardLabelDistillation", "CoDistillation", "OnPolicyDistillation"):
         assert name in out
+    assert "LanguageModelTraining" in out
     for command in ("fit", "validate", "demo", "kernels"):
         assert re.search(rf"^    {command} +\S", out, flags=re.MULTILINE), command  # listed with its help
 

@@ -83,7 +83,7 @@ def assert_teacher_sharded(sharded: dict) -> None:
 @pytest.mark.slow
 @needs_gloo
 @pytest.mark.parametrize("kind", ["fsdp", "fsdp2"])
-@pytest.mark.parametrize("technique", ["soft", "hard-argmax", "hard-generate", "co"])
+@pytest.mark.parametrize("technique", ["soft", "hard-argmax", "hard-generate", "co", "on-policy"])
 def test_sharded_step_equals_one_process(tmp_path, single, kind, technique):
     reference = single(technique)
     sharded = run(technique, kind, tmp_path / f"{kind}.pt")

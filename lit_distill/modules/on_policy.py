@@ -57,8 +57,8 @@ class OnPolicyDistillation(DistillationModule):
         prompt_length: prompt tokens per sequence (when the batch has no ``prompt_mask``); must be shorter than
             the sequences.
         max_new_tokens: tokens the student generates per prompt.
-        sampling_temperature, top_p: the student's sampling temperature (not the distillation temperature)
-            and nucleus mass.
+        sampling_temperature: the student's sampling temperature (not the distillation temperature).
+        top_p: the student's nucleus-sampling mass.
         do_sample: sample (True) or decode greedily (False: a deterministic on-policy batch, for tests).
         estimator: ``"full"`` or ``"sampled_token"``.
         seed: seeds the λ draws and the samples.
