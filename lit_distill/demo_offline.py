@@ -13,8 +13,11 @@ from pathlib import Path
 OFFLINE = {"offline top-k": ("topk", 32, True, 1.0), "offline sampled": ("sampled", 32, False, 2.0)}
 
 
-def write_caches(teacher, data, sizes: dict, ns, cache: Path) -> tuple[dict[str, Path], list[str]]:
-    """Write (or reuse) each offline technique's teacher cache; their directories and a line on each cache.
+def write_caches(
+    teacher, data, sizes: dict, ns, cache: Path, techniques=tuple(OFFLINE)
+) -> tuple[dict[str, Path], list[str]]:
+    """Write (or reuse) the teacher cache of each offline technique of ``techniques``; their directories and a
+    line on each cache.
 
     Only as many training sequences as a student reads (steps x batch size) are cached: the students train
     within one pass over them, so caching the whole split would cost time and show nothing more.
@@ -25,7 +28,8 @@ def write_caches(teacher, data, sizes: dict, ns, cache: Path) -> tuple[dict[str,
     sequences = sizes["student_steps"] * sizes["batch_size"]
     teacher_key = teacher.name_or_path  # its cache directory, named by its config, sizes, seed and tokenizer
     directories, notes = {}, []
-    for technique, (method, slots, _, temperature) in OFFLINE.items():
+    for technique in techniques:
+        method, slots, _, temperature = OFFLINE[technique]
         key = hashlib.sha1(f"{teacher_key}{method}{slots}{temperature}{sequences}".encode()).hexdigest()[:12]
         directory = cache / "demo" / f"teacher-cache-{method}-{key}"
         start = time.perf_counter()

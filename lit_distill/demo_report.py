@@ -7,6 +7,10 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+SAMPLE_NOTE = (
+    "tch NLL, rev KL: each model continues the first half of 64 held-out sequences (sampling at T=1, the same"
+    " seed for all); the teacher's mean NLL of those tokens and the mean reverse KL(model || teacher) there"
+)
 QUICK_NOTE = (
     "--quick is a smoke test of the pipeline: its models are too small and trained too briefly to show the "
     "distillation gain (run without --quick for that)"
@@ -23,35 +27,28 @@ class Row:
     agreement: float
     tokens_per_sec: float
     wall_seconds: float
+    teacher_nll_of_samples: float = math.nan
+    reverse_kl_on_samples: float = math.nan
 
 
 def report(rows: list[Row], curves: dict, sizes: dict, out: Path, quick: bool = False, notes: list[str] = ()) -> None:
     """Print the table, ``notes`` (the teacher caches) and the verdict; write ``results.md``, ``results.json``
     and the plot to ``out``."""
-    header = f"{'model':<28} {'val loss':>9} {'val ppl':>9} {'agreement':>10} {'tokens/s':>9} {'wall s':>8}"
+    header = (
+        f"{'model':<28} {'val loss':>9} {'val ppl':>9} {'agreement':>10} {'tch NLL':>8} {'rev KL':>7}"
+        f" {'tokens/s':>9} {'wall s':>8}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         agreement = "" if math.isnan(r.agreement) else f"{r.agreement:.3f}"
         speed = "cached" if math.isnan(r.tokens_per_sec) else f"{r.tokens_per_sec:,.0f}"
         lines.append(
-            f"{r.model:<28} {r.val_loss:>9.4f} {r.val_ppl:>9.2f} {agreement:>10} {speed:>9} {r.wall_seconds:>8.1f}"
+            f"{r.model:<28} {r.val_loss:>9.4f} {r.val_ppl:>9.2f} {agreement:>10} {r.teacher_nll_of_samples:>8.3f}"
+            f" {r.reverse_kl_on_samples:>7.3f} {speed:>9} {r.wall_seconds:>8.1f}"
         )
-    table = "\n".join([*lines, *notes])
+    table = "\n".join([*lines, *notes, SAMPLE_NOTE])
     print("\n" + table)
-    alone = next(r for r in rows if r.model == "student: alone")
-    soft = next(r for r in rows if r.model == "student: soft-label")
-    gain = alone.val_loss - soft.val_loss
-    verdict = (
-        f"soft-label distillation {'beats' if gain > 0 else 'trails'} training alone by {abs(gain):.4f} "
-        "nats/token of validation loss"
-    )
-    for r in rows:
-        if r.model.startswith("student: offline"):
-            verdict += (
-                f"\n{r.model[len('student: ') :]}: {alone.val_loss - r.val_loss:+.4f} nats against training alone,"
-                f" {r.val_loss - soft.val_loss:+.4f} against online soft-label, at"
-                f" {r.tokens_per_sec / soft.tokens_per_sec:.2f}x its tokens/s"
-            )
+    verdict = _verdict(rows)
     if quick:
         verdict += f"\n{QUICK_NOTE}"
     print(verdict)
@@ -67,6 +64,34 @@ def report(rows: list[Row], curves: dict, sizes: dict, out: Path, quick: bool = 
     )
 
 
+def _verdict(rows: list[Row]) -> str:
+    """How each technique compares with training alone and with online soft labels (those that ran)."""
+    by_name = {r.model: r for r in rows}
+    alone, soft = by_name.get("student: alone"), by_name.get("student: soft-label")
+    if alone is None or soft is None:
+        return "(the verdict compares with the students trained alone and with soft labels: run both)"
+    gain = alone.val_loss - soft.val_loss
+    verdict = (
+        f"soft-label distillation {'beats' if gain > 0 else 'trails'} training alone by {abs(gain):.4f} "
+        "nats/token of validation loss"
+    )
+    on_policy = by_name.get("student: on-policy")
+    if on_policy is not None:
+        verdict += (
+            f"\non-policy: the teacher's NLL of its samples {on_policy.teacher_nll_of_samples:.3f} against"
+            f" {soft.teacher_nll_of_samples:.3f} for soft-label; validation loss"
+            f" {alone.val_loss - on_policy.val_loss:+.4f} nats against training alone"
+        )
+    for r in rows:
+        if r.model.startswith("student: offline"):
+            verdict += (
+                f"\n{r.model[len('student: ') :]}: {alone.val_loss - r.val_loss:+.4f} nats against training alone,"
+                f" {r.val_loss - soft.val_loss:+.4f} against online soft-label, at"
+                f" {r.tokens_per_sec / soft.tokens_per_sec:.2f}x its tokens/s"
+            )
+    return verdict
+
+
 # Curves can coincide (soft-label and co-distillation while the co-distilled teacher barely moves, as with
 # --quick): soft-label is a wide translucent band, co-distillation a thin dashed line drawn over it.
 _STYLES = {
@@ -74,6 +99,7 @@ _STYLES = {
     "soft-label": {"linestyle": "-", "linewidth": 5, "alpha": 0.4, "marker": "s", "markersize": 8},
     "hard-label": {"linestyle": ":", "linewidth": 2, "marker": "^", "markersize": 5},
     "co-distillation": {"linestyle": "--", "linewidth": 1.5, "marker": "D", "markersize": 4},
+    "on-policy": {"linestyle": "-", "linewidth": 1.5, "marker": "P", "markersize": 5},
     "offline top-k": {"linestyle": "-.", "linewidth": 1.5, "marker": "v", "markersize": 4},
     "offline sampled": {"linestyle": "-.", "linewidth": 1.5, "marker": "x", "markersize": 5},
 }

@@ -34,6 +34,13 @@ def _llama(sizes: dict, who: str, data):
     )
 
 
+#: held-out sequences whose first half each student continues, for the teacher's scores of its samples
+SAMPLE_PROMPTS = 64
+#: the on-policy student: its loss, and lmbda ramped linearly over the run (it learns from the data first);
+#: its prompts are the first half of each sequence, continued to full length
+ON_POLICY = {"loss": {"divergence": "reverse_kl", "temperature": 1.0, "alpha": 0.5}, "lmbda": (0.0, 1.0)}
+
+
 def _optimizer(lr: float):
     def build(params):
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -52,7 +59,7 @@ def _warmup_cosine(total_steps: int):
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _trainer(max_steps: int, sizes: dict, out: Path, name: str, recorder=None):
+def _trainer(max_steps: int, sizes: dict, out: Path, name: str, callbacks=()):
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -70,7 +77,7 @@ def _trainer(max_steps: int, sizes: dict, out: Path, name: str, recorder=None):
         enable_checkpointing=False,
         enable_model_summary=False,
         log_every_n_steps=10,
-        callbacks=[StepProgressBar(), *([recorder] if recorder else [])],  # counts optimizer steps
+        callbacks=[StepProgressBar(), *callbacks],  # the bar counts optimizer steps
     )
 
 
@@ -104,7 +111,9 @@ def train_teacher(data, sizes: dict, ns, cache: Path, out: Path):
     model.eval()
     ce, agreement = _evaluate(model, None, data)
     model.name_or_path = str(directory)  # the cache (demo_offline.py) names the teacher by its directory
-    return model, Row("teacher", ce, math.exp(ce), agreement, tokens_per_sec, time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    nll, reverse_kl = sample_scores(model, model, data, sizes, student_seed(ns))  # its own samples: KL 0
+    return model, Row("teacher", ce, math.exp(ce), agreement, tokens_per_sec, wall, nll, reverse_kl)
 
 
 class _Curve(Callback):
@@ -141,10 +150,18 @@ def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path, cac
     import lightning.pytorch as pl
 
     from .losses import DistillationLoss
-    from .modules import CoDistillation, HardLabelDistillation, LanguageModelTraining, SoftLabelDistillation
+    from .modules import (
+        CoDistillation,
+        HardLabelDistillation,
+        LanguageModelTraining,
+        OnPolicyDistillation,
+        SoftLabelDistillation,
+    )
 
-    pl.seed_everything(ns.seed + 1, verbose=False)  # every student starts from the same weights and data order
+    seed = student_seed(ns)
+    pl.seed_everything(seed, verbose=False)  # every student starts from the same weights and data order
     train_data = data  # offline students read their teacher cache instead
+    schedules = []
     spec = _llama(sizes, "student", data)
     common = {"optimizer": _optimizer(3e-3)}  # a constant rate: at 250 steps a decay only slows the students
     soft = DistillationLoss(temperature=2.0, alpha=0.5)
@@ -152,25 +169,57 @@ def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path, cac
         module = LanguageModelTraining(spec, **common)
     elif technique == "soft-label":
         module = SoftLabelDistillation(spec, teacher, soft, **common)
-    elif technique == "hard-label":
-        module = HardLabelDistillation(spec, teacher, DistillationLoss(), mode="argmax", **common)
+    elif technique == "hard-label":  # DeiT's hard distillation: half CE on the data, half on the teacher's argmax
+        module = HardLabelDistillation(spec, teacher, DistillationLoss(), mode="argmax", label_weight=0.5, **common)
     elif technique == "co-distillation":  # the teacher keeps learning, gently: a tenth of the student's peak rate
         module = CoDistillation(spec, copy.deepcopy(teacher), soft, teacher_ce_weight=1.0, teacher_lr=3e-4, **common)
+    elif technique == "on-policy":
+        from .callbacks import LmbdaScheduler
+
+        half = sizes["seq_len"] // 2
+        loss = DistillationLoss(**ON_POLICY["loss"])
+        module = OnPolicyDistillation(spec, teacher, loss, prompt_length=half, max_new_tokens=half, seed=seed, **common)
+        start, end = ON_POLICY["lmbda"]
+        schedules.append(LmbdaScheduler(start=start, end=end, strategy="linear"))
     else:
         from .demo_offline import offline_module
 
         module, train_data = offline_module(technique, spec, caches[technique], sizes, common["optimizer"])
     print(f"student ({technique}): {sizes['student_steps']} steps")
     recorder = _Curve(data, sizes["student_steps"])
-    trainer = _trainer(sizes["student_steps"], sizes, out, technique, recorder)
+    trainer = _trainer(sizes["student_steps"], sizes, out, technique, [recorder, *schedules])
     start = time.perf_counter()
     trainer.fit(module, train_data)
     seconds = time.perf_counter() - start - recorder.seconds  # training (with Lightning's validation), not the plot
     module.student.eval()
     ce, agreement = _evaluate(module.student, teacher, data)
+    nll, reverse_kl = sample_scores(module.student, teacher, data, sizes, seed)
     tokens = sizes["student_steps"] * sizes["batch_size"] * sizes["seq_len"]
-    row = Row(f"student: {technique}", ce, math.exp(ce), agreement, tokens / seconds, seconds)
+    row = Row(f"student: {technique}", ce, math.exp(ce), agreement, tokens / seconds, seconds, nll, reverse_kl)
     return row, [*recorder.points, (sizes["student_steps"], ce)]
+
+
+def student_seed(ns) -> int:
+    """The students' seed (weights, data order, samples): ``--student-seed``, else the teacher's seed + 1."""
+    return ns.student_seed if getattr(ns, "student_seed", None) is not None else ns.seed + 1
+
+
+def sample_scores(model, teacher, data, sizes: dict, seed: int) -> tuple[float, float]:
+    """The teacher's mean NLL of ``model``'s own continuations of held-out prompts, and the mean reverse KL
+    ``KL(model ‖ teacher)`` at those positions (``OnPolicyEvaluation``'s metrics, on the demo's prompts).
+
+    The first ``SAMPLE_PROMPTS`` held-out sequences are cut in half: the first half is the prompt, the model
+    samples the second half (T=1, seeded by ``seed``: each student gets the same draws).
+    """
+    from .callbacks.sample_quality import score_samples
+
+    data.setup()
+    prompts = data.val_blocks[:SAMPLE_PROMPTS]
+    half = sizes["seq_len"] // 2
+    lengths = torch.full((len(prompts),), half)
+    scores = score_samples(model, teacher, prompts, lengths, max_new_tokens=half, seed=seed)
+    tokens = float(scores.tokens)
+    return float(scores.teacher_nll) / tokens, float(scores.reverse_kl) / tokens
 
 
 @torch.no_grad()

@@ -204,11 +204,14 @@ def test_help_lists_the_techniques_and_every_command(capsys):
 def test_demo_quick_writes_table_logs_and_plot(tmp_path, capsys):
     cli_main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--cache-dir", str(tmp_path / "cache")])
     out = capsys.readouterr().out
-    students = ("alone", "soft-label", "hard-label", "co-distillation", "offline top-k", "offline sampled")
+    students = ("alone", "soft-label", "hard-label", "co-distillation", "on-policy", "offline top-k", "offline sampled")
     for row in ("teacher", *(f"student: {name}" for name in students)):
         assert row in out
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert len(results["rows"]) == 7 and all(r["val_loss"] > 0 for r in results["rows"])
+    assert len(results["rows"]) == 8 and all(r["val_loss"] > 0 for r in results["rows"])
+    # the teacher's scores of each model's own samples; the teacher's reverse KL to itself is 0
+    assert all(0 < r["teacher_nll_of_samples"] < 20 for r in results["rows"])
+    assert results["rows"][0]["reverse_kl_on_samples"] == 0 and results["rows"][1]["reverse_kl_on_samples"] > 0
     # the plot's curves are measured like the table: each ends at its student's number, at the last step
     table = {r["model"]: r["val_loss"] for r in results["rows"]}
     assert {name: curve[-1] for name, curve in results["curves"].items()} == {
@@ -223,6 +226,19 @@ def test_demo_quick_writes_table_logs_and_plot(tmp_path, capsys):
     cli_main(["demo", "--quick", "--out", str(tmp_path / "demo2"), "--cache-dir", str(tmp_path / "cache")])
     again = capsys.readouterr().out
     assert "teacher: reusing" in again and "teacher cache (sampled, 32 slots, T=2): reusing" in again
+
+
+def test_demo_runs_the_techniques_asked_for_with_the_student_seed(tmp_path, capsys):
+    args = ["demo", "--quick", "--out", str(tmp_path / "demo"), "--cache-dir", str(tmp_path / "cache")]
+    cli_main([*args, "--techniques", "alone,on-policy", "--student-seed", "7"])
+    rows = json.loads((tmp_path / "demo" / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["teacher", "student: alone", "student: on-policy"]
+    out = capsys.readouterr().out
+    assert "teacher cache" not in out  # no offline student asked for, no cache written
+    assert "on-policy: the teacher's NLL of its samples" not in out  # the verdict needs soft-label too
+    cli_main([*args, "--techniques", "alone", "--student-seed", "8"])
+    other = json.loads((tmp_path / "demo" / "results.json").read_text())["rows"]
+    assert other[1]["val_loss"] != rows[1]["val_loss"]  # another seed: another initialization and order
 
 
 def test_demo_rejects_bad_sizes(tmp_path):

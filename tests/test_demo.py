@@ -3,12 +3,13 @@
 The demo end to end (``--quick``) runs in tests/test_cli.py.
 """
 
+import argparse
 import math
 
 import pytest
 import torch
 
-from lit_distill.demo import _parser
+from lit_distill.demo import _parser, _techniques
 from lit_distill.demo_report import QUICK_NOTE, Row, _figure, report
 from lit_distill.demo_training import _Curve, _evaluate
 
@@ -111,3 +112,21 @@ def test_curve_measures_the_whole_split_draws_no_rng_and_leaves_the_last_point_t
     model.eval()
     expected, _ = _evaluate(model, None, data)  # the table's batches
     assert curve.points[0][1] == pytest.approx(expected, rel=1e-6)
+
+
+def test_techniques_take_dashes_for_spaces_and_refuse_unknown_names():
+    assert _techniques("alone, offline-top-k,on-policy") == ("alone", "offline top-k", "on-policy")
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown technique"):
+        _techniques("alone,distill")
+
+
+def test_verdict_compares_the_on_policy_students_sample_scores(tmp_path, capsys):
+    rows = [
+        *_rows(4.93, 4.73),
+        Row("student: on-policy", 4.80, math.exp(4.8), 0.6, 400.0, 3.0, 3.9, 0.2),
+    ]
+    rows[2].teacher_nll_of_samples = 4.05
+    report(rows, {}, {}, tmp_path)
+    out = capsys.readouterr().out
+    assert "on-policy: the teacher's NLL of its samples 3.900 against 4.050 for soft-label" in out
+    assert "validation loss +0.1300 nats against training alone" in out

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import VOCAB, InterruptAt, loader, make_batch, make_module, tiny, trainer
 from oracle import divergence, oracle
 
-from lit_distill.callbacks import CheckpointOnInterrupt, OnPolicyEvaluation
+from lit_distill.callbacks import CheckpointOnInterrupt, LmbdaScheduler, OnPolicyEvaluation
 from lit_distill.callbacks.sample_quality import score_samples
 from lit_distill.losses import DistillationLoss
 from lit_distill.modules.generation import continue_prompts, derived_seed
@@ -123,6 +123,32 @@ def test_lmbda_zero_never_generates_and_one_always_does(lmbda, monkeypatch):
         assert float(t.callback_metrics["train/mean_generated_length"]) == 6.0  # greedy, no eos reached
         assert float(t.callback_metrics["train/generated_tokens_per_sec"]) > 0
         assert 0 < float(t.callback_metrics["train/generation_time_fraction"]) < 1
+
+
+class LmbdaSeen(pl.Callback):
+    def __init__(self):
+        self.values = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.values.append(pl_module.lmbda)  # after the scheduler's hook (callbacks run in order)
+
+
+def test_lmbda_scheduler_ramps_lmbda_and_the_draws_follow():
+    module, seen = make_module("on-policy", lmbda=0.0), LmbdaSeen()
+    schedule = LmbdaScheduler(start=0.0, end=1.0, strategy="linear", total_steps=4)
+    calls = []
+    original = module.generate
+    module.generate = lambda batch: calls.append(1) or original(batch)
+    trainer(max_steps=5, callbacks=[schedule, seen]).fit(module, loader(make_batch()))
+    assert seen.values == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert 1 <= len(calls) <= 4 and module.counts["on_policy"] == len(calls)  # step 0 never, step 4 always
+
+
+def test_lmbda_scheduler_needs_an_on_policy_module_and_a_probability():
+    with pytest.raises(ValueError, match=r"lmbda end must lie in \[0, 1\], got 2.0"):
+        LmbdaScheduler(start=0.0, end=2.0)
+    with pytest.raises(ValueError, match="LmbdaScheduler sets the lmbda of an OnPolicyDistillation, not of Soft"):
+        trainer(max_steps=1, callbacks=[LmbdaScheduler(0.0, 1.0)]).fit(make_module("soft"), loader(make_batch()))
 
 
 # ----------------------------------------------------------------------------------------- the estimators

@@ -4,7 +4,7 @@ and the teacher's scores of the student's own samples at validation."""
 from .export import ExportModel
 from .interrupt import CheckpointOnInterrupt
 from .sample_quality import OnPolicyEvaluation
-from .schedules import AlphaScheduler, HyperparameterSchedule, TemperatureScheduler
+from .schedules import AlphaScheduler, HyperparameterSchedule, LmbdaScheduler, TemperatureScheduler
 from .throughput import TokensPerSecond
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointOnInterrupt",
     "ExportModel",
     "HyperparameterSchedule",
+    "LmbdaScheduler",
     "OnPolicyEvaluation",
     "TemperatureScheduler",
     "TokensPerSecond",

@@ -1,4 +1,4 @@
-"""Schedules for the loss's hyperparameters (alpha, temperature) as Lightning callbacks."""
+"""Schedules for the loss's hyperparameters (alpha, temperature) and on-policy's lmbda as Lightning callbacks."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ STATE_KEYS = ("start", "end", "strategy", "warmup_steps", "warmup_start", "total
 
 
 class HyperparameterSchedule(Callback):
-    r"""Set ``pl_module.loss.<attribute>`` from the global step before every training batch, and log it.
+    r"""Set ``pl_module.loss.<attribute>`` (or another object's, :meth:`holder`) from the global step before every
+    training batch, and log it.
 
     After ``warmup_steps`` (during which the value moves linearly from ``warmup_start`` to ``start``, or
     holds ``start`` when ``warmup_start`` is None), the value goes from ``start`` to ``end`` over the
@@ -47,6 +48,10 @@ class HyperparameterSchedule(Callback):
 
     #: the attribute of ``pl_module.loss`` this schedule sets; set by subclasses
     attribute: str = ""
+
+    def holder(self, pl_module: pl.LightningModule) -> Any:
+        """The object whose ``attribute`` the schedule sets: the module's loss."""
+        return getattr(pl_module, "loss", None)
 
     def __init__(
         self,
@@ -107,8 +112,7 @@ class HyperparameterSchedule(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loss = getattr(pl_module, "loss", None)
-        if not hasattr(loss, self.attribute):
+        if not hasattr(self.holder(pl_module), self.attribute):
             raise ValueError(
                 f"{type(self).__name__} sets pl_module.loss.{self.attribute}, but {type(pl_module).__name__}"
                 " has no such loss attribute"
@@ -125,7 +129,7 @@ class HyperparameterSchedule(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         value = self.value_at(trainer.global_step)
-        setattr(pl_module.loss, self.attribute, value)
+        setattr(self.holder(pl_module), self.attribute, value)
         pl_module.log(f"train/{self.attribute}", value, on_step=True, on_epoch=False)
 
     @override
@@ -174,3 +178,27 @@ class TemperatureScheduler(HyperparameterSchedule):
     def _check_value(self, name: str, value: float) -> None:
         if not (value > 0 and math.isfinite(value)):
             raise ValueError(f"temperature {name} must be a finite number > 0, got {value}")
+
+
+class LmbdaScheduler(HyperparameterSchedule):
+    """Schedule ``lmbda`` (in [0, 1]), the fraction of on-policy batches of an ``OnPolicyDistillation``.
+
+    On-policy samples teach little while the student is still babbling: ramping ``lmbda`` up lets it learn
+    from the data first (GKD starts from a fine-tuned student for the same reason).
+
+    Example:
+        >>> LmbdaScheduler(start=0.0, end=1.0, strategy="linear")  # off-policy first, on-policy at the end
+    """
+
+    attribute = "lmbda"
+
+    def holder(self, pl_module: pl.LightningModule) -> Any:
+        if not hasattr(pl_module, "lmbda"):
+            raise ValueError(
+                f"LmbdaScheduler sets the lmbda of an OnPolicyDistillation, not of {type(pl_module).__name__}"
+            )
+        return pl_module
+
+    def _check_value(self, name: str, value: float) -> None:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"lmbda {name} must lie in [0, 1], got {value}")
