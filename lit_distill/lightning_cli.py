@@ -25,7 +25,7 @@ DESCRIPTION = (
 )
 # Commands outside LightningCLI, listed with its subcommands in `lit-distill --help`.
 COMMANDS = {
-    "demo": "The end-to-end demo: a teacher and six students on the bundled corpus (`lit-distill demo --help`).",
+    "demo": "The end-to-end demo: a teacher and seven students on the bundled corpus (`lit-distill demo --help`).",
     "kernels": "The loss and its gradient on random logits, Triton kernels beside PyTorch (`--help` for sizes).",
     "cache-teacher": "A teacher's top-k or sampled signal over the data, stored for OfflineDistillation (`--help`).",
 }

@@ -374,3 +374,13 @@ def test_prompt_mask_sets_each_rows_prompt():
     generated = module.generate({**batch, "prompt_mask": mask})
     assert torch.equal(generated["input_ids"][1, :6], batch["input_ids"][1, :6])
     assert (generated["labels"][0, :3] == -100).all() and (generated["labels"][0, 3:6] != -100).all()
+
+
+def test_padded_rows_continue_their_real_tokens_and_all_padding_rows_count_nothing():
+    module = make_module("on-policy", prompt_length=6, max_new_tokens=3)
+    batch = make_batch(rows=3, length=10, seed=9, padding=[(1, 7), (2, 10)])  # row 1: 3 real tokens, row 2: none
+    assert module.prompt_lengths(batch).tolist() == [6, 3, 1]
+    generated = module.generate(batch)
+    assert torch.equal(generated["input_ids"][1, :3], batch["input_ids"][1, :3])
+    assert (generated["labels"][1, 3:6] != -100).all()
+    assert (generated["labels"][2] == -100).all()

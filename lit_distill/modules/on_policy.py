@@ -172,7 +172,10 @@ class OnPolicyDistillation(DistillationModule):
         tokens = out.generated_tokens.sum().item()
         self._log("train/generated_tokens_per_sec", tokens / seconds)
         self._log("train/mean_generated_length", tokens / len(lengths))
-        return {"input_ids": out.input_ids, "attention_mask": out.attention_mask, "labels": out.labels}
+        labels = out.labels
+        if batch.get("attention_mask") is not None:  # an all-padding row has no prompt: nothing it generates counts
+            labels = labels.masked_fill(~batch["attention_mask"].bool().any(1, keepdim=True), self.loss.ignore_index)
+        return {"input_ids": out.input_ids, "attention_mask": out.attention_mask, "labels": labels}
 
     def prompt_lengths(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``(B,)`` prompt tokens per row: ``prompt_length``, or what the batch's ``prompt_mask`` marks."""
@@ -191,7 +194,10 @@ class OnPolicyDistillation(DistillationModule):
                 f"prompt_length={self.prompt_length} is not shorter than the sequences ({length} tokens): nothing"
                 " of them would be left to compare with; use a shorter prompt_length"
             )
-        return torch.full((rows,), self.prompt_length, device=input_ids.device)
+        lengths = torch.full((rows,), self.prompt_length, device=input_ids.device)
+        if batch.get("attention_mask") is not None:  # a row shorter than the prompt is all prompt
+            lengths = lengths.clamp(max=batch["attention_mask"].sum(1)).clamp(min=1)
+        return lengths
 
     def sampled_token_loss(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
         """The policy-gradient form of the reverse KL on the batch's label tokens (summed over counted tokens)."""
