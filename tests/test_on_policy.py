@@ -175,6 +175,35 @@ def test_full_estimator_is_the_divergence_at_the_generated_positions(fused_linea
     assert float(out.teacher_ce) == pytest.approx(float(stats["teacher_ce"]), rel=1e-4)
 
 
+def test_on_policy_loss_scores_the_samples_and_loss_the_data():
+    off = DistillationLoss(temperature=2.0, alpha=0.5)
+    on = DistillationLoss(divergence="reverse_kl", temperature=1.0)
+    batch = make_batch(rows=3, length=9, seed=4)
+    module = make_module("on-policy", loss=off, on_policy_loss=on, prompt_length=5, max_new_tokens=4)
+    reference = make_module("on-policy", loss=on, prompt_length=5, max_new_tokens=4)
+    assert float(module.compute_loss(batch).loss) == pytest.approx(float(reference.compute_loss(batch).loss), rel=1e-6)
+    module.lmbda = reference.lmbda = 0.0
+    soft = make_module("soft", loss=off)
+    assert float(module.compute_loss(batch).loss) == pytest.approx(float(soft.compute_loss(batch).loss), rel=1e-6)
+    with pytest.raises(ValueError, match="cannot estimate divergence='forward_kl'"):
+        make_module(
+            "on-policy", loss=DistillationLoss(divergence="reverse_kl"), on_policy_loss=off, estimator="sampled_token"
+        )
+
+
+def test_mix_both_adds_the_on_policy_mean_to_the_off_policy_loss():
+    batch = make_batch(rows=3, length=9, seed=4, padding=[(0, 2)])
+    options = {"prompt_length": 5, "max_new_tokens": 4}
+    both = make_module("on-policy", mix="both", **options).compute_loss(batch)
+    on = make_module("on-policy", **options).compute_loss(batch)
+    off = make_module("on-policy", lmbda=0.0, **options).compute_loss(batch)
+    assert int(both.num_tokens) == int(off.num_tokens) == 3 * 8 - 2
+    expected = float(off.loss) + float(on.loss) / int(on.num_tokens) * int(off.num_tokens)
+    assert float(both.loss) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="unknown mix 'sum'; choose 'either' \\(GKD\\) or 'both'"):
+        make_module("on-policy", mix="sum")
+
+
 def test_off_policy_batches_are_soft_label_distillation():
     loss = DistillationLoss(temperature=2.0, alpha=0.7)
     module = make_module("on-policy", loss=loss, lmbda=0.0)

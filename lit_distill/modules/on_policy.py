@@ -19,6 +19,7 @@ from .distillation import DistillationModule, _forward, _logits
 from .generation import can_generate, continue_prompts, derived_seed
 
 ESTIMATORS = ("full", "sampled_token")
+MIXES = ("either", "both")
 
 
 class OnPolicyDistillation(DistillationModule):
@@ -44,8 +45,8 @@ class OnPolicyDistillation(DistillationModule):
       The per-token reverse-KL estimate ``log q - log p`` (detached) weighs ``log q``: its gradient is, in
       expectation over the student's samples, the gradient of the reverse KL at each position (exactly so
       when ``sampling_temperature`` equals the loss's temperature and ``top_p`` is 1). The loss's value is
-      the estimate itself. Needs ``divergence="reverse_kl"``. Off-policy batches, whose tokens are not the
-      student's samples, use the full reverse KL.
+      the estimate itself. Needs ``divergence="reverse_kl"`` (of ``on_policy_loss`` when given). Off-policy
+      batches, whose tokens are not the student's samples, use ``loss`` over the whole vocabulary.
 
     Args:
         student, teacher: as in :class:`~lit_distill.modules.distillation.DistillationModule`; the student
@@ -53,6 +54,9 @@ class OnPolicyDistillation(DistillationModule):
         loss: the divergence, temperature and alpha; default ``DistillationLoss(divergence="jsd", beta=0.5)``,
             GKD's generalized JSD at TRL's default beta: bounded, and halfway between forward KL's
             mode-covering and reverse KL's mode-seeking.
+        on_policy_loss: the loss of the on-policy batches, when they should compare otherwise than the
+            off-policy ones (e.g. forward KL on the data, reverse KL on the student's samples); default
+            ``loss``. Its ``alpha`` is ignored (on-policy batches have no labels); schedules set ``loss`` only.
         lmbda: probability that a micro-batch is on-policy (GKD's λ), in [0, 1].
         prompt_length: prompt tokens per sequence (when the batch has no ``prompt_mask``); must be shorter than
             the sequences.
@@ -62,6 +66,11 @@ class OnPolicyDistillation(DistillationModule):
         do_sample: sample (True) or decode greedily (False: a deterministic on-policy batch, for tests).
         estimator: ``"full"`` or ``"sampled_token"``.
         seed: seeds the λ draws and the samples.
+        mix: ``"either"`` (GKD): a micro-batch is on-policy or off-policy. ``"both"``: an on-policy micro-batch
+            keeps the off-policy loss on its own data tokens too, as MiniLLM keeps a language-modeling loss
+            on data beside its on-policy term; the loss is then the off-policy token mean plus the on-policy
+            token mean (each micro-batch's, counted as its data tokens), at the cost of both passes, and the
+            logged statistics are the off-policy ones.
         *args, **kwargs: ``optimizer``, ``fused_linear``, ... as in
             :class:`~lit_distill.modules.distillation.DistillationModule`.
 
@@ -82,6 +91,7 @@ class OnPolicyDistillation(DistillationModule):
         teacher: nn.Module | CausalLM | None = None,
         loss: DistillationLoss | None = None,
         *args: Any,
+        on_policy_loss: DistillationLoss | None = None,
         lmbda: float = 1.0,
         prompt_length: int = 16,
         max_new_tokens: int = 32,
@@ -90,16 +100,21 @@ class OnPolicyDistillation(DistillationModule):
         do_sample: bool = True,
         estimator: str = "full",
         seed: int = 0,
+        mix: str = "either",
         **kwargs: Any,
     ) -> None:
         _check_options(lmbda, prompt_length, max_new_tokens, sampling_temperature, top_p, estimator)
+        if mix not in MIXES:
+            raise ValueError(f"unknown mix {mix!r}; choose 'either' (GKD) or 'both'")
         loss = loss if loss is not None else DistillationLoss(divergence="jsd", beta=0.5)
-        if estimator == "sampled_token" and loss.divergence != "reverse_kl":
+        sampled_loss = on_policy_loss if on_policy_loss is not None else loss
+        if estimator == "sampled_token" and sampled_loss.divergence != "reverse_kl":
             raise ValueError(
                 f"estimator='sampled_token' estimates the reverse KL from the sampled tokens alone; it cannot"
-                f" estimate divergence={loss.divergence!r}. Use divergence='reverse_kl', or estimator='full'"
+                f" estimate divergence={sampled_loss.divergence!r}. Use divergence='reverse_kl', or estimator='full'"
             )
         super().__init__(student, teacher, loss, *args, **kwargs)
+        self.on_policy_loss = on_policy_loss
         if lmbda > 0 and not can_generate(self.student):
             raise ValueError(
                 f"on-policy distillation needs a student that can generate text (a Hugging Face causal LM with"
@@ -107,7 +122,7 @@ class OnPolicyDistillation(DistillationModule):
             )
         self.lmbda, self.prompt_length, self.max_new_tokens = lmbda, prompt_length, max_new_tokens
         self.sampling_temperature, self.top_p, self.do_sample = sampling_temperature, top_p, do_sample
-        self.estimator, self.seed = estimator, seed
+        self.estimator, self.seed, self.mix = estimator, seed, mix
         self.counts = {"batches": 0, "on_policy": 0, "generation_s": 0.0, "batch_s": 0.0}
         self._batch_start = 0.0
         self._draw = 0
@@ -146,9 +161,16 @@ class OnPolicyDistillation(DistillationModule):
         if not self.is_on_policy():  # the data's tokens, not the student's samples: the loss as configured
             return self.distill(batch)
         generated = self.generate(batch)
-        if self.estimator == "full":
-            return self.distill(generated, alpha=1.0)  # the student's own tokens are not labels to learn
-        return self.sampled_token_loss(generated)
+        loss = self.on_policy_loss if self.on_policy_loss is not None else self.loss
+        if self.estimator == "full":  # the student's own tokens are not labels to learn: alpha = 1
+            on = self.distill(generated, **{**loss.options(), "alpha": 1.0, "reduction": "sum"})
+        else:
+            on = self.sampled_token_loss(generated, loss)
+        if self.mix == "either":
+            return on
+        off = self.distill(batch)
+        # The on-policy sum as its token mean, counted as the data's tokens (the normalizer divides by them).
+        return off._replace(loss=off.loss + on.loss * (off.num_tokens / on.num_tokens.clamp(min=1)))
 
     def generate(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The student's continuations of the batch's prompts, as a batch whose labels are the generated tokens."""
@@ -199,7 +221,7 @@ class OnPolicyDistillation(DistillationModule):
             lengths = lengths.clamp(max=batch["attention_mask"].sum(1)).clamp(min=1)
         return lengths
 
-    def sampled_token_loss(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
+    def sampled_token_loss(self, batch: Mapping[str, torch.Tensor], loss: DistillationLoss) -> DistillationOutput:
         """The policy-gradient form of the reverse KL on the batch's label tokens (summed over counted tokens)."""
         input_ids, attention_mask, labels = self.shifted_inputs(batch)
         counted = labels != self.loss.ignore_index
@@ -207,7 +229,7 @@ class OnPolicyDistillation(DistillationModule):
         with torch.no_grad():
             teacher = _counted_logits(self.teacher, heads[1], input_ids, attention_mask, counted)
         student = _counted_logits(self.student, heads[0], input_ids, attention_mask, counted)
-        return sampled_token_reverse_kl(student, teacher, labels[counted], self.loss)
+        return sampled_token_reverse_kl(student, teacher, labels[counted], loss)
 
     # --------------------------------------------------------- checkpoints
     @override
