@@ -36,11 +36,16 @@ def _llama(sizes: dict, who: str, data):
 
 #: held-out sequences whose first half each student continues, for the teacher's scores of its samples
 SAMPLE_PROMPTS = 64
-#: the on-policy student: the soft-label student's loss (on its own samples, forward KL at T=2 alone), and
-#: lmbda ramped linearly from 0 to 1 over the run: on-policy batches from the start, while the student still
-#: babbles, cost it 0.3 nats of validation loss (README: The demo). Its prompts are the first half of each
-#: sequence, continued to full length.
-ON_POLICY = {"loss": {"divergence": "forward_kl", "temperature": 2.0, "alpha": 0.5}, "lmbda": (0.0, 1.0)}
+#: the on-policy student: the soft-label student's loss on every batch and, on a fraction lmbda of them (ramped
+#: linearly from 0 to 1 over the run: a student trained from scratch babbles at first), the same divergence on
+#: its own continuations of the first half of each sequence (mix="both"). README: The demo, for what else was
+#: tried (GKD's either-or mix, reverse KL on the samples, lmbda fixed at 0.5).
+ON_POLICY = {
+    "loss": {"divergence": "forward_kl", "temperature": 2.0, "alpha": 0.5},
+    "on_policy_loss": {"divergence": "forward_kl", "temperature": 2.0},
+    "lmbda": (0.0, 1.0),
+    "mix": "both",
+}
 
 
 def _optimizer(lr: float):
@@ -179,8 +184,9 @@ def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path, cac
         from .callbacks import LmbdaScheduler
 
         half = sizes["seq_len"] // 2
-        loss = DistillationLoss(**ON_POLICY["loss"])
-        module = OnPolicyDistillation(spec, teacher, loss, prompt_length=half, max_new_tokens=half, seed=seed, **common)
+        loss, on_policy_loss = DistillationLoss(**ON_POLICY["loss"]), DistillationLoss(**ON_POLICY["on_policy_loss"])
+        options = {"on_policy_loss": on_policy_loss, "mix": ON_POLICY["mix"], "seed": seed}
+        module = OnPolicyDistillation(spec, teacher, loss, prompt_length=half, max_new_tokens=half, **options, **common)
         start, end = ON_POLICY["lmbda"]
         schedules.append(LmbdaScheduler(start=start, end=end, strategy="linear"))
     else:
