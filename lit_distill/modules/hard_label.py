@@ -11,6 +11,7 @@ import torch
 from ..kernels import DistillationOutput
 from .causal_lm import cross_entropy_output
 from .distillation import DistillationModule
+from .generation import can_generate, continue_prompts
 
 MODES = ("argmax", "generate")
 
@@ -78,10 +79,7 @@ class HardLabelDistillation(DistillationModule):
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
         super().__init__(*args, **kwargs)
-        can_generate = getattr(self.teacher, "can_generate", None)
-        if mode == "generate" and not (
-            callable(getattr(self.teacher, "generate", None)) and (can_generate is None or can_generate())
-        ):
+        if mode == "generate" and not can_generate(self.teacher):
             raise ValueError(
                 f"mode='generate' needs a teacher that can generate text (a Hugging Face causal LM with"
                 f" .generate); {type(self.teacher).__name__} cannot"
@@ -127,26 +125,15 @@ class HardLabelDistillation(DistillationModule):
             raise ValueError(
                 f"sequences of {input_ids.shape[1]} tokens are shorter than prompt_length={self.prompt_length}"
             )
-        prompts = input_ids[:, : self.prompt_length]
-        config = self.teacher.generation_config
-        eos = config.eos_token_id
-        eos = eos[0] if isinstance(eos, list) else eos
-        pad = config.pad_token_id if config.pad_token_id is not None else (eos if eos is not None else 0)
-        sampling = {"temperature": self.sampling_temperature, "top_p": self.top_p} if self.do_sample else {}
-        sequences = self.teacher.generate(
-            input_ids=prompts,
-            attention_mask=torch.ones_like(prompts),
+        out = continue_prompts(
+            self.teacher,
+            input_ids,
+            torch.full((input_ids.shape[0],), self.prompt_length, device=input_ids.device),
             max_new_tokens=self.max_new_tokens,
+            ignore_index=self.loss.ignore_index,
             do_sample=self.do_sample,
-            pad_token_id=pad,
-            synced_gpus=self.generates_in_lockstep(),
-            **sampling,
+            temperature=self.sampling_temperature,
+            top_p=self.top_p,
+            synced_gpus=True if self.generates_in_lockstep() else None,
         )
-        generated = sequences[:, self.prompt_length :]
-        keep = torch.ones_like(generated, dtype=torch.bool)
-        if eos is not None:  # keep the end-of-sequence token itself, mask what follows it
-            after_eos = (generated == eos).long().cumsum(1) - (generated == eos).long()
-            keep = after_eos == 0
-        labels = torch.full_like(sequences, self.loss.ignore_index)
-        labels[:, self.prompt_length :] = torch.where(keep, generated, self.loss.ignore_index)
-        return sequences, labels
+        return out.input_ids, out.labels
