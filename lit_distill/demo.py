@@ -33,7 +33,7 @@ PRESETS = {
         "student_layers": 2,
         "teacher_steps": 600,
         "student_steps": 250,
-        "val_every": 50,
+        "val_every": 125,
         "max_train_tokens": None,
     },
     # about a minute: a smoke test of the pipeline (and the tests' size), too small to show a distillation gain

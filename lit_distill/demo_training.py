@@ -37,9 +37,9 @@ def _llama(sizes: dict, who: str, data):
 #: held-out sequences whose first half each student continues, for the teacher's scores of its samples
 SAMPLE_PROMPTS = 64
 #: the on-policy student: the soft-label student's loss on every batch and, on a fraction lmbda of them (ramped
-#: linearly from 0 to 1 over the run: a student trained from scratch babbles at first), the same divergence on
-#: its own continuations of the first half of each sequence (mix="both"). README: The demo, for what else was
-#: tried (GKD's either-or mix, reverse KL on the samples, lmbda fixed at 0.5).
+#: linearly from 0 at the first step to 1 at half the run: a student trained from scratch babbles at first),
+#: the same divergence on its own continuations of the first half of each sequence (mix="both"). README: The
+#: demo, for what else was tried (GKD's either-or mix, reverse KL on the samples, lmbda fixed at 0.5).
 ON_POLICY = {
     "loss": {"divergence": "forward_kl", "temperature": 2.0, "alpha": 0.5},
     "on_policy_loss": {"divergence": "forward_kl", "temperature": 2.0},
@@ -188,7 +188,8 @@ def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path, cac
         options = {"on_policy_loss": on_policy_loss, "mix": ON_POLICY["mix"], "seed": seed}
         module = OnPolicyDistillation(spec, teacher, loss, prompt_length=half, max_new_tokens=half, **options, **common)
         start, end = ON_POLICY["lmbda"]
-        schedules.append(LmbdaScheduler(start=start, end=end, strategy="linear"))
+        ramp = max(1, sizes["student_steps"] // 2)
+        schedules.append(LmbdaScheduler(start=start, end=end, total_steps=ramp))
     else:
         from .demo_offline import offline_module
 
