@@ -14,7 +14,7 @@ from lit_distill.callbacks import CheckpointOnInterrupt, LmbdaScheduler, OnPolic
 from lit_distill.callbacks.sample_quality import score_samples
 from lit_distill.losses import DistillationLoss
 from lit_distill.modules.generation import continue_prompts, derived_seed
-from lit_distill.modules.on_policy import sampled_token_reverse_kl
+from lit_distill.modules.sampled_token import sampled_token_reverse_kl
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 EOS = 2  # helpers.TINY's end-of-sequence token
