@@ -4,7 +4,8 @@
 normalization (normalization.py), validation, export and checkpoint checks. ``DistillationModule``
 (distillation.py) adds the teacher, frozen or trained, and the fused loss call. Each technique overrides
 ``compute_loss``. ``OfflineDistillation`` (offline.py) has no teacher: it reads a teacher cache's signal.
-``OnPolicyDistillation`` (on_policy.py) trains on the student's own samples (generation.py), scored by the teacher.
+``OnPolicyDistillation`` (on_policy.py) trains on the student's own samples (generation.py), scored by the teacher
+(sampled_token.py: the estimator that reads only the sampled tokens).
 """
 
 from .causal_lm import CausalLMModule
