@@ -48,15 +48,20 @@ class OnPolicyDistillation(DistillationModule):
       the estimate itself. Needs ``divergence="reverse_kl"`` (of ``on_policy_loss`` when given). Off-policy
       batches, whose tokens are not the student's samples, use ``loss`` over the whole vocabulary.
 
+    ``on_policy_loss`` gives the on-policy batches a loss of their own (e.g. forward KL on the data, reverse
+    KL on the student's samples); schedules (``AlphaScheduler``, ...) set ``loss`` only. With ``mix="both"``
+    an on-policy micro-batch keeps the off-policy loss on its own data tokens too, as MiniLLM keeps a
+    language-modeling loss on data beside its on-policy term: the loss is the off-policy token mean plus the
+    on-policy token mean (each micro-batch's, counted as its data tokens), at the cost of both passes, and
+    the logged statistics are the off-policy ones.
+
     Args:
         student, teacher: as in :class:`~lit_distill.modules.distillation.DistillationModule`; the student
             must be able to generate when ``lmbda > 0``.
         loss: the divergence, temperature and alpha; default ``DistillationLoss(divergence="jsd", beta=0.5)``,
             GKD's generalized JSD at TRL's default beta: bounded, and halfway between forward KL's
             mode-covering and reverse KL's mode-seeking.
-        on_policy_loss: the loss of the on-policy batches, when they should compare otherwise than the
-            off-policy ones (e.g. forward KL on the data, reverse KL on the student's samples); default
-            ``loss``. Its ``alpha`` is ignored (on-policy batches have no labels); schedules set ``loss`` only.
+        on_policy_loss: the loss of the on-policy batches (default: ``loss``; its ``alpha`` is ignored).
         lmbda: probability that a micro-batch is on-policy (GKD's λ), in [0, 1].
         prompt_length: prompt tokens per sequence (when the batch has no ``prompt_mask``); must be shorter than
             the sequences.
@@ -66,11 +71,7 @@ class OnPolicyDistillation(DistillationModule):
         do_sample: sample (True) or decode greedily (False: a deterministic on-policy batch, for tests).
         estimator: ``"full"`` or ``"sampled_token"``.
         seed: seeds the λ draws and the samples.
-        mix: ``"either"`` (GKD): a micro-batch is on-policy or off-policy. ``"both"``: an on-policy micro-batch
-            keeps the off-policy loss on its own data tokens too, as MiniLLM keeps a language-modeling loss
-            on data beside its on-policy term; the loss is then the off-policy token mean plus the on-policy
-            token mean (each micro-batch's, counted as its data tokens), at the cost of both passes, and the
-            logged statistics are the off-policy ones.
+        mix: ``"either"`` (GKD: a micro-batch is on-policy or off-policy) or ``"both"`` (see above).
         *args, **kwargs: ``optimizer``, ``fused_linear``, ... as in
             :class:`~lit_distill.modules.distillation.DistillationModule`.
 
