@@ -119,10 +119,12 @@ class OnPolicyEvaluation(Callback):
 
         tokens = getattr(pl_module, "tokenizer_size", None)
         teacher = build(self.teacher_source, tokens, getattr(pl_module, "special_tokens", None))
-        self.teacher = teacher.to(pl_module.device).eval().requires_grad_(False)
+        self.teacher = teacher.eval().requires_grad_(False)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.teacher_source is not None:  # our own teacher follows the module (moved after setup)
+            self.teacher.to(pl_module.device)
         self._sums = [torch.zeros((), dtype=torch.float64, device=pl_module.device) for _ in range(3)]
 
     @override
