@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from ..kernels import distillation_loss
 from ..models import CausalLM
-from ..modules.generation import continue_prompts, derived_seed
+from ..modules.generation import continue_prompts, derived_seed, prompt_lengths_of
 
 
 class SampleScores(NamedTuple):
@@ -140,9 +140,7 @@ class OnPolicyEvaluation(Callback):
                 f"OnPolicyEvaluation's prompt_length={self.prompt_length} is not shorter than the validation"
                 f" sequences ({input_ids.shape[1]} tokens); use a shorter prompt_length"
             )
-        lengths = torch.full((input_ids.shape[0],), self.prompt_length, device=input_ids.device)
-        if batch.get("attention_mask") is not None:  # a padded row's prompt ends at its last token
-            lengths = lengths.clamp(max=batch["attention_mask"].sum(1)).clamp(min=1)
+        lengths = prompt_lengths_of(input_ids, self.prompt_length, batch.get("attention_mask"))
         lockstep = getattr(pl_module, "generates_in_lockstep", lambda: False)()
         scores = score_samples(
             pl_module.student,

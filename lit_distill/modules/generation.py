@@ -40,6 +40,15 @@ def derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def prompt_lengths_of(input_ids: torch.Tensor, prompt_length: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``(B,)`` prompt tokens per row: ``prompt_length``, or a right-padded row's real tokens when it has fewer
+    (at least 1: ``generate`` needs a token to continue)."""
+    lengths = torch.full((input_ids.shape[0],), prompt_length, device=input_ids.device)
+    if attention_mask is not None:
+        lengths = lengths.clamp(max=attention_mask.sum(1)).clamp(min=1)
+    return lengths
+
+
 @contextlib.contextmanager
 def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     """Draw from a fresh generator seeded with ``seed`` inside, and leave the global RNG as it was (None: as is)."""

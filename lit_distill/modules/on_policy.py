@@ -15,7 +15,7 @@ from ..kernels import DistillationOutput
 from ..losses import DistillationLoss
 from ..models import CausalLM
 from .distillation import DistillationModule
-from .generation import can_generate, continue_prompts, derived_seed
+from .generation import can_generate, continue_prompts, derived_seed, prompt_lengths_of
 from .sampled_token import counted_logits, sampled_token_reverse_kl
 
 ESTIMATORS = ("full", "sampled_token")
@@ -203,7 +203,7 @@ class OnPolicyDistillation(DistillationModule):
     def prompt_lengths(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``(B,)`` prompt tokens per row: ``prompt_length``, or what the batch's ``prompt_mask`` marks."""
         input_ids = batch["input_ids"]
-        rows, length = input_ids.shape
+        length = input_ids.shape[1]
         if "prompt_mask" in batch:
             lengths = batch["prompt_mask"].sum(1)
             if bool((lengths < 1).any() | (lengths >= length).any()):
@@ -217,10 +217,7 @@ class OnPolicyDistillation(DistillationModule):
                 f"prompt_length={self.prompt_length} is not shorter than the sequences ({length} tokens): nothing"
                 " of them would be left to compare with; use a shorter prompt_length"
             )
-        lengths = torch.full((rows,), self.prompt_length, device=input_ids.device)
-        if batch.get("attention_mask") is not None:  # a row shorter than the prompt is all prompt
-            lengths = lengths.clamp(max=batch["attention_mask"].sum(1)).clamp(min=1)
-        return lengths
+        return prompt_lengths_of(input_ids, self.prompt_length, batch.get("attention_mask"))
 
     def sampled_token_loss(self, batch: Mapping[str, torch.Tensor], loss: DistillationLoss) -> DistillationOutput:
         """The policy-gradient form of the reverse KL on the batch's label tokens (summed over counted tokens)."""
