@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import KINDS, VOCAB, loader, make_batch, make_module, tiny, trainer
+from helpers import KINDS, VOCAB, loader, make_batch, make_module, tiny, trainer, with_teacher_signal
 from torch import nn
 
 from lit_distill import distillation_loss
@@ -187,6 +187,19 @@ def test_training_logs_the_statistics():
     assert {"train/loss", "train/soft", "train/hard", "train/agreement", "train/tokens_per_sec"} <= set(
         t.callback_metrics
     )
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "offline"])
+def test_a_bf16_mixed_fit_trains_fp32_parameters(kind):
+    # A bf16-mixed Trainer (autocast on, fp32 parameters) through each module's loss path, fused-linear included.
+    module = make_module(kind)
+    batch = make_batch(padding=[(1, 3)])
+    batch = with_teacher_signal(batch) if kind == "offline" else batch
+    before = {k: v.clone() for k, v in module.student.state_dict().items()}
+    trainer(max_steps=2, precision="bf16-mixed").fit(module, loader(batch))
+    after = module.student.state_dict()
+    assert all(v.dtype == torch.float32 and bool(v.isfinite().all()) for v in after.values())
+    assert max(float((after[k] - v).abs().max()) for k, v in before.items()) > 1e-4
 
 
 def test_bad_input():

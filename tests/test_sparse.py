@@ -225,6 +225,31 @@ def test_fused_linear_reductions_on_torch(reduction):
     torch.testing.assert_close(w.grad, w64.grad)
 
 
+@pytest.mark.parametrize("chunk_size", [2, None])
+def test_fused_linear_under_autocast_gives_fp32_parameters_fp32_gradients(chunk_size):
+    # What a bf16-mixed Trainer hands OfflineDistillation: fp32 parameters with autocast on. The matmuls take
+    # bf16 copies, as nn.Linear's would; the gradients come back in fp32.
+    gen = torch.Generator().manual_seed(12)
+    hidden, weight = torch.randn(6, 16, generator=gen), torch.randn(VOCAB, 16, generator=gen) / 2
+    bias = torch.randn(VOCAB, generator=gen)
+    _, ids, logprobs, labels = make_case(shape=(6,), seed=12)
+    kw = {"tail": True, "divergence": "jsd", "temperature": 2.0, "alpha": 0.5}
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_linear_sparse_distillation_loss(
+            leaves[0], leaves[1], ids, logprobs, labels, student_bias=leaves[2], chunk_size=chunk_size, **kw
+        )
+    out.loss.backward()
+    assert [x.grad.dtype for x in leaves] == [torch.float32] * 3
+    # The reference: the float64 oracle on the bf16 logits nn.Linear makes under autocast, chained by hand.
+    h, w, b = (x.to(torch.bfloat16) for x in (hidden, weight, bias))
+    loss, _, grad_logits = oracle_run(torch.nn.functional.linear(h, w, b), ids, logprobs, labels, **kw)
+    torch.testing.assert_close(out.loss.detach().double(), loss, rtol=1e-6, atol=1e-7)
+    expected = (grad_logits @ w.double(), grad_logits.T @ h.double(), grad_logits.sum(0))
+    for leaf, want, name in zip(leaves, expected, ("dH", "dW", "db"), strict=True):
+        assert_grad_close(leaf.grad, want, TOLERANCES[torch.bfloat16][1], what=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_logits(backend_device, dtype):
     assert_matches(backend_device, make_case(seed=11), dtype=dtype, tail=True, temperature=2.0, alpha=0.5)

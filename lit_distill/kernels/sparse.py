@@ -12,9 +12,9 @@ import torch
 from .backend import use_triton
 from .inputs import check_labels
 from .options import LossOptions
-from .rows import DistillationOutput, forward_row_scale, row_grad_scale, row_targets
-from .sparse_rows import SparseRows, empty_rows, finish
-from .sparse_torch import torch_sparse_loss, torch_sparse_rows
+from .rows import DistillationOutput
+from .sparse_linear import FusedLinearSparse
+from .sparse_torch import torch_sparse_loss
 
 __all__ = ["fused_linear_sparse_distillation_loss", "sparse_distillation_loss"]
 
@@ -137,6 +137,8 @@ def fused_linear_sparse_distillation_loss(
         :class:`DistillationOutput`; gradients reach the hidden states, weight and bias. Each chunk's logit
         gradient is folded into them in the forward (``dH = G W``, ``dW += Gᵀ H``, ``db += Σ G``) and the
         backward only scales them by ``grad_output``, except with ``reduction="none"``, which recomputes.
+        Under autocast the matmuls take the autocast dtype (a copy of the weight in it), and the gradients
+        come back in the parameters' dtypes, dW summed in fp32 for fp32 weights.
     """
     opts = _options(locals())
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
@@ -159,71 +161,11 @@ def fused_linear_sparse_distillation_loss(
     triton = use_triton(opts.backend, hidden)
     tensors = (hidden, student_weight, student_bias)
     want = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
-    out = _FusedLinearSparse.apply(*tensors, ids, logprobs, labels, opts, tail, vocab, chunk_size, triton, want)
+    device_type = hidden.device.type  # under autocast the matmuls take its dtype, as nn.Linear's would
+    cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    out = FusedLinearSparse.apply(*tensors, ids, logprobs, labels, opts, tail, vocab, chunk_size, triton, cast, want)
     out = DistillationOutput(*out)
     return out._replace(loss=out.loss.reshape(lead)) if reduction == "none" else out
-
-
-class _FusedLinearSparse(torch.autograd.Function):
-    """Token-chunked ``S = H Wᵀ + b`` and the sparse loss; with G = d loss / dS per chunk:
-    ``dH = G W``, ``dW = Σ_chunks Gᵀ H`` (in the weight's dtype: each chunk's matmul sums in fp32 and the
-    running sum is rounded once per chunk, no fp32 copies of the chunk), ``db = Σ G`` in fp32 (or fp64)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, logprobs, labels, opts, tail, vocab, chunk_size, triton, want):
-        ctx.args = (opts, tail, vocab, chunk_size, triton)
-        counted = row_targets(labels, None, opts, hidden.shape[0], hidden.device).counted
-        divisor = counted.sum().clamp(min=1).to(torch.float32)
-        in_forward = want and opts.reduction != "none"  # grad mode is off in here: asked outside
-        scale = forward_row_scale(counted, divisor, opts.reduction) if in_forward else None
-        rows, ctx.grads = _run_chunks(hidden, weight, bias, ids, logprobs, labels, *ctx.args, scale)
-        output, divisor = finish(rows, labels, opts)
-        ctx.save_for_backward(hidden, weight, bias, ids, logprobs, labels, counted, divisor)
-        ctx.mark_non_differentiable(*output[1:])
-        return tuple(output)
-
-    @staticmethod
-    def backward(ctx, grad_loss, *unused):
-        hidden, weight, bias, ids, logprobs, labels, counted, divisor = ctx.saved_tensors
-        if ctx.args[0].reduction == "none":  # per-token grad_output: recompute the chunks with it
-            scale = row_grad_scale(grad_loss, counted, divisor, "none")
-            grads = _run_chunks(hidden, weight, bias, ids, logprobs, labels, *ctx.args, scale)[1]
-        elif ctx.grads is None:
-            raise RuntimeError("backward through a fused-linear sparse loss ran twice; recompute the loss")
-        else:
-            grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
-        ctx.grads = None
-        d_hidden, d_weight, d_bias = grads
-        return d_hidden, d_weight.to(weight.dtype), None if bias is None else d_bias.to(bias.dtype), *[None] * 9
-
-
-def _run_chunks(hidden, weight, bias, ids, logprobs, labels, opts, tail, vocab, chunk_size, triton, scale):
-    """(SparseRows of all tokens, [dH, dW, db] or None): with ``scale`` the chunks' gradients are folded in."""
-    n = hidden.shape[0]
-    if triton:
-        from .sparse_triton import triton_sparse_rows as rows_of
-    else:
-        rows_of = torch_sparse_rows
-    grads = None
-    if scale is not None:
-        d_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.promote_types(bias.dtype, torch.float32))
-        grads = [torch.empty_like(hidden), torch.zeros_like(weight), d_bias]
-    parts = []
-    for start in range(0, n, chunk_size):
-        r = slice(start, min(start + chunk_size, n))
-        logits = torch.nn.functional.linear(hidden[r], weight, bias)
-        y, scale_r = (None if x is None else x[r] for x in (labels, scale))
-        grad = None if scale is None else logits  # written over the logits, which are read first
-        parts.append(rows_of(logits, ids[r], logprobs[r], y, opts, tail, vocab, scale=scale_r, grad=grad))
-        if grad is not None:
-            torch.mm(grad, weight, out=grads[0][r])
-            grads[1].addmm_(grad.t(), hidden[r])
-            if bias is not None:
-                grads[2].add_(grad.sum(0, dtype=grads[2].dtype))
-        del logits, grad
-    if not parts:
-        return empty_rows(torch.float32, hidden.device, labels is not None), grads
-    return SparseRows(*(None if p[0] is None else torch.cat(p) for p in zip(*parts, strict=True))), grads
 
 
 def _options(arguments: dict) -> LossOptions:
