@@ -36,7 +36,7 @@ else
     dev=(--device cuda --rows 8192 --vocab 128256 --hidden 4096)
     divergences=(forward_kl reverse_kl jsd) modes=(fwd+bwd fwd) fast=(lit-triton eager liger) slow=(eager compile)
     sweep_args=(--device cuda)
-    sparse_args=(--device cuda --rows 8192 --vocab 128256 --slots 64)
+    sparse_args=(--device cuda --rows 8192 --vocab 128256 --slots 64 --dtype bfloat16 --reps 20)
 fi
 
 log() { echo "[$((SECONDS - start))s] $*" | tee -a "$out/steps.log"; }

@@ -5,6 +5,7 @@ Providers, each the mean-over-tokens forward KL at T=1, forward+backward (the st
   sparse-tail    the same with tail=True (the remaining-mass bucket on both sides)
   dense-torch    distillation_loss on full teacher logits, chunked PyTorch path (the CPU bar's reference)
   sparse-triton  sparse_distillation_loss on the Triton kernels (CUDA only)
+  dense-triton   distillation_loss on full teacher logits, Triton kernels (CUDA only: the GPU reference)
 Time: the median of ``--reps`` runs after one warm-up, in a fresh process per point. Extra memory: peak RSS
 of one step beyond the inputs and the gradient, in another fresh process with glibc's mmap threshold
 pinned so that freed buffers leave RSS (see ``bench/harness.py``); on CUDA from ``max_memory_allocated``.
@@ -29,22 +30,23 @@ from lit_distill import distillation_loss, sparse_distillation_loss
 
 from . import harness
 
-PROVIDERS = ("sparse-torch", "sparse-tail", "dense-torch", "sparse-triton")
+PROVIDERS = ("sparse-torch", "sparse-tail", "dense-torch", "sparse-triton", "dense-triton")
 
 
-def make_inputs(n: int, vocab: int, k: int, device: str):
-    """Student logits (with grad), the dense teacher's logits, and its top-K ids and log-probabilities."""
+def make_inputs(n: int, vocab: int, k: int, device: str, dtype: torch.dtype = torch.float32):
+    """Student logits (with grad) and the dense teacher's logits in ``dtype``, and the teacher's top-K ids and
+    (fp32) log-probabilities."""
     gen = torch.Generator(device=device).manual_seed(0)
-    student = (torch.randn(n, vocab, generator=gen, device=device) * 2).requires_grad_()
+    student = (torch.randn(n, vocab, generator=gen, device=device) * 2).to(dtype).requires_grad_()
     teacher = torch.randn(n, vocab, generator=gen, device=device) * 2
     logprobs, ids = torch.log_softmax(teacher, -1).topk(k, -1)
-    return student, teacher, ids, logprobs
+    return student, teacher.to(dtype), ids, logprobs
 
 
 def loss_fn(provider: str, teacher, ids, logprobs):
-    if provider == "dense-torch":
-        return lambda s: distillation_loss(s, teacher, backend="torch").loss
-    backend = "triton" if provider == "sparse-triton" else "torch"
+    backend = "triton" if provider.endswith("-triton") else "torch"
+    if provider.startswith("dense"):
+        return lambda s: distillation_loss(s, teacher, backend=backend).loss
     tail = provider == "sparse-tail"
     return lambda s: sparse_distillation_loss(s, ids, logprobs, tail=tail, backend=backend).loss
 
@@ -54,10 +56,10 @@ def _step(fn, student):
     fn(student).backward()
 
 
-def run_point(provider: str, n: int, vocab: int, k: int, reps: int, what: str, device: str) -> dict:
+def run_point(provider: str, n: int, vocab: int, k: int, reps: int, what: str, device: str, dtype: str) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
-    student, teacher, ids, logprobs = make_inputs(n, vocab, k, device)
-    if provider != "dense-torch":
+    student, teacher, ids, logprobs = make_inputs(n, vocab, k, device, getattr(torch, dtype))
+    if not provider.startswith("dense"):
         del teacher  # not an input of the sparse loss: its memory is not the sparse provider's
         teacher = None
     fn = loss_fn(provider, teacher, ids, logprobs)
@@ -108,20 +110,21 @@ def main(argv=None) -> int:
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the logits' dtype")
     p.add_argument("--out", type=Path, default=Path("bench/out"))
     ns = p.parse_args(argv)
     providers = ns.providers or (list(PROVIDERS) if ns.device == "cuda" else list(PROVIDERS[:3]))
     ns.out.mkdir(parents=True, exist_ok=True)
     rows, dense_ms = [], {}
-    print(f"{'provider':14} {'N':>6} {'V':>7} {'K':>4} {'ms':>9} {'x dense':>8} {'extra MiB':>10}")
+    print(f"{'provider':14} {'N':>6} {'V':>7} {'K':>4} {'dtype':>9} {'ms':>9} {'x dense':>8} {'extra MiB':>10}")
     for n in ns.rows:
         for provider in sorted(providers, key=lambda name: name != "dense-torch"):  # the reference first
             spec = [provider, n, ns.vocab, ns.slots, ns.reps]
-            timed = _worker([*spec, "time", ns.device], {})
+            timed = _worker([*spec, "time", ns.device, ns.dtype], {})
             memory = (
                 timed
                 if ns.device == "cuda"
-                else _worker([*spec, "memory", ns.device], {"MALLOC_MMAP_THRESHOLD_": "131072"})
+                else _worker([*spec, "memory", ns.device, ns.dtype], {"MALLOC_MMAP_THRESHOLD_": "131072"})
             )
             if provider == "dense-torch":
                 dense_ms[n] = timed["ms"]
@@ -131,6 +134,7 @@ def main(argv=None) -> int:
                 "N": n,
                 "V": ns.vocab,
                 "K": ns.slots,
+                "dtype": ns.dtype,
                 "device": ns.device,
                 "threads": os.cpu_count(),
                 "ms": round(timed["ms"], 2),
@@ -139,7 +143,7 @@ def main(argv=None) -> int:
             }
             rows.append(row)
             print(
-                f"{provider:14} {n:>6} {ns.vocab:>7} {ns.slots:>4} {timed['ms']:>9.1f} {ratio:>8.3f}"
+                f"{provider:14} {n:>6} {ns.vocab:>7} {ns.slots:>4} {ns.dtype:>9} {timed['ms']:>9.2f} {ratio:>8.3f}"
                 f" {memory['extra_bytes'] / 2**20:>10.1f}"
             )
     with open(ns.out / "sparse.csv", "w", newline="") as f:
