@@ -1,6 +1,6 @@
 """Distillation from a sparse teacher (K token ids per position with their log-probabilities): the public
 functions. The per-row math is in ``sparse_rows.py``, the PyTorch path in ``sparse_torch.py``, the kernels in
-``sparse_triton.py``.
+``sparse_triton.py``, the fused-linear form's chunk loop in ``sparse_linear.py``.
 """
 
 from __future__ import annotations
