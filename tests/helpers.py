@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 from pathlib import Path
@@ -162,7 +161,7 @@ class InterruptAt(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step and self.batch_idx in (None, batch_idx) and not self.sent:
             self.sent = True
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # to this (the main) thread, at once: no other thread takes it
 
 
 # ------------------------------------------------------------------------------- multi-process workers
