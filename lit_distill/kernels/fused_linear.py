@@ -11,7 +11,7 @@ The ``[tokens x vocab]`` logits of the two models never exist in full. For each 
    Triton kernels on CUDA, the chunked PyTorch path elsewhere), already times the row's scale, and in the
    matmul dtype: the Triton gradient pass reads the fp32 logits and writes the bf16 gradient itself.
 3. That gradient is folded into the hidden-state gradient (per chunk) and the weight and bias gradients,
-   summed across chunks (:class:`_Accumulators`).
+   summed across chunks (:class:`GradientAccumulators`).
 
 The backward then only multiplies by ``grad_output``. With ``reduction="none"`` the per-token
 ``grad_output`` is unknown in the forward, so the backward recomputes the chunks instead. The chunk size
@@ -27,7 +27,7 @@ import torch
 from . import torch_backend
 from .backend import use_triton
 from .inputs import check_labels, check_linear_inputs, resolve_vocab_size
-from .linear_plan import Head, accumulate, choose_chunk_size, head, project
+from .linear_plan import GradientAccumulators, Head, choose_chunk_size, head, project
 from .options import LossOptions, loss_keywords
 from .rows import (
     DistillationOutput,
@@ -115,45 +115,6 @@ def fused_linear_distillation_loss(
     return out
 
 
-class _Accumulators:
-    """Gradients of one side (student or teacher), each in the dtype of the tensor it belongs to.
-
-    dH is written chunk by chunk. dW is summed over the chunks in place, in the buffer that is returned
-    (never an fp32 and a half copy at once): in fp32 for fp32 weights (fp32 inputs, or fp32 parameters
-    under autocast), in bf16 for bf16 weights, where each chunk's ``addmm`` sums its products in fp32 and
-    rounds the running sum once. So its error grows with the number of chunks. Against float64 on the same
-    bf16 inputs (N=1024, H=16, V=2053, forward KL and CE), dW's largest error over its largest entry
-    (and the relative RMS error) is 2.3e-3 (1.8e-3) in 1 chunk, as an fp32 sum rounded once would be,
-    4.0e-3 (3.3e-3) in 8, 7.5e-3 (5.2e-3) in 64 and 8.4e-3 (5.9e-3) in 256. Chunks are large where the
-    memory allows: the CUDA budget gives 8 chunks of 1024 tokens at N=8192, H=4096, V=128256, where an fp32
-    accumulator would have taken 1 GiB more than the bf16 gradient.
-    db is summed in fp32 (V elements) and cast at the end.
-    """
-
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-        self.weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-        sum_dtype = None if bias is None else torch.promote_types(bias.dtype, torch.float32)
-        self.bias = None if bias is None else torch.zeros(bias.shape, dtype=sum_dtype, device=bias.device)
-
-    def add(self, grad_logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, rows: slice) -> None:
-        """Fold in a chunk's ``[R, V]`` logit gradient; ``hidden`` ``[R, H]`` and ``weight`` in its dtype."""
-        if self.hidden.dtype == grad_logits.dtype:
-            torch.mm(grad_logits, weight, out=self.hidden[rows])
-        else:  # autocast: dH rounded to the matmul dtype, as nn.Linear's would be
-            self.hidden[rows] = grad_logits @ weight
-        accumulate(self.weight, grad_logits.t(), hidden)
-        if self.bias is not None:
-            self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype))
-
-    def scaled(self, factor: torch.Tensor | None, bias: torch.Tensor | None) -> tuple:
-        grads = [self.hidden, self.weight, self.bias]
-        if factor is not None:  # a 0-dim fp32 factor: one rounding of each product, in the gradient's dtype
-            grads = [None if g is None else g.mul_(factor) for g in grads]
-        hidden, weight, b = grads
-        return hidden, weight, None if b is None else b.to(bias.dtype)
-
-
 class FusedLinearDistillationFunction(torch.autograd.Function):
     """Chunked ``hidden @ weight.T`` projections and distillation loss, gradients computed in the forward.
 
@@ -213,12 +174,12 @@ class FusedLinearDistillationFunction(torch.autograd.Function):
         return (*student, *teacher, None, None, None, None, None, None)
 
 
-def _accumulators(tensors, heads: tuple[Head, Head]) -> tuple[_Accumulators | None, _Accumulators | None]:
+def _accumulators(tensors, heads: tuple[Head, Head]) -> tuple[GradientAccumulators | None, GradientAccumulators | None]:
     h_s, w_s, b_s, h_t, w_t, b_t = tensors
     student, teacher = heads
     return (
-        _Accumulators(h_s, w_s, b_s) if student.grad else None,
-        _Accumulators(h_t, w_t, b_t) if teacher.grad else None,
+        GradientAccumulators(h_s, w_s, b_s) if student.grad else None,
+        GradientAccumulators(h_t, w_t, b_t) if teacher.grad else None,
     )
 
 
@@ -229,7 +190,7 @@ class _Side(NamedTuple):
     weight: torch.Tensor  # [V, H] in the matmul dtype (a copy only under autocast)
     bias: torch.Tensor | None  # [V] in the logits' dtype
     head: Head
-    grads: _Accumulators | None
+    grads: GradientAccumulators | None
 
 
 def _run_chunks(tensors, labels, pre: RowTargets, opts, vocab, chunk_size, triton, heads, scale, accumulators):

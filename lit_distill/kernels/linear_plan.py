@@ -228,3 +228,43 @@ def choose_chunk_size(
     count = -(-num_tokens // largest)
     even = -(-num_tokens // count)
     return even + -even % granule  # at most ``largest``, itself a multiple of the granule
+
+
+class GradientAccumulators:
+    """The gradients of one ``hidden @ weight.T + bias`` projection (a side of the fused-linear losses, dense or
+    sparse), each in the dtype of the tensor it belongs to.
+
+    dH is written chunk by chunk. dW is summed over the chunks in place, in the buffer that is returned
+    (never an fp32 and a half copy at once): in fp32 for fp32 weights (fp32 inputs, or fp32 parameters
+    under autocast), in bf16 for bf16 weights, where each chunk's ``addmm`` sums its products in fp32 and
+    rounds the running sum once. So its error grows with the number of chunks. Against float64 on the same
+    bf16 inputs (N=1024, H=16, V=2053, forward KL and CE), dW's largest error over its largest entry
+    (and the relative RMS error) is 2.3e-3 (1.8e-3) in 1 chunk, as an fp32 sum rounded once would be,
+    4.0e-3 (3.3e-3) in 8, 7.5e-3 (5.2e-3) in 64 and 8.4e-3 (5.9e-3) in 256. Chunks are large where the
+    memory allows: the CUDA budget gives 8 chunks of 1024 tokens at N=8192, H=4096, V=128256, where an fp32
+    accumulator would have taken 1 GiB more than the bf16 gradient.
+    db is summed in fp32 (V elements) and cast at the end.
+    """
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        self.weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+        sum_dtype = None if bias is None else torch.promote_types(bias.dtype, torch.float32)
+        self.bias = None if bias is None else torch.zeros(bias.shape, dtype=sum_dtype, device=bias.device)
+
+    def add(self, grad_logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, rows: slice) -> None:
+        """Fold in a chunk's ``[R, V]`` logit gradient; ``hidden`` ``[R, H]`` and ``weight`` in its dtype."""
+        if self.hidden.dtype == grad_logits.dtype:
+            torch.mm(grad_logits, weight, out=self.hidden[rows])
+        else:  # autocast: dH rounded to the matmul dtype, as nn.Linear's would be
+            self.hidden[rows] = grad_logits @ weight
+        accumulate(self.weight, grad_logits.t(), hidden)
+        if self.bias is not None:
+            self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype))
+
+    def scaled(self, factor: torch.Tensor | None, bias: torch.Tensor | None) -> tuple:
+        grads = [self.hidden, self.weight, self.bias]
+        if factor is not None:  # a 0-dim fp32 factor: one rounding of each product, in the gradient's dtype
+            grads = [None if g is None else g.mul_(factor) for g in grads]
+        hidden, weight, b = grads
+        return hidden, weight, None if b is None else b.to(bias.dtype)

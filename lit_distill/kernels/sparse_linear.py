@@ -7,17 +7,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .linear_plan import accumulate
+from .linear_plan import GradientAccumulators
 from .rows import forward_row_scale, row_grad_scale, row_targets
 from .sparse_rows import SparseRows, empty_rows, finish
 from .sparse_torch import torch_sparse_rows
 
 
 class FusedLinearSparse(torch.autograd.Function):
-    """Token-chunked ``S = H Wᵀ + b`` and the sparse loss; with G = d loss / dS per chunk:
-    ``dH = G W``, ``dW = Σ_chunks Gᵀ H`` (in the weight's dtype: each chunk's matmul sums in fp32 and the
-    running sum is rounded once per chunk, no fp32 copies of the chunk), ``db = Σ G`` in fp32 (or fp64).
-    ``cast``: the autocast dtype the matmuls take, or None outside autocast."""
+    """Token-chunked ``S = H Wᵀ + b`` and the sparse loss; with G = d loss / dS per chunk, ``dH = G W``,
+    ``dW = Σ_chunks Gᵀ H``, ``db = Σ G``, folded as the dense fused-linear loss folds them
+    (:class:`~.linear_plan.GradientAccumulators`). ``cast``: the autocast dtype the matmuls take, or None."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, logprobs, labels, opts, tail, vocab, chunk_size, triton, cast, want):
@@ -37,27 +36,24 @@ class FusedLinearSparse(torch.autograd.Function):
         hidden, weight, bias, ids, logprobs, labels, counted, divisor = ctx.saved_tensors
         if ctx.args[0].reduction == "none":  # per-token grad_output: recompute the chunks with it
             scale = row_grad_scale(grad_loss, counted, divisor, "none")
-            grads = run_chunks(hidden, weight, bias, ids, logprobs, labels, *ctx.args, scale)[1]
+            grads, factor = run_chunks(hidden, weight, bias, ids, logprobs, labels, *ctx.args, scale)[1], None
         elif ctx.grads is None:
             raise RuntimeError("backward through a fused-linear sparse loss ran twice; recompute the loss")
         else:
-            grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
+            grads, factor = ctx.grads, grad_loss
         ctx.grads = None
-        d_hidden, d_weight, d_bias = grads
-        return d_hidden, d_weight.to(weight.dtype), None if bias is None else d_bias.to(bias.dtype), *[None] * 10
+        return *grads.scaled(factor, bias), *[None] * 10
 
 
 def run_chunks(hidden, weight, bias, ids, logprobs, labels, opts, tail, vocab, chunk_size, triton, cast, scale):
-    """(SparseRows of all tokens, [dH, dW, db] or None): with ``scale`` the chunks' gradients are folded in."""
+    """(SparseRows of all tokens, GradientAccumulators or None): with ``scale`` the chunks' gradients are
+    folded in."""
     n = hidden.shape[0]
     if triton:
         from .sparse_triton import triton_sparse_rows as rows_of
     else:
         rows_of = torch_sparse_rows
-    grads = None
-    if scale is not None:
-        d_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.promote_types(bias.dtype, torch.float32))
-        grads = [torch.empty_like(hidden), torch.zeros_like(weight), d_bias]
+    grads = None if scale is None else GradientAccumulators(hidden, weight, bias)
     matmul = cast or weight.dtype
     weight_m, bias_m = weight.to(matmul), None if bias is None else bias.to(matmul)  # copies under autocast only
     parts = []
@@ -70,13 +66,7 @@ def run_chunks(hidden, weight, bias, ids, logprobs, labels, opts, tail, vocab, c
             grad = None if scale is None else logits  # written over the logits, which are read first
             parts.append(rows_of(logits, ids[r], logprobs[r], y, opts, tail, vocab, scale=scale_r, grad=grad))
             if grad is not None:
-                if grads[0].dtype == grad.dtype:
-                    torch.mm(grad, weight_m, out=grads[0][r])
-                else:  # autocast: dH rounded to the matmul dtype, as nn.Linear's would be
-                    grads[0][r] = grad @ weight_m
-                accumulate(grads[1], grad.t(), x)
-                if bias is not None:
-                    grads[2].add_(grad.sum(0, dtype=grads[2].dtype))
+                grads.add(grad, x, weight_m, r)
             del logits, grad
     if not parts:
         return empty_rows(torch.float32, hidden.device, labels is not None), grads
