@@ -56,6 +56,9 @@ def cli_main(args: list[str] | None = None) -> int:
         print(f"lit-distill {argv[0] if argv else ''}: error: {stated[0]}", file=sys.stderr)
         print("  (set JSONARGPARSE_DEBUG=true to see the traceback)", file=sys.stderr)
         return stated[1]
+    from .sharding import close_process_group
+
+    close_process_group()
     return 0
 
 

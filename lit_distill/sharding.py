@@ -79,3 +79,15 @@ def full_state_dict(module: nn.Module, name: str) -> dict[str, torch.Tensor]:
     state = get_model_state_dict(wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=on_gpu))
     prefix = f"{name}."
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def close_process_group() -> None:
+    """Destroy the default process group, if this process has one, at the end of a successful run.
+
+    Lightning leaves it open. A Gloo group left to the interpreter's exit can abort the process (SIGABRT,
+    "terminate called without an active exception") after everything else succeeded: its worker threads still
+    hold tensors while Python tears down. Only after success: on an error another rank may still be inside a
+    collective, and destroying the group would hang instead of exiting.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -25,6 +25,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from helpers import Rows, make_batch, make_module, with_teacher_signal
 
 from lit_distill.callbacks import CheckpointOnInterrupt
+from lit_distill.sharding import close_process_group
 
 warnings.filterwarnings("ignore")
 
@@ -86,3 +87,4 @@ def poison_on_rank_1(module) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:2], int(sys.argv[2]), *sys.argv[3:])
+    close_process_group()

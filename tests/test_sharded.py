@@ -225,3 +225,27 @@ def test_fsdp_example_strategies_build():
     assert built._state_dict_type == "sharded"
     assert built.kwargs["use_orig_params"] is True
     assert {c.__name__ for c in built.kwargs["auto_wrap_policy"]._module_classes} == {"LlamaDecoderLayer"}
+
+
+@needs_gloo
+@pytest.mark.parametrize("succeeds", [True, False])
+def test_the_command_closes_its_process_group_after_a_successful_run(tmp_path, monkeypatch, succeeds):
+    """Lightning leaves the group open, and a Gloo group left to the interpreter's exit can abort a finished run;
+    after an error the group stays (another rank may be inside a collective)."""
+
+    def run_cli(args):
+        if not succeeds:
+            raise RuntimeError("the run failed")
+
+    monkeypatch.setattr("lit_distill.lightning_cli.run_cli", run_cli)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        if succeeds:
+            assert cli_main(["fit"]) == 0
+        else:
+            with pytest.raises(RuntimeError, match="the run failed"):
+                cli_main(["fit"])
+        assert torch.distributed.is_initialized() is not succeeds
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
