@@ -69,13 +69,13 @@ def _cache_note(method: str, slots: int, size: int, tokens: int, seconds: float,
     return f"cache {method}: {tokens:,} tokens, {size / 2**20:.1f} MiB ({size / tokens:.0f} bytes/token), {what}"
 
 
-def offline_module(technique: str, spec, directory: Path, sizes: dict, optimizer):
-    """The student's module and its data for an offline technique."""
+def offline_module(technique: str, spec, directory: Path, sizes: dict, options: dict):
+    """The student's module and its data for an offline technique; ``options`` go to the module."""
     from .losses import DistillationLoss
     from .modules import OfflineDistillation
     from .teacher_cache import TeacherCacheDataModule
 
     _, _, tail, temperature, alpha = OFFLINE[technique]
     loss = DistillationLoss(temperature=temperature, alpha=alpha)
-    module = OfflineDistillation(spec, loss=loss, tail=tail, optimizer=optimizer)
+    module = OfflineDistillation(spec, loss=loss, tail=tail, **options)
     return module, TeacherCacheDataModule(str(directory), batch_size=sizes["batch_size"])

@@ -110,7 +110,7 @@ def test_curve_measures_the_whole_split_draws_no_rng_and_leaves_the_last_point_t
     curve.on_validation_end(_Trainer(30), _Module(model))  # the table's evaluation gives the last point
     assert [step for step, _ in curve.points] == [10]
     model.eval()
-    expected, _ = _evaluate(model, None, data)  # the table's batches
+    expected, _ = _evaluate(model, data)  # the table's batches
     assert curve.points[0][1] == pytest.approx(expected, rel=1e-6)
 
 
