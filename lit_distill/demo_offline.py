@@ -18,8 +18,8 @@ OFFLINE = {"offline top-k": ("topk", 32, True, 0.5, 0.8), "offline sampled": ("s
 def write_caches(
     teacher, data, sizes: dict, ns, cache: Path, techniques=tuple(OFFLINE)
 ) -> tuple[dict[str, Path], list[str]]:
-    """Write (or reuse) the teacher cache of each offline technique of ``techniques``; their directories and a
-    line on each cache.
+    """Write (or reuse) the teacher cache of each offline technique of ``techniques``, the missing ones in one
+    teacher pass; their directories and a line on each cache.
 
     Only as many training sequences as a student reads (steps x batch size) are cached: the students train
     within one pass over them, so caching the whole split would cost time and show nothing more.
@@ -29,25 +29,35 @@ def write_caches(
 
     sequences = sizes["student_steps"] * sizes["batch_size"]
     teacher_key = teacher.name_or_path  # its cache directory, named by its config, sizes, seed and tokenizer
-    directories, notes = {}, []
+    directories, missing = {}, {}
     for technique in techniques:
         method, slots, _, temperature, _ = OFFLINE[technique]
         key = hashlib.sha1(f"{teacher_key}{method}{slots}{temperature}{sequences}".encode()).hexdigest()[:12]
-        directory = cache / "demo" / f"teacher-cache-{method}-{key}"
-        start = time.perf_counter()
+        directories[technique] = directory = cache / "demo" / f"teacher-cache-{method}-{key}"
         reused = (directory / "manifest.json").exists()
         what = f"teacher cache ({method}, {slots} slots, T={temperature:g})"
         print(f"{what}: {'reusing' if reused else 'writing'} {directory}")
         if not reused:
-            quiet()
-            signal = TeacherSignal(
+            missing[technique] = TeacherSignal(
                 teacher, method=method, k=slots, samples=slots, temperature=temperature, seed=ns.seed
             )
-            cache_teacher(signal, data, directory, max_sequences=sequences, batch_size=64, trainer=_predictor())
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    if missing:
+        quiet()
+        signals, targets = list(missing.values()), [directories[t] for t in missing]
+        cache_teacher(signals, data, targets, max_sequences=sequences, batch_size=64, trainer=_predictor())
+    seconds = time.perf_counter() - start
+    tokens = sequences * sizes["seq_len"]
+    notes = []
+    for technique, directory in directories.items():
         size = sum(p.stat().st_size for p in directory.glob("shard-*.safetensors"))
-        notes.append(_cache_note(method, slots, size, sequences * sizes["seq_len"], seconds, reused))
-        directories[technique] = directory
+        what = f"written in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s" if technique in missing else "reused"
+        if technique in missing:
+            what += f", one teacher pass for {len(missing)} caches)" if len(missing) > 1 else ")"
+        method = OFFLINE[technique][0]
+        notes.append(
+            f"cache {method}: {tokens:,} tokens, {size / 2**20:.1f} MiB ({size / tokens:.0f} bytes/token), {what}"
+        )
     return directories, notes
 
 
@@ -62,11 +72,6 @@ def _predictor():
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
-
-
-def _cache_note(method: str, slots: int, size: int, tokens: int, seconds: float, reused: bool) -> str:
-    what = "reused" if reused else f"written in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)"
-    return f"cache {method}: {tokens:,} tokens, {size / 2**20:.1f} MiB ({size / tokens:.0f} bytes/token), {what}"
 
 
 def offline_module(technique: str, spec, directory: Path, sizes: dict, options: dict):

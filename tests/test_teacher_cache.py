@@ -127,6 +127,61 @@ def test_a_cache_of_other_settings_is_not_resumed(data, tmp_path):
         write(data, tmp_path, k=6, shard_sequences=50)
 
 
+def shared_pass(data, directories, teacher=None, **kwargs):
+    """A top-k (k=8, T=2) and a sampled (8 draws, T=1, seed 3) cache of one teacher, in one pass."""
+    from helpers import trainer
+
+    teacher = teacher or teacher_for(data)
+    signals = [
+        TeacherSignal(teacher, k=8, temperature=2.0),
+        TeacherSignal(teacher, method="sampled", samples=8, seed=3),
+    ]
+    return cache_teacher(signals, data, directories, trainer=trainer(use_distributed_sampler=False), **kwargs)
+
+
+def test_one_teacher_pass_writes_the_caches_of_one_pass_each(data, tmp_path):
+    alone = [
+        write(data, tmp_path / "topk", k=8, temperature=2.0, shard_sequences=5),
+        write(data, tmp_path / "sampled", method="sampled", samples=8, seed=3, shard_sequences=5),
+    ]
+    teacher, forwards = teacher_for(data), []
+    teacher.register_forward_hook(lambda module, args, out: forwards.append(1))
+    together = shared_pass(data, [tmp_path / "a", tmp_path / "b"], teacher, shard_sequences=5, batch_size=4)
+    assert [m.shards for m in together] == [m.shards for m in alone]  # byte for byte (each shard's sha256)
+    assert [m.settings for m in together] == [m.settings for m in alone]
+    assert len(forwards) == -(-data.train_blocks.shape[0] // 4)  # one teacher forward per batch for both
+
+
+def test_a_shared_pass_resumes_the_shards_either_cache_lacks(data, tmp_path, monkeypatch):
+    directories = [tmp_path / "a", tmp_path / "b"]
+    first = shared_pass(data, directories, shard_sequences=4)
+    (directories[1] / shard_name(2)).unlink()
+    (directories[1] / MANIFEST).unlink()
+    kept = (directories[0] / shard_name(2)).stat().st_mtime_ns
+    seen = []
+    original = TeacherSignal.teacher_logits
+    monkeypatch.setattr(
+        TeacherSignal, "teacher_logits", lambda self, b: seen.extend(b["index"].tolist()) or original(self, b)
+    )
+    again = shared_pass(data, directories, shard_sequences=4)
+    assert seen == list(range(8, 12))  # only shard 2's sequences, for both caches
+    assert [m.shards for m in again] == [m.shards for m in first]
+    assert (directories[0] / shard_name(2)).stat().st_mtime_ns == kept  # the cache that had it keeps its file
+
+
+def test_a_shared_pass_refuses_other_teachers_and_unmatched_directories(data, tmp_path):
+    from helpers import trainer
+
+    signals = [TeacherSignal(teacher_for(data)), TeacherSignal(teacher_for(data))]
+    with pytest.raises(ValueError, match="must share one teacher"):
+        cache_teacher(signals, data, [tmp_path / "a", tmp_path / "b"], trainer=trainer(use_distributed_sampler=False))
+    with pytest.raises(ValueError, match="one distinct directory per signal, got 2 signal"):
+        shared_pass(data, [tmp_path / "a"])
+    with pytest.raises(ValueError, match="one distinct directory per signal"):
+        shared_pass(data, [tmp_path / "a", tmp_path / "a"])
+    assert not (tmp_path / "a").exists()  # nothing written
+
+
 # ------------------------------------------------------------------------------------------- reading
 def test_data_module_serves_the_cached_signal(data, tmp_path):
     write(data, tmp_path, k=4, shard_sequences=3)

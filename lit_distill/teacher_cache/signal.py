@@ -1,7 +1,8 @@
 """A teacher's sparse signal per position: its top-k log-probabilities, or tokens sampled from it.
 
 ``sparse_signal`` is the math; ``TeacherSignal`` runs a teacher over batches of sequences under
-``Trainer.predict`` and returns the signal of every position, which ``TeacherCacheWriter`` stores.
+``Trainer.predict`` and returns the signal of every position, which ``TeacherCacheWriter`` stores;
+``SharedTeacherPass`` draws several signals from one teacher forward.
 """
 
 from __future__ import annotations
@@ -102,10 +103,18 @@ class TeacherSignal(pl.LightningModule):
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, torch.Tensor]:
-        input_ids = batch["input_ids"]
-        logits = self.teacher(input_ids=input_ids).logits
+        return self.signal_of(self.teacher_logits(batch), batch)
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The teacher's logits of ``batch["input_ids"]`` over the tokenizer's vocabulary."""
+        logits = self.teacher(input_ids=batch["input_ids"]).logits
         if self.tokenizer_size is not None:
             logits = logits[..., : self.tokenizer_size]  # padding columns of the head are no tokens
+        return logits
+
+    def signal_of(self, logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """This signal of every position of ``batch``, from the teacher's ``logits`` of it."""
         ids, logprobs = [], []
         for row, index in zip(logits, batch["index"].tolist(), strict=True):
             generator = None
@@ -118,7 +127,25 @@ class TeacherSignal(pl.LightningModule):
             logprobs.append(lp)
         return {
             "index": batch["index"],
-            "input_ids": input_ids,
+            "input_ids": batch["input_ids"],
             "teacher_ids": torch.stack(ids),
             "teacher_logprobs": torch.stack(logprobs),
         }
+
+
+class SharedTeacherPass(pl.LightningModule):
+    """Several signals of one teacher from one forward pass per batch: ``predict_step`` returns their
+    predictions in order (``cache_teacher`` with several signals writes each to its own cache)."""
+
+    def __init__(self, signals: list[TeacherSignal]) -> None:
+        super().__init__()
+        if any(s.teacher is not signals[0].teacher or s.tokenizer_size != signals[0].tokenizer_size for s in signals):
+            raise ValueError(
+                "signals written in one teacher pass must share one teacher (the same model object) and vocabulary"
+            )
+        self.signals = nn.ModuleList(signals)
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> list[dict[str, torch.Tensor]]:
+        logits = self.signals[0].teacher_logits(batch)
+        return [signal.signal_of(logits, batch) for signal in self.signals]

@@ -1,15 +1,17 @@
 """Writing a teacher cache with ``Trainer.predict``: shard by shard, resumable, on any number of processes.
 
-``cache_teacher(signal, data, cache_dir)`` plans the shards (shard ``i`` holds training sequences
-``[i * S, (i + 1) * S)``), skips those an earlier run finished, gives process ``r`` of ``W`` the remaining
-shards ``i`` with ``i % W == r`` and runs ``Trainer.predict``; :class:`TeacherCacheWriter` stores each
-shard when its last sequence arrives (written to a temporary name, then renamed: a shard file is whole or
-absent), and process 0 writes ``manifest.json`` once all are there. Memory stays at a shard or two.
+``cache_teacher(signal, data, cache_dir)`` (or lists of signals and directories: one teacher pass for several
+caches) plans the shards (shard ``i`` holds training sequences ``[i * S, (i + 1) * S)``), skips those an earlier
+run finished, gives process ``r`` of ``W`` the remaining shards ``i`` with ``i % W == r`` and runs
+``Trainer.predict``; :class:`TeacherCacheWriter` stores each shard when its last sequence arrives (written to a
+temporary name, then renamed: a shard file is whole or absent), and process 0 writes ``manifest.json`` once
+all are there. Memory stays at a shard or two.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,26 +36,29 @@ from .manifest import (
     tokenizer_hash,
     write_settings,
 )
-from .signal import TeacherSignal
+from .signal import SharedTeacherPass, TeacherSignal
 
 
 def cache_teacher(
-    signal: TeacherSignal,
+    signal: TeacherSignal | Sequence[TeacherSignal],
     data,
-    cache_dir: str | Path,
+    cache_dir: str | Path | Sequence[str | Path],
     *,
     shard_sequences: int = 1024,
     batch_size: int | None = None,
     max_sequences: int | None = None,
     trainer: pl.Trainer | None = None,
-) -> CacheManifest:
+) -> CacheManifest | list[CacheManifest]:
     """Run the teacher over ``data``'s training split and write its sparse signal to ``cache_dir``.
 
     Args:
-        signal: the teacher and how to draw its signal (method, k or samples, temperature, seed).
+        signal: the teacher and how to draw its signal (method, k or samples, temperature, seed). A list of
+            signals of one teacher (the same model object) writes one cache each, in ``cache_dir``'s
+            directories, from one teacher forward per batch: the same files as caching each alone.
         data: a :class:`~lit_distill.data.TextDataModule` (its training sequences, in order, are cached; its
             validation sequences and tokenizer are stored beside them).
-        cache_dir: the cache directory; a rerun of the same job resumes at the first unfinished shard.
+        cache_dir: the cache directory (a list of them for a list of signals); a rerun of the same job
+            resumes at the first unfinished shard.
         shard_sequences: sequences per shard file.
         batch_size: sequences per teacher forward (default: the data's batch size).
         max_sequences: cache only the first ones (None: all).
@@ -61,18 +66,63 @@ def cache_teacher(
             ``use_distributed_sampler=False``: each process reads its own shards.
 
     Returns:
-        The manifest of the finished cache (also in ``cache_dir/manifest.json``).
+        The manifest of the finished cache (also in ``cache_dir/manifest.json``); a list of them for a list.
 
     Raises:
-        ValueError: when ``cache_dir`` holds an unfinished cache of other settings, or on bad sizes.
+        ValueError: when ``cache_dir`` holds an unfinished cache of other settings, on bad sizes, or for
+            lists of signals and directories of different lengths, a directory named twice, or signals of
+            different teachers.
     """
-    directory = Path(cache_dir)
-    directory.mkdir(parents=True, exist_ok=True)
+    several = not isinstance(signal, TeacherSignal)
+    signals = list(signal) if several else [signal]
+    directories = [Path(d) for d in ([cache_dir] if isinstance(cache_dir, str | os.PathLike) else cache_dir)]
+    if len(directories) != len(signals) or not signals or len(set(directories)) < len(directories):
+        raise ValueError(
+            f"cache_teacher needs one distinct directory per signal, got {len(signals)} signal(s) and"
+            f" {[str(d) for d in directories]}"
+        )
+    predictor = SharedTeacherPass(signals) if several else signal
     data.setup()
     blocks = data.train_blocks if max_sequences is None else data.train_blocks[:max_sequences]
     if shard_sequences < 1 or (max_sequences is not None and max_sequences < 1):
         raise ValueError(f"shard_sequences and max_sequences must be positive, got {shard_sequences}, {max_sequences}")
-    settings = CacheSettings(
+    plans = [(d, _settings(s, data, blocks, shard_sequences)) for s, d in zip(signals, directories, strict=True)]
+    for directory, settings in plans:
+        directory.mkdir(parents=True, exist_ok=True)
+        _check_resumable(directory, settings)
+    trainer = trainer or pl.Trainer(
+        accelerator="auto", devices=1, logger=False, use_distributed_sampler=False, enable_model_summary=False
+    )
+    if trainer.world_size > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+        raise ValueError(
+            "cache_teacher on several processes needs Trainer(use_distributed_sampler=False): each process reads"
+            " its own shards, and Lightning's sampler would split them again"
+        )
+    if trainer.is_global_zero:
+        for directory, settings in plans:
+            write_settings(directory, settings)
+            save_file({"input_ids": data.val_blocks.to(ID_DTYPE).contiguous()}, directory / VALIDATION)
+            data.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+    writers = [TeacherCacheWriter(d, s, key=i if several else None) for i, (d, s) in enumerate(plans)]
+    if all(len(finished_shards(d, s)) == s.num_shards for d, s in plans):  # nothing left to predict
+        for writer in writers:
+            if trainer.is_global_zero and not (writer.directory / MANIFEST).exists():
+                writer.write_manifest()
+        trainer.strategy.barrier()
+    else:
+        trainer.callbacks.extend(writers)
+        try:
+            loader = _ShardLoader(blocks, plans, batch_size or data.batch_size)
+            trainer.predict(predictor, datamodule=loader, return_predictions=False)
+        finally:
+            for writer in writers:
+                trainer.callbacks.remove(writer)
+    manifests = [CacheManifest.read(d) for d in directories]
+    return manifests if several else manifests[0]
+
+
+def _settings(signal: TeacherSignal, data, blocks: torch.Tensor, shard_sequences: int) -> CacheSettings:
+    return CacheSettings(
         teacher_source=str(signal.source),
         teacher_hash=model_hash(signal.teacher),
         tokenizer_hash=tokenizer_hash(data.tokenizer),
@@ -86,32 +136,6 @@ def cache_teacher(
         shard_sequences=shard_sequences,
         seed=signal.seed,
     )
-    _check_resumable(directory, settings)
-    trainer = trainer or pl.Trainer(
-        accelerator="auto", devices=1, logger=False, use_distributed_sampler=False, enable_model_summary=False
-    )
-    if trainer.world_size > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
-        raise ValueError(
-            "cache_teacher on several processes needs Trainer(use_distributed_sampler=False): each process reads"
-            " its own shards, and Lightning's sampler would split them again"
-        )
-    if trainer.is_global_zero:
-        write_settings(directory, settings)
-        save_file({"input_ids": data.val_blocks.to(ID_DTYPE).contiguous()}, directory / VALIDATION)
-        data.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
-    writer = TeacherCacheWriter(directory, settings)
-    if len(finished_shards(directory, settings)) == settings.num_shards:  # nothing left to predict
-        if trainer.is_global_zero and not (directory / MANIFEST).exists():
-            writer.write_manifest()
-        trainer.strategy.barrier()
-        return CacheManifest.read(directory)
-    trainer.callbacks.append(writer)
-    try:
-        loader = _ShardLoader(blocks, settings, directory, batch_size or data.batch_size)
-        trainer.predict(signal, datamodule=loader, return_predictions=False)
-    finally:
-        trainer.callbacks.remove(writer)
-    return CacheManifest.read(directory)
 
 
 def _check_resumable(directory: Path, settings: CacheSettings) -> None:
@@ -143,37 +167,43 @@ class _Sequences(Dataset):
 
 
 class _ShardLoader(pl.LightningDataModule):
-    """This process's unfinished shards' sequences, in order (rank ``r`` of ``W`` takes shards ``i % W == r``)."""
+    """The sequences of this process's shards that some cache of ``plans`` (directory, settings) lacks, in
+    order (rank ``r`` of ``W`` takes shards ``i % W == r``; the caches share one shard plan)."""
 
-    def __init__(self, blocks: torch.Tensor, settings: CacheSettings, directory: Path, batch_size: int) -> None:
+    def __init__(self, blocks: torch.Tensor, plans: list[tuple[Path, CacheSettings]], batch_size: int) -> None:
         super().__init__()
-        self.blocks, self.settings, self.directory, self.batch_size = blocks, settings, directory, batch_size
+        self.blocks, self.plans, self.batch_size = blocks, plans, batch_size
 
     def predict_dataloader(self) -> DataLoader:
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        done = finished_shards(self.directory, self.settings)
-        mine = [i for i in range(self.settings.num_shards) if i % world == rank and i not in done]
-        indices = [j for i in mine for j in range(*self.settings.shard_range(i))]
+        settings = self.plans[0][1]
+        done = set.intersection(*(finished_shards(d, s) for d, s in self.plans))
+        mine = [i for i in range(settings.num_shards) if i % world == rank and i not in done]
+        indices = [j for i in mine for j in range(*settings.shard_range(i))]
         return DataLoader(_Sequences(self.blocks, indices), batch_size=self.batch_size, shuffle=False)
 
 
 class TeacherCacheWriter(BasePredictionWriter):
     """Collects ``TeacherSignal`` predictions per shard and writes each shard when it is complete; process 0
-    then writes the manifest with a sha256 per shard."""
+    then writes the manifest with a sha256 per shard. ``key`` picks this cache's prediction from a
+    ``SharedTeacherPass``'s list; a shard already in ``directory`` is left as it is."""
 
-    def __init__(self, directory: str | Path, settings: CacheSettings) -> None:
+    def __init__(self, directory: str | Path, settings: CacheSettings, key: int | None = None) -> None:
         super().__init__(write_interval="batch")
-        self.directory, self.settings = Path(directory), settings
+        self.directory, self.settings, self.key = Path(directory), settings, key
         self.pending: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # shard -> sequence -> its signal
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        prediction = prediction if self.key is None else prediction[self.key]
         for row, index in enumerate(prediction["index"].tolist()):
             shard = index // self.settings.shard_sequences
             fields = ("input_ids", "teacher_ids", "teacher_logprobs")
             self.pending.setdefault(shard, {})[index] = {name: prediction[name][row].cpu() for name in fields}
             start, stop = self.settings.shard_range(shard)
             if len(self.pending[shard]) == stop - start:
-                self._write_shard(shard, self.pending.pop(shard))
+                rows = self.pending.pop(shard)
+                if not (self.directory / shard_name(shard)).exists():  # another cache of the pass lacked it
+                    self._write_shard(shard, rows)
 
     def _write_shard(self, shard: int, rows: dict[int, dict[str, torch.Tensor]]) -> None:
         ordered = [rows[i] for i in sorted(rows)]
