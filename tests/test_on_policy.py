@@ -175,6 +175,27 @@ def test_full_estimator_is_the_divergence_at_the_generated_positions(fused_linea
     assert float(out.teacher_ce) == pytest.approx(float(stats["teacher_ce"]), rel=1e-4)
 
 
+def test_the_loss_skips_the_positions_no_row_counts_and_keeps_its_value_and_gradients():
+    from lit_distill.modules.distillation import ForwardPasses
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(3, 9, 40, generator=g, requires_grad=True), torch.randn(3, 9, 40, generator=g)
+    labels = torch.randint(0, 40, (3, 9), generator=g)
+    labels[:, :4] = -100  # a prompt in every row
+    labels[0, 4], labels[2, 7] = -100, -100  # and positions single rows skip
+    loss = DistillationLoss(divergence="jsd", temperature=2.0, alpha=0.5)
+    full = ForwardPasses(student, teacher, labels)
+    trimmed = full.from_first_counted(-100)
+    assert trimmed.labels.shape == (3, 5) and torch.equal(trimmed.student, student[:, 4:])
+    values = []
+    for passes in (full, trimmed):
+        out = loss(passes.student, passes.teacher, passes.labels, reduction="sum")
+        values.append((out.loss.detach(), out.num_tokens, *torch.autograd.grad(out.loss, student)))
+    torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=1e-7)
+    nothing = ForwardPasses(student, teacher, torch.full_like(labels, -100))
+    assert nothing.from_first_counted(-100).labels.shape == (3, 9)  # nothing counted: nothing to trim
+
+
 def test_on_policy_loss_scores_the_samples_and_loss_the_data():
     off = DistillationLoss(temperature=2.0, alpha=0.5)
     on = DistillationLoss(divergence="reverse_kl", temperature=1.0)

@@ -34,6 +34,15 @@ class ForwardPasses(NamedTuple):
     student_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
     teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
+    def from_first_counted(self, ignore_index: int) -> ForwardPasses:
+        """These passes without the leading positions that no row counts (a prompt common to all rows): the
+        loss's sums are the same, its work proportional to what is left. Reads the labels on the host."""
+        counted = (self.labels != ignore_index).any(0)
+        first = int(counted.int().argmax()) if bool(counted.any()) else 0
+        return self._replace(
+            student=self.student[:, first:], teacher=self.teacher[:, first:], labels=self.labels[:, first:]
+        )
+
 
 class DistillationModule(CausalLMModule):
     """Student, teacher and loss: teacher freezing, the fused loss call, the teacher in checkpoints.

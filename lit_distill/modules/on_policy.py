@@ -164,7 +164,9 @@ class OnPolicyDistillation(DistillationModule):
         generated = self.generate(batch)
         loss = self.on_policy_loss if self.on_policy_loss is not None else self.loss
         if self.estimator == "full":  # the student's own tokens are not labels to learn: alpha = 1
-            on = self.distill(generated, **{**loss.options(), "alpha": 1.0, "reduction": "sum"})
+            # The loss skips the prompt positions (none counts): half the work for a prompt of half the text.
+            passes = self.forward_passes(generated).from_first_counted(self.loss.ignore_index)
+            on = self.distillation_loss(passes, **{**loss.options(), "alpha": 1.0, "reduction": "sum"})
         else:
             on = self.sampled_token_loss(generated, loss)
         if self.mix == "either":
