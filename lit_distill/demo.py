@@ -22,7 +22,7 @@ from .demo_report import QUICK_NOTE, Row, report
 from .demo_training import train_student, train_teacher
 
 PRESETS = {
-    # about 12 minutes on 2 CPU cores, about 8.5 once the teacher and its caches are cached (README: The demo)
+    # about 10 minutes on 2 CPU cores, about 7 once the teacher and its caches are cached (README: The demo)
     "default": {
         "vocab_size": 4096,
         "seq_len": 128,
@@ -58,8 +58,8 @@ DESCRIPTION = (
     "teacher (both cached), then seven students of the same size and steps (trained alone, soft-label, "
     "hard-label, co-distilled, on-policy, and two from teacher caches: top-k and sampled), and prints their "
     "validation loss on held-out works and the teacher's scores of their own samples. Writes the table "
-    "(results.md, results.json), a plot of the validation curves and TensorBoard logs to --out. About twelve "
-    "minutes on 2 CPU cores the first time, about eight once the tokenizer, teacher and caches are cached."
+    "(results.md, results.json), a plot of the validation curves and TensorBoard logs to --out. About ten "
+    "minutes on 2 CPU cores the first time, about seven once the tokenizer, teacher and caches are cached."
 )
 
 

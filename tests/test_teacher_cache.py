@@ -173,11 +173,11 @@ def test_a_shared_pass_refuses_other_teachers_and_unmatched_directories(data, tm
     from helpers import trainer
 
     signals = [TeacherSignal(teacher_for(data)), TeacherSignal(teacher_for(data))]
-    with pytest.raises(ValueError, match="must share one teacher"):
+    with pytest.raises(ValueError, match="signals written in one teacher pass must share one teacher"):
         cache_teacher(signals, data, [tmp_path / "a", tmp_path / "b"], trainer=trainer(use_distributed_sampler=False))
-    with pytest.raises(ValueError, match="one distinct directory per signal, got 2 signal"):
+    with pytest.raises(ValueError, match="cache_teacher needs one distinct directory per signal, got 2 signal"):
         shared_pass(data, [tmp_path / "a"])
-    with pytest.raises(ValueError, match="one distinct directory per signal"):
+    with pytest.raises(ValueError, match="cache_teacher needs one distinct directory per signal"):
         shared_pass(data, [tmp_path / "a", tmp_path / "a"])
     assert not (tmp_path / "a").exists()  # nothing written
 
@@ -230,21 +230,23 @@ def test_a_cache_of_another_tokenizer_is_refused(data, tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is missing")
-def test_two_processes_write_the_cache_one_process_writes(tmp_path):
+@pytest.mark.parametrize("shared", [False, True], ids=["one-cache", "two-caches-one-pass"])
+def test_two_processes_write_the_cache_one_process_writes(tmp_path, shared):
     worker = Path(__file__).parent / "cache_worker.py"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     manifests = []
     for devices in (1, 2):
         out = tmp_path / f"cache-{devices}"
         proc = subprocess.run(
-            [sys.executable, str(worker), str(devices), str(tmp_path), str(out)],
+            [sys.executable, str(worker), str(devices), str(tmp_path), str(out), *(["shared"] if shared else [])],
             capture_output=True, text=True, timeout=600, env=env, cwd=worker.parent,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-4000:]
-        manifests.append(json.loads((out / MANIFEST).read_text()))
-    single, ddp = manifests
-    assert len(ddp["shards"]) == len(single["shards"]) >= 3
-    assert ddp["shards"] == single["shards"]  # the same bytes: each shard's draws are seeded per sequence
+        caches = [out, Path(f"{out}-topk")] if shared else [out]
+        manifests.append([json.loads((cache / MANIFEST).read_text()) for cache in caches])
+    for single, ddp in zip(*manifests, strict=True):
+        assert len(ddp["shards"]) == len(single["shards"]) >= 3
+        assert ddp["shards"] == single["shards"]  # the same bytes: each shard's draws are seeded per sequence
 
 
 def test_several_processes_need_their_own_sampler(data, tmp_path):

@@ -87,9 +87,10 @@ def cache_teacher(
     if shard_sequences < 1 or (max_sequences is not None and max_sequences < 1):
         raise ValueError(f"shard_sequences and max_sequences must be positive, got {shard_sequences}, {max_sequences}")
     plans = [(d, _settings(s, data, blocks, shard_sequences)) for s, d in zip(signals, directories, strict=True)]
-    for directory, settings in plans:
-        directory.mkdir(parents=True, exist_ok=True)
+    for directory, settings in plans:  # every cache checked before any is touched
         _check_resumable(directory, settings)
+    for directory, _ in plans:
+        directory.mkdir(parents=True, exist_ok=True)
     trainer = trainer or pl.Trainer(
         accelerator="auto", devices=1, logger=False, use_distributed_sampler=False, enable_model_summary=False
     )
