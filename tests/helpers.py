@@ -113,8 +113,13 @@ def make_module(kind, **kwargs):
         return HardLabelDistillation(**common, **generate, **kwargs)
     if kind == "co":
         return CoDistillation(**common, teacher_ce_weight=0.5, **kwargs)
-    if kind == "on-policy":  # greedy, so that one process and two continue the same prompts the same way
+    if kind.startswith("on-policy"):  # greedy, so that one process and two continue the same prompts the same way
         on_policy = {"prompt_length": 4, "max_new_tokens": 6, "do_sample": False}
+        if kind == "on-policy-sampled":  # the sampled-token estimator (reverse KL), not in KINDS
+            on_policy["estimator"] = "sampled_token"
+            common["loss"] = kwargs.pop("loss", DistillationLoss(divergence="reverse_kl"))
+        elif kind != "on-policy":
+            raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
         return OnPolicyDistillation(**common, **{**on_policy, **kwargs})
     if kind == "offline":  # the teacher's signal comes with the batch (with_teacher_signal)
         del common["teacher"]

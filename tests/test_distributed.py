@@ -33,7 +33,9 @@ def assert_same_step(single: dict, ddp: dict) -> None:
 
 
 @needs_distributed
-@pytest.mark.parametrize("technique", ["soft", "hard-argmax", "hard-generate", "co", "offline", "on-policy"])
+@pytest.mark.parametrize(
+    "technique", ["soft", "hard-argmax", "hard-generate", "co", "offline", "on-policy", "on-policy-sampled"]
+)
 def test_two_processes_equal_one(tmp_path, technique):
     assert_same_step(run(technique, 1, tmp_path / "single.pt"), run(technique, 2, tmp_path / "ddp.pt"))
 
