@@ -51,9 +51,10 @@ def write_caches(
     notes = []
     for technique, directory in directories.items():
         size = sum(p.stat().st_size for p in directory.glob("shard-*.safetensors"))
-        what = f"written in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s" if technique in missing else "reused"
+        what = "reused"
         if technique in missing:
-            what += f", one teacher pass for {len(missing)} caches)" if len(missing) > 1 else ")"
+            shared = f", one teacher pass for {len(missing)} caches" if len(missing) > 1 else ""
+            what = f"written in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s{shared})"
         method = OFFLINE[technique][0]
         notes.append(
             f"cache {method}: {tokens:,} tokens, {size / 2**20:.1f} MiB ({size / tokens:.0f} bytes/token), {what}"
