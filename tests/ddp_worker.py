@@ -7,7 +7,9 @@ two devices Lightning's DDP launcher starts the second process by running this s
   different lengths (as a pad-to-longest collator gives them);
 - ``nan-skip`` / ``nan-raise``: the second process's student produces NaN, with ``on_nonfinite`` skip or
   raise. The single-process reference of ``nan-skip`` has that process's rows all padding instead;
-- ``interrupt``: Ctrl-C reaches the second process only, during step 0 of 2; both must save after step 0.
+- ``interrupt``: Ctrl-C reaches the second process only, during step 0 of 2; both must save after step 0;
+- ``sample-eval``: no training; ``OnPolicyEvaluation`` scores each process's samples at one validation. Saves
+  the logged metrics and, from process 0, each process's rows scored in one process with that process's seed.
 """
 
 import os
@@ -24,7 +26,9 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from helpers import Rows, make_batch, make_module, with_teacher_signal
 
-from lit_distill.callbacks import CheckpointOnInterrupt
+from lit_distill.callbacks import CheckpointOnInterrupt, OnPolicyEvaluation
+from lit_distill.callbacks.sample_quality import score_samples
+from lit_distill.modules.generation import derived_seed, prompt_lengths_of
 from lit_distill.sharding import close_process_group
 
 warnings.filterwarnings("ignore")
@@ -43,6 +47,8 @@ def main(technique: str, devices: int, out: str, fault: str = "") -> None:
     if technique == "offline":
         batch = with_teacher_signal(batch)
     pl.seed_everything(0)
+    if fault == "sample-eval":
+        return sample_eval(make_module(technique), batch, devices, out)
     module = make_module(technique, on_nonfinite="skip" if fault == "nan-skip" else "raise")
     module.optimizer = lambda params: torch.optim.SGD(params, lr=1.0)
     if fault == "nan-skip" and devices == 1:
@@ -70,6 +76,30 @@ def main(technique: str, devices: int, out: str, fault: str = "") -> None:
     if trainer.global_rank == 0:
         delta = {k: before[k] - v for k, v in module.student.state_dict().items()}
         torch.save({"delta": delta, "loss": float(trainer.callback_metrics["train/loss"])}, out)
+
+
+def sample_eval(module, batch, devices: int, out: str) -> None:
+    """One validation with ``OnPolicyEvaluation`` on 1 or 2 processes; the reference sums each process's rows."""
+    evaluation = OnPolicyEvaluation(prompt_length=4, max_new_tokens=5, max_batches=1, seed=7)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", use_distributed_sampler=False,
+        callbacks=[evaluation], logger=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.validate(module, DataLoader(Rows(batch, devices), batch_size=4 // devices, shuffle=False))
+    if trainer.global_rank != 0:
+        return
+    sums = torch.zeros(devices, 3, dtype=torch.float64)
+    for rank in range(devices):  # what each process scored: its rows (rank, rank + W, ...) with its seed
+        rows = {k: v[rank::devices] for k, v in batch.items()}
+        lengths = prompt_lengths_of(rows["input_ids"], 4, rows["attention_mask"])
+        seed = derived_seed(7, 0, rank)
+        sums[rank] = torch.stack([s.double() for s in score_samples(
+            module.student, module.teacher, rows["input_ids"], lengths, max_new_tokens=5, seed=seed
+        )])  # fmt: skip
+    metrics = {k: float(trainer.callback_metrics[k]) for k in ("val/teacher_nll_of_student", "val/student_reverse_kl")}
+    total = sums.sum(0)
+    reference = {"val/teacher_nll_of_student": float(total[0] / total[2]), "val/student_reverse_kl": float(total[1] / total[2])}
+    torch.save({"metrics": metrics, "reference": reference, "per_process": sums}, out)
 
 
 class InterruptOnRank1(Callback):

@@ -47,6 +47,19 @@ def test_processes_with_sequences_of_different_lengths(tmp_path):
 
 
 @needs_distributed
+def test_sample_scores_of_two_processes_are_token_means_over_both(tmp_path):
+    """OnPolicyEvaluation on two processes: each continues its own rows with its own seed, and the logged
+    metrics are the sums over both processes divided by all their generated tokens."""
+    result = run("soft", 2, tmp_path / "ddp.pt", "sample-eval")
+    for key, expected in result["reference"].items():
+        assert result["metrics"][key] == pytest.approx(expected, rel=1e-5), key
+    nll, _, tokens = result["per_process"].T
+    assert (tokens > 0).all() and tokens[0] != tokens[1]  # an EOS ends some samples early: unequal token counts,
+    mean_of_means = float((nll / tokens).mean())  # so a mean of the processes' means would be another number
+    assert mean_of_means != pytest.approx(result["reference"]["val/teacher_nll_of_student"], rel=1e-4)
+
+
+@needs_distributed
 def test_skip_a_nan_on_one_process(tmp_path):
     """The second process's loss is NaN and skipped: the step is the first process's rows alone."""
     single = run("soft", 1, tmp_path / "single.pt", "nan-skip")
