@@ -96,9 +96,10 @@ def sample_eval(module, batch, devices: int, out: str) -> None:
         sums[rank] = torch.stack([s.double() for s in score_samples(
             module.student, module.teacher, rows["input_ids"], lengths, max_new_tokens=5, seed=seed
         )])  # fmt: skip
-    metrics = {k: float(trainer.callback_metrics[k]) for k in ("val/teacher_nll_of_student", "val/student_reverse_kl")}
+    names = ("val/teacher_nll_of_student", "val/student_reverse_kl")
+    metrics = {name: float(trainer.callback_metrics[name]) for name in names}
     total = sums.sum(0)
-    reference = {"val/teacher_nll_of_student": float(total[0] / total[2]), "val/student_reverse_kl": float(total[1] / total[2])}
+    reference = {name: float(total[i] / total[2]) for i, name in enumerate(names)}
     torch.save({"metrics": metrics, "reference": reference, "per_process": sums}, out)
 
 

@@ -228,9 +228,20 @@ def test_demo_quick_writes_table_logs_and_plot(tmp_path, capsys):
     assert "teacher: reusing" in again and "teacher cache (sampled, 32 slots, T=2): reusing" in again
 
 
-def test_demo_runs_the_techniques_asked_for_with_the_student_seed(tmp_path, capsys):
+def test_demo_runs_the_techniques_asked_for_with_the_student_seed(tmp_path, capsys, monkeypatch):
+    from lightning.pytorch import Trainer
+
+    clips = []  # what each fit clips at: the students at 1, the teacher (cached by its config) not at all
+    fit = Trainer.fit
+
+    def recording_fit(trainer, *args, **kwargs):
+        clips.append(trainer.gradient_clip_val)
+        return fit(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", recording_fit)
     args = ["demo", "--quick", "--out", str(tmp_path / "demo"), "--cache-dir", str(tmp_path / "cache")]
     cli_main([*args, "--techniques", "alone,on-policy", "--student-seed", "7"])
+    assert clips == [None, 1.0, 1.0]
     rows = json.loads((tmp_path / "demo" / "results.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["teacher", "student: alone", "student: on-policy"]
     out = capsys.readouterr().out
