@@ -231,17 +231,22 @@ def test_demo_quick_writes_table_logs_and_plot(tmp_path, capsys):
 def test_demo_runs_the_techniques_asked_for_with_the_student_seed(tmp_path, capsys, monkeypatch):
     from lightning.pytorch import Trainer
 
-    clips = []  # what each fit clips at: the students at 1, the teacher (cached by its config) not at all
+    from lit_distill.callbacks import StudentEMA
+
+    # what each fit clips at and averages over: the students clip at 1 and end as the average of their weights,
+    # the teacher (cached by its config) neither
+    clips, averages = [], []
     fit = Trainer.fit
 
     def recording_fit(trainer, *args, **kwargs):
         clips.append(trainer.gradient_clip_val)
+        averages.append([c.decay for c in trainer.callbacks if isinstance(c, StudentEMA)])
         return fit(trainer, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "fit", recording_fit)
     args = ["demo", "--quick", "--out", str(tmp_path / "demo"), "--cache-dir", str(tmp_path / "cache")]
     cli_main([*args, "--techniques", "alone,on-policy", "--student-seed", "7"])
-    assert clips == [None, 1.0, 1.0]
+    assert clips == [None, 1.0, 1.0] and averages == [[], [0.9], [0.9]]
     rows = json.loads((tmp_path / "demo" / "results.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["teacher", "student: alone", "student: on-policy"]
     out = capsys.readouterr().out

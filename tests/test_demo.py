@@ -104,10 +104,10 @@ def test_curve_measures_the_whole_split_draws_no_rng_and_leaves_the_last_point_t
     data = _Data(torch.randint(0, 300, (70, 12)), batch_size=4)  # 70 rows: a last batch of 2, and of 6 at 64
     curve = _Curve(data, max_steps=30)
     rng = torch.get_rng_state()
-    curve.on_validation_end(_Trainer(10), _Module(model))
+    curve.on_validation_epoch_end(_Trainer(10), _Module(model))
     assert torch.equal(torch.get_rng_state(), rng)
     assert model.training  # back to training mode
-    curve.on_validation_end(_Trainer(30), _Module(model))  # the table's evaluation gives the last point
+    curve.on_validation_epoch_end(_Trainer(30), _Module(model))  # the table's evaluation gives the last point
     assert [step for step, _ in curve.points] == [10]
     model.eval()
     expected, _ = _evaluate(model, data)  # the table's batches

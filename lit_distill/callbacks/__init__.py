@@ -1,6 +1,7 @@
 """Lightning callbacks: loss schedules (alpha, temperature), model export, Ctrl-C checkpoints, tokens per second,
-and the teacher's scores of the student's own samples at validation."""
+the teacher's scores of the student's own samples at validation, and a moving average of the student's weights."""
 
+from .averaging import StudentEMA
 from .export import ExportModel
 from .interrupt import CheckpointOnInterrupt
 from .sample_quality import OnPolicyEvaluation
@@ -14,6 +15,7 @@ __all__ = [
     "HyperparameterSchedule",
     "LmbdaScheduler",
     "OnPolicyEvaluation",
+    "StudentEMA",
     "TemperatureScheduler",
     "TokensPerSecond",
 ]
