@@ -88,6 +88,24 @@ def test_start_step_and_decay_zero():
     assert_weights(trained(module), latest.steps[5])
 
 
+def test_a_bfloat16_student_is_averaged_in_float32():
+    """(1 - decay) * (weights - average) is below bfloat16's resolution for most entries: kept in bfloat16 the
+    average would stall; validation's round trip must not round it either."""
+    trajectory, ema = Trajectory(), StudentEMA(decay=0.9)
+    pl.seed_everything(0)
+    module = make_module("soft")
+    module.student.to(torch.bfloat16)
+    batches = [make_batch(seed=s, padding=[(1, 3)]) for s in range(2)]
+    validation = {"val_check_interval": 2, "check_val_every_n_epoch": None, "limit_val_batches": 1}
+    trainer(max_steps=5, callbacks=[trajectory, ema], **validation).fit(module, loader(*batches), loader(batches[0]))
+    assert {t.dtype for t in ema.average.values()} == {torch.float32}
+    expected = reference_ema(trajectory.steps, 0.9)
+    assert_weights({k: v.double() for k, v in ema.average.items()}, expected)
+    final = trained(module)  # the student holds the average, rounded to bfloat16
+    for name, value in expected.items():
+        torch.testing.assert_close(final[name], value.to(torch.bfloat16).double(), rtol=0, atol=0, msg=name)
+
+
 def test_one_update_per_optimizer_step_under_accumulation():
     trajectory, ema = Trajectory(), StudentEMA(decay=0.6)
     module, _ = fit([trajectory, ema], steps=3, validate=False, accumulate_grad_batches=2)
@@ -163,3 +181,11 @@ def test_a_sharded_student_is_refused(strategy):
     sharded = SimpleNamespace(strategy=strategy.__new__(strategy))
     with pytest.raises(ValueError, match=r"StudentEMA needs the whole student on every process; .* shards it.*"):
         StudentEMA().setup(sharded, make_module("soft"), "fit")
+
+
+def test_a_checkpoint_of_another_student_is_refused():
+    ema = StudentEMA()
+    ema.setup(SimpleNamespace(strategy=DDPStrategy()), make_module("soft"), "fit")
+    saved = {**ema.state_dict(), "average": {"other.weight": torch.zeros(2)}}
+    with pytest.raises(ValueError, match=r"the checkpoint's StudentEMA average does not match the student's.*"):
+        ema.load_state_dict(saved)

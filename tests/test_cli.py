@@ -14,6 +14,7 @@ from helpers import permuted_tokenizer
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from lit_distill.callbacks import StudentEMA
 from lit_distill.checkpoints import VerifiedCheckpointIO
 from lit_distill.cli import cli_main
 from lit_distill.cli_errors import concise_error
@@ -85,6 +86,9 @@ def test_every_config_trains_a_few_steps_and_exports(workdir, monkeypatch, confi
     assert isinstance(cli.trainer.strategy.checkpoint_io, VerifiedCheckpointIO)
     student = AutoModelForCausalLM.from_pretrained(workdir / "artifacts" / student_dir)
     assert student.config.hidden_size == 96
+    # the configs of the demo's students keep the average of the student's weights, as the demo does
+    averaged = [c.updates for c in cli.trainer.callbacks if isinstance(c, StudentEMA)]
+    assert averaged == ([] if config == "hard_label_generate.yaml" else [2])
     if config == "co_distillation.yaml":
         assert (workdir / "artifacts" / "teacher-co-distillation" / "config.json").exists()
     if config == "on_policy.yaml":  # its OnPolicyEvaluation scored the student's samples at validation
@@ -230,8 +234,6 @@ def test_demo_quick_writes_table_logs_and_plot(tmp_path, capsys):
 
 def test_demo_runs_the_techniques_asked_for_with_the_student_seed(tmp_path, capsys, monkeypatch):
     from lightning.pytorch import Trainer
-
-    from lit_distill.callbacks import StudentEMA
 
     # what each fit clips at and averages over: the students clip at 1 and end as the average of their weights,
     # the teacher (cached by its config) neither

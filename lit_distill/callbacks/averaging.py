@@ -27,7 +27,7 @@ class StudentEMA(Callback):
     would copy a frozen teacher as well; this averages ``pl_module.student`` only.
 
     - Validation (and everything that runs in it, such as ``OnPolicyEvaluation``) sees the average; training
-      continues from the weights as trained.
+      continues from the weights as trained. The average is kept in float32 for bfloat16 or float16 weights.
     - When training ends the student keeps the average, so ``ExportModel`` and ``save_student`` write it.
     - Checkpoints keep the trained weights as the model's state and the average in this callback's state, so a
       resumed run continues both exactly.
@@ -56,6 +56,7 @@ class StudentEMA(Callback):
         self.updates = 0  # steps averaged so far
         self.last_step = 0  # the global step of the latest update: one update per optimizer step
         self.average: dict[str, torch.Tensor] = {}
+        self._trained: dict[str, torch.Tensor] | None = None  # the trained weights, aside during validation
 
     @staticmethod
     def trained_weights(pl_module: pl.LightningModule) -> dict[str, torch.nn.Parameter]:
@@ -78,7 +79,11 @@ class StudentEMA(Callback):
                 " it. Use one device or DDP, or leave StudentEMA out"
             )
         restored = self.average  # a checkpoint's average, when load_state_dict came first
-        self.average = {name: p.detach().clone() for name, p in self.trained_weights(pl_module).items()}
+        # float32 at least: in bfloat16, (1 - decay) * (weights - average) rounds away as the two converge
+        self.average = {
+            name: p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
+            for name, p in self.trained_weights(pl_module).items()
+        }
         if restored:
             self._load_average(restored)
 
@@ -94,26 +99,27 @@ class StudentEMA(Callback):
                 if self.updates == 0:
                     self.average[name].copy_(weight)
                 else:
-                    self.average[name].lerp_(weight.detach(), 1 - self.decay)
+                    self.average[name].lerp_(weight.detach().to(self.average[name].dtype), 1 - self.decay)
         self.updates += 1
         self.last_step = step
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._averaging(trainer):
-            self._swap(pl_module)
+        if trainer.state.fn == "fit" and self.updates > 0:  # not in the sanity check before the first step
+            weights = self.trained_weights(pl_module)
+            self._trained = {name: weight.detach().clone() for name, weight in weights.items()}
+            self._load_into(weights, self.average)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._averaging(trainer):
-            self._swap(pl_module)
+        if self._trained is not None:  # back to the weights as trained, bit for bit
+            self._load_into(self.trained_weights(pl_module), self._trained)
+            self._trained = None
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.updates:
-            with torch.no_grad():
-                for name, weight in self.trained_weights(pl_module).items():
-                    weight.copy_(self.average[name])
+            self._load_into(self.trained_weights(pl_module), self.average)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -136,13 +142,8 @@ class StudentEMA(Callback):
         for name, tensor in saved.items():
             self.average[name].copy_(tensor)
 
-    def _averaging(self, trainer: pl.Trainer) -> bool:
-        """During fit, once a step was averaged (not in the sanity check before the first step)."""
-        return trainer.state.fn == "fit" and self.updates > 0
-
-    def _swap(self, pl_module: pl.LightningModule) -> None:
+    @staticmethod
+    def _load_into(weights: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for name, weight in self.trained_weights(pl_module).items():
-                trained = weight.detach().clone()
-                weight.copy_(self.average[name])
-                self.average[name].copy_(trained)
+            for name, weight in weights.items():
+                weight.copy_(values[name])
