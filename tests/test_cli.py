@@ -77,8 +77,8 @@ def test_every_config_trains_a_few_steps_and_exports(workdir, monkeypatch, confi
     assert cli.datamodule.tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
     # The student's special-token ids are the tokenizer's (linked from the data module).
     tokenizer = cli.datamodule.tokenizer
-    config = cli.model.student.config
-    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
+    student_config = cli.model.student.config
+    assert (student_config.bos_token_id, student_config.eos_token_id, student_config.pad_token_id) == (
         tokenizer.bos_token_id,
         tokenizer.eos_token_id,
         tokenizer.pad_token_id,
