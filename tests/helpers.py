@@ -169,6 +169,17 @@ class InterruptAt(Callback):
             signal.raise_signal(signal.SIGINT)  # to this (the main) thread, at once: no other thread takes it
 
 
+class StopAt(Callback):
+    """Ends training after optimizer step ``step``, through Lightning's ``should_stop``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
 # ------------------------------------------------------------------------------- multi-process workers
 class Rows(Dataset):
     """This process's rows of the global batch: process r of W gets rows r, r + W, ... (no sampler involved)."""

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import loader, make_batch, make_module, trainer
+from helpers import StopAt, loader, make_batch, make_module, trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from transformers import AutoModelForCausalLM
@@ -111,15 +111,6 @@ def test_one_update_per_optimizer_step_under_accumulation():
     module, _ = fit([trajectory, ema], steps=3, validate=False, accumulate_grad_batches=2)
     assert ema.updates == 3 and sorted(trajectory.steps) == [1, 2, 3]
     assert_weights(trained(module), reference_ema(trajectory.steps, 0.6))
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 def test_a_resumed_run_continues_the_average_exactly(tmp_path):

@@ -5,7 +5,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import KINDS, loader, make_batch, make_module, trainer
+from helpers import KINDS, StopAt, loader, make_batch, make_module, trainer
 from lightning.pytorch.callbacks import Callback
 
 from lit_distill.callbacks import AlphaScheduler, TemperatureScheduler
@@ -105,15 +105,6 @@ class Recorder(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses[trainer.global_step] = float(outputs["loss"])
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 def schedules():
