@@ -46,10 +46,11 @@ def assert_weights(actual: dict, expected: dict) -> None:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def fit(callbacks, steps=5, validate=True, batches=2, ckpt_path=None, **kwargs):
+def fit(callbacks, steps=5, validate=True, batches=2, ckpt_path=None, student_dtype=torch.float32, **kwargs):
     """A seeded soft-label module trained ``steps`` steps on ``batches`` batches, validated every 2 steps."""
     pl.seed_everything(0)
     module = make_module("soft")
+    module.student.to(student_dtype)
     data = [make_batch(seed=s, padding=[(1, 3)]) for s in range(batches)]
     if validate:
         kwargs = {"val_check_interval": 2, "check_val_every_n_epoch": None, "limit_val_batches": 1, **kwargs}
@@ -92,12 +93,7 @@ def test_a_bfloat16_student_is_averaged_in_float32():
     """(1 - decay) * (weights - average) is below bfloat16's resolution for most entries: kept in bfloat16 the
     average would stall; validation's round trip must not round it either."""
     trajectory, ema = Trajectory(), StudentEMA(decay=0.9)
-    pl.seed_everything(0)
-    module = make_module("soft")
-    module.student.to(torch.bfloat16)
-    batches = [make_batch(seed=s, padding=[(1, 3)]) for s in range(2)]
-    validation = {"val_check_interval": 2, "check_val_every_n_epoch": None, "limit_val_batches": 1}
-    trainer(max_steps=5, callbacks=[trajectory, ema], **validation).fit(module, loader(*batches), loader(batches[0]))
+    module, _ = fit([trajectory, ema], student_dtype=torch.bfloat16)
     assert {t.dtype for t in ema.average.values()} == {torch.float32}
     expected = reference_ema(trajectory.steps, 0.9)
     assert_weights({k: v.double() for k, v in ema.average.items()}, expected)

@@ -10,8 +10,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from typing_extensions import override
 
-#: what a checkpoint keeps besides the averaged tensors
-STATE_KEYS = ("decay", "start_step", "updates", "last_step")
 #: strategies that shard the student's weights across processes (FSDP2 is Lightning's ModelParallelStrategy)
 SHARDING_STRATEGIES = (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)
 
@@ -123,7 +121,7 @@ class StudentEMA(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**{key: getattr(self, key) for key in STATE_KEYS}, "average": dict(self.average)}
+        return {"updates": self.updates, "last_step": self.last_step, "average": dict(self.average)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -139,11 +137,10 @@ class StudentEMA(Callback):
                 "the checkpoint's StudentEMA average does not match the student's trained weights:"
                 f" {sorted(set(saved) ^ set(self.average))[:4]}"
             )
-        for name, tensor in saved.items():
-            self.average[name].copy_(tensor)
+        self._load_into(self.average, saved)
 
     @staticmethod
-    def _load_into(weights: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> None:
+    def _load_into(targets: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for name, weight in weights.items():
-                weight.copy_(values[name])
+            for name, target in targets.items():
+                target.copy_(values[name])
