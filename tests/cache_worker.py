@@ -13,9 +13,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from helpers import small_text_data, tiny
+from helpers import finish_worker, small_text_data, tiny
 
-from lit_distill.sharding import close_process_group
 from lit_distill.teacher_cache import TeacherSignal, cache_teacher
 
 warnings.filterwarnings("ignore")
@@ -41,4 +40,4 @@ def main(devices: int, corpus: str, cache: str, shared: bool = False) -> None:
 
 if __name__ == "__main__":
     main(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:] == ["shared"])
-    close_process_group()
+    finish_worker()

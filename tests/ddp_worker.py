@@ -24,12 +24,11 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from helpers import Rows, make_batch, make_module, with_teacher_signal
+from helpers import Rows, finish_worker, make_batch, make_module, with_teacher_signal
 
 from lit_distill.callbacks import CheckpointOnInterrupt, OnPolicyEvaluation
 from lit_distill.callbacks.sample_quality import score_samples
 from lit_distill.modules.generation import derived_seed, prompt_lengths_of
-from lit_distill.sharding import close_process_group
 
 warnings.filterwarnings("ignore")
 
@@ -118,4 +117,4 @@ def poison_on_rank_1(module) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:2], int(sys.argv[2]), *sys.argv[3:])
-    close_process_group()
+    finish_worker()

@@ -14,12 +14,12 @@ import sys
 import warnings
 
 import torch
-from helpers import GradientCount, accumulation_batch, build, export_diff, fit, resume
+from helpers import GradientCount, accumulation_batch, build, export_diff, finish_worker, fit, resume
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 from lit_distill.callbacks import ExportModel
-from lit_distill.sharding import close_process_group, full_state_dict
+from lit_distill.sharding import full_state_dict
 
 warnings.filterwarnings("ignore")
 
@@ -80,4 +80,4 @@ if __name__ == "__main__":
         resume(*sys.argv[1:4], strategy=make_strategy)
     else:
         main(*sys.argv[1:])
-    close_process_group()
+    finish_worker()

@@ -28,10 +28,10 @@ from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from helpers import GradientCount, build, export_diff, fit, resume
+from helpers import GradientCount, build, export_diff, finish_worker, fit, resume
 
 from lit_distill.callbacks import ExportModel
-from lit_distill.sharding import close_process_group, full_state_dict
+from lit_distill.sharding import full_state_dict
 
 warnings.filterwarnings("ignore")
 STATS = ("in_optimizer", "with_state", "with_grad")
@@ -118,4 +118,4 @@ if __name__ == "__main__":
         resume(technique, kind, out, make_strategy)
     else:
         step(technique, kind, out, *options)
-    close_process_group()
+    finish_worker()
