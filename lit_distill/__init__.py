@@ -48,7 +48,7 @@ _LAZY = {
     "OnPolicyEvaluation": "callbacks",
     "StudentEMA": "callbacks",
     "TemperatureScheduler": "callbacks",
-    "TokensPerSecond": "callbacks",
+    "TokensPerSecond": "reporting",
     "TextDataModule": "data",
     "LanguageModelTraining": "modules",
     "CausalLM": "models",

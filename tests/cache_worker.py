@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from helpers import finish_worker, small_text_data, tiny
 
-from lit_distill.teacher_cache import TeacherSignal, cache_teacher
+from lit_distill.data.teacher_cache import TeacherSignal, cache_teacher
 
 warnings.filterwarnings("ignore")
 

@@ -69,7 +69,7 @@ def make_batch(rows=4, length=12, seed=0, padding=()):
 
 def with_teacher_signal(batch, slots=8, temperature=2.0):
     """``batch`` with the top-``slots`` signal of ``make_module``'s teacher, as a teacher cache holds it."""
-    from lit_distill.teacher_cache import sparse_signal
+    from lit_distill.data.teacher_cache import sparse_signal
 
     with torch.no_grad():
         logits = tiny(hidden=48, seed=1).eval()(input_ids=batch["input_ids"]).logits

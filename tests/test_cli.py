@@ -17,9 +17,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from lit_distill.callbacks import StudentEMA
 from lit_distill.checkpoints import VerifiedCheckpointIO
 from lit_distill.cli import cli_main
-from lit_distill.cli_errors import concise_error
+from lit_distill.cli.errors import concise_error
+from lit_distill.cli.lightning_cli import run_cli, with_verified_checkpoints
 from lit_distill.kernels import DIVERGENCES
-from lit_distill.lightning_cli import run_cli, with_verified_checkpoints
 
 pytestmark = [
     pytest.mark.slow,  # trains every config a few steps, runs the console script and the demo

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from lit_distill.console import StepProgressBar, quiet
+from lit_distill.reporting import StepProgressBar, quiet
 
 
 class Stream(io.StringIO):

@@ -10,10 +10,10 @@ import torch
 from helpers import InterruptAt, adam, tiny
 from lightning.pytorch.callbacks import Callback
 
-from lit_distill.cache import writable_dir
 from lit_distill.callbacks import CheckpointOnInterrupt
-from lit_distill.corpus import BUNDLED_CORPUS, read_documents, split_documents, split_works
 from lit_distill.data import EpochShuffle, TextDataModule
+from lit_distill.data.cache_dir import writable_dir
+from lit_distill.data.corpus import BUNDLED_CORPUS, read_documents, split_documents, split_works
 from lit_distill.modules import LanguageModelTraining
 
 TEXT = "\n".join(f"Line {i}: the quality of mercy is not strained, it droppeth as the gentle rain." for i in range(400))

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from lit_distill.demo import _parser, _techniques
-from lit_distill.demo_report import QUICK_NOTE, Row, _figure, report
-from lit_distill.demo_training import _Curve, _evaluate
+from lit_distill.demo.main import _parser, _techniques
+from lit_distill.demo.report import QUICK_NOTE, Row, _figure, report
+from lit_distill.demo.training import _Curve, _evaluate
 
 
 def test_help_is_plain_text():

@@ -1,4 +1,5 @@
-"""The package's shape: the kernels stand alone, no two files import each other, files and steps stay small."""
+"""The package's shape: rooms on floors with imports running down, no cycles, files and steps stay small, and the
+map of the rooms in CONTRIBUTING.md in step with the tree."""
 
 from __future__ import annotations
 
@@ -14,6 +15,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lit_distill"
 #: files allowed past MAX_LINES: the Triton kernels, whose jit functions cannot be split across files cheaply
 KERNEL_FILES = {"kernels/triton_backend.py"}
 MAX_LINES = 300
+MAX_TOP_LEVEL_FILES = 8
+#: the floors, bottom first: a room (a subpackage, or a top-level file by its stem) imports only from rooms on
+#: lower floors and from itself. ``lit_distill/__init__.py`` is the façade above them all (its imports are lazy).
+FLOORS = (
+    ("kernels",),
+    ("losses", "models", "sharding", "checkpoints", "reporting"),
+    ("data",),
+    ("modules",),
+    ("callbacks",),
+    ("demo",),
+    ("cli",),
+)
 
 
 def _module_file(name: str) -> Path | None:
@@ -53,17 +66,114 @@ def _imports(path: Path) -> set[Path]:
     return found
 
 
-def test_no_two_files_import_each_other():
-    files = sorted(PACKAGE.rglob("*.py"))
-    graph = {f: _imports(f) for f in files}
+def _graph() -> dict[Path, set[Path]]:
+    return {f: _imports(f) for f in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _room(path: Path) -> str:
+    """The room of a package file: its top-level subpackage, or a top-level file's stem."""
+    first = path.relative_to(PACKAGE).parts[0]
+    return first.removesuffix(".py")
+
+
+def _floor(room: str) -> int | None:
+    return next((level for level, rooms in enumerate(FLOORS) if room in rooms), None)
+
+
+def upward_imports(graph: dict[Path, set[Path]]) -> list[str]:
+    """Imports from a room to a room on a higher floor (or on a room no floor names), as ``a -> b`` lines."""
+    found = []
+    for a, targets in graph.items():
+        if a == PACKAGE / "__init__.py":
+            continue
+        for b in targets:
+            ra, rb = _room(a), _room(b)
+            fa, fb = _floor(ra), _floor(rb)
+            if ra != rb and (fa is None or fb is None or fb >= fa):
+                found.append(f"{a.relative_to(PACKAGE)} -> {b.relative_to(PACKAGE)}")
+    return sorted(found)
+
+
+def import_cycles(graph: dict[Path, set[Path]]) -> list[list[str]]:
+    """Every strongly connected set of more than one file (files importing each other, through any path)."""
+    index: dict[Path, int] = {}
+    low: dict[Path, int] = {}
+    stack: list[Path] = []
+    cycles = []
+
+    def visit(node: Path) -> None:  # Tarjan's algorithm; the package is small enough for recursion
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(str(member.relative_to(PACKAGE)))
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_no_import_cycles():
+    graph = _graph()
     assert graph[PACKAGE / "modules" / "distillation.py"], "the import graph came out empty: the walker is broken"
-    mutual = sorted(
-        f"{a.relative_to(PACKAGE)} <-> {b.relative_to(PACKAGE)}"
-        for a in files
-        for b in graph[a]
-        if a in graph[b] and a < b
+    assert not import_cycles(graph), f"files that import each other (through any path): {import_cycles(graph)}"
+
+
+def test_imports_run_down_the_floors():
+    """cli -> demo -> callbacks -> modules -> data -> losses, models, ... -> kernels, and never back up."""
+    rooms = {_room(f) for f in PACKAGE.rglob("*.py")} - {"__init__"}
+    assert not rooms - set().union(*FLOORS), f"rooms on no floor (add them to FLOORS): {rooms - set().union(*FLOORS)}"
+    assert not upward_imports(_graph()), f"imports that run back up the floors: {upward_imports(_graph())}"
+
+
+def test_data_knows_no_command_line_and_no_technique():
+    """The data room, the teacher cache included, imports nothing from the command line, the demo, the
+    callbacks or the modules (the cache-teacher command lives in cli/)."""
+    above = {"cli", "demo", "callbacks", "modules"}
+    bad = sorted(
+        f"{a.relative_to(PACKAGE)} -> {b.relative_to(PACKAGE)}"
+        for a, targets in _graph().items()
+        if _room(a) == "data"
+        for b in targets
+        if _room(b) in above
     )
-    assert not mutual, f"files that import each other: {mutual}"
+    assert not bad, bad
+
+
+def test_few_files_at_the_top():
+    top = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    assert len(top) <= MAX_TOP_LEVEL_FILES, f"{len(top)} files at the top of lit_distill/ (give them rooms): {top}"
+
+
+def test_layout_checks_can_fail(tmp_path, monkeypatch):
+    """An import back up the floors and a cycle of three files are both reported."""
+    fake = tmp_path / "lit_distill"
+    for room in ("kernels", "modules", "callbacks"):
+        (fake / room).mkdir(parents=True)
+        (fake / room / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("")
+    (fake / "modules" / "step.py").write_text("from ..callbacks.timer import Timer\n")
+    (fake / "callbacks" / "timer.py").write_text("Timer = object\n")
+    (fake / "kernels" / "a.py").write_text("from .b import f\n")
+    (fake / "kernels" / "b.py").write_text("from .c import f\n")
+    (fake / "kernels" / "c.py").write_text("def f():\n    from . import a\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    graph = _graph()
+    assert upward_imports(graph) == ["modules/step.py -> callbacks/timer.py"]
+    assert import_cycles(graph) == [["kernels/a.py", "kernels/b.py", "kernels/c.py"]]
 
 
 def test_import_graph_sees_a_mutual_import(tmp_path, monkeypatch):

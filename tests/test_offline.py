@@ -11,9 +11,9 @@ from lightning.pytorch.callbacks import Callback
 from oracle import sparse_oracle
 
 from lit_distill.callbacks import CheckpointOnInterrupt, TemperatureScheduler
+from lit_distill.data.teacher_cache import TeacherCacheDataModule, TeacherSignal, cache_teacher, sparse_signal
 from lit_distill.losses import DistillationLoss
 from lit_distill.modules import OfflineDistillation
-from lit_distill.teacher_cache import TeacherCacheDataModule, TeacherSignal, cache_teacher, sparse_signal
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -237,7 +237,7 @@ def test_the_command_closes_its_process_group_after_a_successful_run(tmp_path, m
         if not succeeds:
             raise RuntimeError("the run failed")
 
-    monkeypatch.setattr("lit_distill.lightning_cli.run_cli", run_cli)
+    monkeypatch.setattr("lit_distill.cli.lightning_cli.run_cli", run_cli)
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         if succeeds:

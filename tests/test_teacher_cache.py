@@ -16,8 +16,8 @@ import torch
 from helpers import small_text_data, tiny
 from safetensors.torch import load_file
 
-from lit_distill.teacher_cache import TeacherCacheDataModule, TeacherSignal, cache_teacher, sparse_signal
-from lit_distill.teacher_cache.manifest import MANIFEST, CacheManifest, shard_name
+from lit_distill.data.teacher_cache import TeacherCacheDataModule, TeacherSignal, cache_teacher, sparse_signal
+from lit_distill.data.teacher_cache.manifest import MANIFEST, CacheManifest, shard_name
 
 SEQ_LEN = 16
 
@@ -103,7 +103,7 @@ def test_cache_holds_the_teachers_signal_for_every_training_sequence(data, tmp_p
     torch.testing.assert_close(shard["teacher_logprobs"].float(), logprobs, rtol=0, atol=2**-6)
     assert shard["teacher_ids"].dtype == torch.int32 and shard["teacher_logprobs"].dtype == torch.float16
     per_token = sum(t.element_size() * t[0, 0].numel() for t in shard.values())
-    assert per_token <= 6 * 8 + 8  # the README's bytes per token at K slots
+    assert per_token <= 6 * 8 + 8  # the bytes per token at K slots that docs/techniques.md states
 
 
 def test_a_rerun_resumes_at_the_missing_shards(data, tmp_path, monkeypatch):

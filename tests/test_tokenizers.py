@@ -7,10 +7,10 @@ import torch
 from helpers import permuted_tokenizer
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from lit_distill.corpus import BUNDLED_CORPUS, split_works
 from lit_distill.data import TextDataModule
+from lit_distill.data.corpus import BUNDLED_CORPUS, split_works
+from lit_distill.data.tokenizers import check_tokenizer, load_tokenizer, saved_tokenizer_dir, train_bpe
 from lit_distill.models import CausalLM, build, missing_local_path
-from lit_distill.tokenizers import check_tokenizer, load_tokenizer, saved_tokenizer_dir, train_bpe
 
 TINY = {
     "model_type": "llama",

@@ -21,7 +21,7 @@ class StudentEMA(Callback):
     At a constant learning rate a student's weights jitter from step to step, and so do its samples: the demo's
     students, scored every 10 steps over their last 50, moved the teacher's NLL of their text by up to 0.3. The
     average of the last steps (``decay=0.9`` weighs about the last ten) settles that and lowers the validation
-    loss too (README: The demo). Lightning's ``EMAWeightAveraging`` averages the whole LightningModule, so it
+    loss too (docs/experiments.md). Lightning's ``EMAWeightAveraging`` averages the whole LightningModule, so it
     would copy a frozen teacher as well; this averages ``pl_module.student`` only.
 
     - Validation (and everything that runs in it, such as ``OnPolicyEvaluation``) sees the average; training

@@ -19,10 +19,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from ..callbacks.throughput import TokensPerSecond
 from ..kernels import DistillationOutput
 from ..losses import DistillationLoss
 from ..models import CausalLM, build, vocab_size
+from ..reporting.throughput import TokensPerSecond
 from .normalization import TokenNormalizer
 
 #: LightningCLI's module builder, which ``load_from_checkpoint`` trusts to rebuild a module from a config

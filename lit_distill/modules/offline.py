@@ -18,10 +18,10 @@ SPARSE_KEYWORDS = ("divergence", "beta", "temperature", "t2_scaling", "alpha", "
 
 
 class OfflineDistillation(CausalLMModule):
-    """Distillation from a stored sparse teacher signal (:mod:`lit_distill.teacher_cache`).
+    """Distillation from a stored sparse teacher signal (:mod:`lit_distill.data.teacher_cache`).
 
     Each training batch carries the teacher's top-k or sampled tokens and their log-probabilities per
-    position (``teacher_ids``, ``teacher_logprobs``, from :class:`~lit_distill.teacher_cache.TeacherCacheDataModule`);
+    position (``teacher_ids``, ``teacher_logprobs``, from :class:`~lit_distill.data.TeacherCacheDataModule`);
     the student is trained on ``alpha * T² * D(teacher ‖ student) + (1 - alpha) * CE(student, labels)`` over
     those tokens (see :func:`lit_distill.sparse_distillation_loss`), from its hidden states and head weight
     without the full logits where its head is a plain linear layer. Normalization, resuming and DDP are as
@@ -77,9 +77,9 @@ class OfflineDistillation(CausalLMModule):
                 f" {self.loss.temperature}: set the loss's temperature to the cache's, or write a cache at"
                 f" {self.loss.temperature}"
             )
-        from ..callbacks import TemperatureScheduler
-
-        if any(isinstance(c, TemperatureScheduler) for c in self.trainer.callbacks):
+        # Any schedule of the loss's temperature (TemperatureScheduler or a custom one), found by the attribute
+        # it sets: the callbacks sit a floor above the modules, so they are not imported here.
+        if any(getattr(c, "attribute", None) == "temperature" for c in self.trainer.callbacks):
             raise ValueError(
                 "a TemperatureScheduler cannot run with a teacher cache: the cache holds the teacher at one"
                 f" temperature ({settings.temperature}); schedule alpha instead, or distil online"

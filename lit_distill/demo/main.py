@@ -5,11 +5,11 @@
    (plain cross-entropy), one with soft labels, one with the teacher's argmax as hard labels (half, beside
    the data's labels: DeiT's hard distillation), one co-distilled with a copy of the teacher that keeps
    training, one on-policy (on its own samples, half its batches), and two offline from teacher caches
-   (top-k with a tail bucket, and sampled; ``demo_offline.py``), written once and cached.
+   (top-k with a tail bucket, and sampled; ``offline.py``), written once and cached.
 3. Evaluates every model on held-out whole works, and scores its own continuations of held-out prompts by
    the teacher; prints a table, writes TensorBoard logs, a PNG of the validation curves and the table
    (``results.md``, ``results.json``) to ``--out``. ``--techniques`` and ``--student-seed`` run a subset
-   of the students with another seed (how the README's three-seed comparison was measured).
+   of the students with another seed (how docs/experiments.md's seed comparisons were measured).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .demo_offline import OFFLINE, write_caches
-from .demo_report import QUICK_NOTE, Row, report
-from .demo_training import train_student, train_teacher
+from .offline import OFFLINE, write_caches
+from .report import QUICK_NOTE, Row, report
+from .training import train_student, train_teacher
 
 PRESETS = {
-    # about 10 minutes on 2 CPU cores, about 7 once the teacher and its caches are cached (README: The demo)
+    # about 10 minutes on 2 CPU cores, about 7 once the teacher and its caches are cached (docs/experiments.md)
     "default": {
         "vocab_size": 4096,
         "seq_len": 128,
@@ -137,9 +137,9 @@ def demo_main(argv: list[str] | None = None) -> list[Row]:
             sizes[key] = value
     import lightning.pytorch as pl
 
-    from .cache import default_cache_dir, writable_dir
-    from .console import quiet
-    from .data import TextDataModule
+    from ..data import TextDataModule
+    from ..data.cache_dir import default_cache_dir, writable_dir
+    from ..reporting import quiet
 
     quiet()  # Lightning's banner and tips for each of the five trainers, Hugging Face's bars
     cache = writable_dir(ns.cache_dir or default_cache_dir())

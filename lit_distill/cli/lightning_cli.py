@@ -13,8 +13,8 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from .cli_errors import configuration_error, debug_requested
-from .cli_parser import SUBCOMMANDS, LitDistillParser, first_sentence, shorten_help
+from .errors import configuration_error, debug_requested
+from .parser import SUBCOMMANDS, LitDistillParser, first_sentence, shorten_help
 
 DESCRIPTION = (
     "lit-distill: LLM knowledge distillation with PyTorch Lightning. `lit-distill fit --config"
@@ -48,9 +48,9 @@ def run_cli(args: list[str] | None = None) -> LitDistillCLI:
     those of the run."""
     from lightning.pytorch import LightningDataModule
 
-    from .callbacks import CheckpointOnInterrupt
-    from .console import quiet
-    from .modules import CausalLMModule
+    from ..callbacks import CheckpointOnInterrupt
+    from ..modules import CausalLMModule
+    from ..reporting import quiet
 
     quiet()
     return LitDistillCLI(
@@ -105,7 +105,7 @@ class LitDistillCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path is None or "://" in str(ckpt_path) or str(ckpt_path) in LIGHTNING_CKPT_NAMES:
             return
-        from .checkpoints import verify_checkpoint
+        from ..checkpoints import verify_checkpoint
 
         try:
             verify_checkpoint(ckpt_path)
@@ -127,7 +127,7 @@ class LitDistillCLI(LightningCLI):
             teacher = getattr(self.model, "teacher", None)
             tokenizer = getattr(self.datamodule, "tokenizer", None)
             if teacher is not None and tokenizer is not None:
-                from .data import check_tokenizer
+                from ..data import check_tokenizer
 
                 check_tokenizer(teacher, tokenizer)
         except Exception as err:
@@ -139,7 +139,7 @@ class LitDistillCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 
-        from .console import StepProgressBar
+        from ..reporting import StepProgressBar
 
         config = self._get(self.config_init, "trainer", default={})
         kwargs.setdefault("plugins", with_verified_checkpoints(config.get("plugins"), config.get("strategy")))
@@ -158,7 +158,7 @@ def default_tokenizer(config: Namespace) -> str | None:
     Distillation compares the two models token by token, so the data must be tokenized as the teacher was;
     a byte-level BPE trained afresh on the data would not be the teacher's even at the same size.
     """
-    from .data import saved_tokenizer_dir
+    from ..data import saved_tokenizer_dir
 
     data = config.get("data")
     if not isinstance(data, Namespace) or not _is_text_data(data.get("class_path")):
@@ -178,7 +178,7 @@ def _is_text_data(class_path: Any) -> bool:
     """Whether a data class path names TextDataModule (jsonargparse shortens it to ``lit_distill.TextDataModule``)."""
     import importlib
 
-    from .data import TextDataModule
+    from ..data import TextDataModule
 
     module, _, name = str(class_path).rpartition(".")
     try:
@@ -193,7 +193,7 @@ def with_verified_checkpoints(plugins: Any, strategy: Any = None) -> list:
     given there. Another checkpoint IO, or one set on a strategy object, is left as it is."""
     from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 
-    from .checkpoints import VerifiedCheckpointIO
+    from ..checkpoints import VerifiedCheckpointIO
 
     plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
     if getattr(strategy, "_checkpoint_io", None) is not None:

@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from ..models import CausalLM, build
+from ...models import CausalLM, build
 from .manifest import METHODS
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser
 
-from .cli_errors import concise_error, debug_requested
+from .errors import concise_error, debug_requested
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Shown with a technique's options and never set by hand: the command line links them from the data.
@@ -90,8 +90,8 @@ def first_sentence(text: str) -> str:
 def techniques_help() -> str:
     """The technique and loss options, for ``lit-distill fit --help``: each technique's own options, those
     every technique shares, and the loss's, each as the full option to type."""
-    from .losses import DistillationLoss
-    from .modules import (
+    from ..losses import DistillationLoss
+    from ..modules import (
         CoDistillation,
         DistillationModule,
         HardLabelDistillation,
@@ -136,14 +136,13 @@ def _data_help() -> list[str]:
     """The data's options: TextDataModule's in full (the default), TeacherCacheDataModule's by name."""
     import inspect
 
-    from .data import TextDataModule
-    from .teacher_cache import TeacherCacheDataModule
+    from ..data import TeacherCacheDataModule, TextDataModule
 
     cache_options = ", ".join(f"--data.{name}" for name in inspect.signature(TeacherCacheDataModule).parameters)
     return [
         "\nThe data, --data.NAME VALUE: TextDataModule's (lit_distill.data, the default):",
         _options(_class_help(TextDataModule, "data")),
-        "\nOr a teacher cache for OfflineDistillation: --data lit_distill.teacher_cache.TeacherCacheDataModule"
+        "\nOr a teacher cache for OfflineDistillation: --data lit_distill.data.TeacherCacheDataModule"
         f" (data: class_path: ... in a config), then {cache_options}.",
     ]
 

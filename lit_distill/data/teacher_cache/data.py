@@ -11,7 +11,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import ShuffledDataModule, TokenBlocks, load_tokenizer, special_token_ids
+from ..text import ShuffledDataModule, TokenBlocks
+from ..tokenizers import load_tokenizer, special_token_ids
 from .manifest import TOKENIZER_DIR, VALIDATION, CacheManifest, CacheSettings, sha256_file, tokenizer_hash
 
 

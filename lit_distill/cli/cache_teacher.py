@@ -4,7 +4,7 @@
     lit-distill cache-teacher --model.teacher.init_args.name_or_path artifacts/teacher --model.method sampled \\
         --cache_dir artifacts/teacher-cache --trainer.devices 2
 
-``--model.*`` are :class:`~lit_distill.teacher_cache.TeacherSignal`'s options (teacher, method, k, samples,
+``--model.*`` are :class:`~lit_distill.data.teacher_cache.TeacherSignal`'s options (teacher, method, k, samples,
 temperature, seed), ``--data.*`` the :class:`~lit_distill.data.TextDataModule`'s (its training split is cached),
 ``--trainer.*`` Lightning's (several devices write their shards in parallel).
 """
@@ -18,8 +18,8 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..cli_errors import configuration_error, debug_requested
-from ..cli_parser import LitDistillParser, shorten_help
+from .errors import configuration_error, debug_requested
+from .parser import LitDistillParser, shorten_help
 
 USAGE = "%(prog)s [-c CONFIG] --cache_dir DIR [--model.NAME VALUE] [--data.NAME VALUE] [--trainer.NAME VALUE]"
 DESCRIPTION = (
@@ -30,7 +30,7 @@ DESCRIPTION = (
 
 
 class CacheTeacherCLI(LightningCLI):
-    """LightningCLI for :class:`~lit_distill.teacher_cache.TeacherSignal` and the text data, without a subcommand."""
+    """LightningCLI for :class:`~lit_distill.data.teacher_cache.TeacherSignal` and the text data, no subcommand."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--cache_dir", type=str, required=True, help="the cache directory to write (or resume)")
@@ -53,8 +53,7 @@ class CacheTeacherCLI(LightningCLI):
 def cache_teacher_main(argv: list[str]) -> Any:
     """Parse ``argv``, write the cache and print its summary; returns the manifest."""
     from ..data import TextDataModule
-    from .signal import TeacherSignal
-    from .writer import cache_teacher
+    from ..data.teacher_cache import TeacherSignal, cache_teacher
 
     # LightningCLI reads sys.argv when given no args (and warns when given both): hand it this command's.
     saved, sys.argv = sys.argv, [sys.argv[0], *argv]

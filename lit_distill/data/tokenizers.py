@@ -9,7 +9,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .cache import writable_dir
+from .cache_dir import writable_dir
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -24,7 +24,7 @@ def load_tokenizer(name_or_path: str):
     """
     from transformers import AutoTokenizer
 
-    from .models import missing_local_path
+    from ..models import missing_local_path
 
     missing = missing_local_path(name_or_path)
     if missing is not None:

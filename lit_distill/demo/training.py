@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .demo_report import Row
+from .report import Row
 
 
 def _llama(sizes: dict, who: str, data):
-    from .models import CausalLM
+    from ..models import CausalLM
 
     hidden, layers = sizes[f"{who}_hidden"], sizes[f"{who}_layers"]
     return CausalLM(
@@ -38,8 +38,8 @@ def _llama(sizes: dict, who: str, data):
 SAMPLE_PROMPTS = 64
 #: the on-policy student: the soft-label student's loss on every batch and, on a fraction lmbda of them (ramped
 #: linearly from 0 at the first step to 1 at half the run: a student trained from scratch babbles at first),
-#: the same divergence on its own continuations of the first half of each sequence (mix="both"). README: The
-#: demo, for what else was tried (GKD's either-or mix, reverse KL on the samples, lmbda fixed at 0.5).
+#: the same divergence on its own continuations of the first half of each sequence (mix="both"). See
+#: docs/experiments.md for what else was tried (GKD's either-or mix, reverse KL on the samples, lmbda fixed at 0.5).
 ON_POLICY = {
     "loss": {"divergence": "forward_kl", "temperature": 2.0, "alpha": 0.5},
     "on_policy_loss": {"divergence": "forward_kl", "temperature": 2.0},
@@ -50,7 +50,7 @@ ON_POLICY = {
 
 #: tokens per chunk of the fused-linear losses. A batch's 2032 tokens in one chunk (what the memory plan allows)
 #: took 123 ms per loss call (forward and backward, 2-core EPYC), two chunks 98 ms: the 33 MB fp32 logits of a
-#: whole batch run slower than halves. README: The demo.
+#: whole batch run slower than halves. docs/experiments.md.
 CHUNK_TOKENS = 1024
 
 
@@ -78,7 +78,7 @@ def _warmup_cosine(total_steps: int):
 STUDENT_GRADIENT_CLIP = 1.0
 #: every student is evaluated and kept as the moving average of its weights (StudentEMA). At the constant rate a
 #: student's samples jittered by up to 0.3 of the teacher's NLL from one checkpoint to the next, 10 steps apart;
-#: the average settles them and lowers every validation loss. README: The demo.
+#: the average settles them and lowers every validation loss. docs/experiments.md.
 STUDENT_EMA_DECAY = 0.9
 
 
@@ -86,7 +86,7 @@ def _trainer(max_steps: int, sizes: dict, out: Path, name: str, callbacks=(), gr
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from .console import StepProgressBar
+    from ..reporting import StepProgressBar
 
     return pl.Trainer(
         accelerator="auto",
@@ -109,7 +109,7 @@ def train_teacher(data, sizes: dict, ns, cache: Path, out: Path):
     """The teacher, from the cache or trained (and cached), in eval mode, and its row of the table."""
     from transformers import AutoModelForCausalLM
 
-    from .modules import LanguageModelTraining
+    from ..modules import LanguageModelTraining
 
     spec = _llama(sizes, "teacher", data)
     # The teacher depends on its config, the sizes, the seed and the tokenizer's vocabulary.
@@ -134,7 +134,7 @@ def train_teacher(data, sizes: dict, ns, cache: Path, out: Path):
         tokens_per_sec = tokens / (time.perf_counter() - start)
     model.eval()
     ce, model.val_argmax = _evaluate(model, data)  # the students' agreement compares with it
-    model.name_or_path = str(directory)  # the cache (demo_offline.py) names the teacher by its directory
+    model.name_or_path = str(directory)  # the cache (offline.py) names the teacher by its directory
     wall = time.perf_counter() - start
     nll, reverse_kl = sample_scores(model, model, data, sizes, student_seed(ns))  # its own samples: KL 0
     return model, Row("teacher", ce, math.exp(ce), math.nan, tokens_per_sec, wall, nll, reverse_kl)
@@ -169,13 +169,13 @@ class _Curve(Callback):
 def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path, caches: dict | None = None):
     """Train one student with ``technique``; its row of the table and its validation curve ``[(step, CE)]``.
 
-    ``caches`` holds the teacher cache of each offline technique (``demo_offline.py``).
+    ``caches`` holds the teacher cache of each offline technique (``offline.py``).
     """
     import lightning.pytorch as pl
 
-    from .callbacks import StudentEMA
-    from .losses import DistillationLoss
-    from .modules import (
+    from ..callbacks import StudentEMA
+    from ..losses import DistillationLoss
+    from ..modules import (
         CoDistillation,
         HardLabelDistillation,
         LanguageModelTraining,
@@ -200,7 +200,7 @@ def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path, cac
     elif technique == "co-distillation":  # the teacher keeps learning, gently: a tenth of the student's peak rate
         module = CoDistillation(spec, copy.deepcopy(teacher), soft, teacher_ce_weight=1.0, teacher_lr=3e-4, **common)
     elif technique == "on-policy":
-        from .callbacks import LmbdaScheduler
+        from ..callbacks import LmbdaScheduler
 
         half = sizes["seq_len"] // 2
         loss, on_policy_loss = DistillationLoss(**ON_POLICY["loss"]), DistillationLoss(**ON_POLICY["on_policy_loss"])
@@ -210,7 +210,7 @@ def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path, cac
         ramp = max(1, sizes["student_steps"] // 2)
         schedules.append(LmbdaScheduler(start=start, end=end, total_steps=ramp))
     else:
-        from .demo_offline import offline_module
+        from .offline import offline_module
 
         module, train_data = offline_module(technique, spec, caches[technique], sizes, common)
     print(f"student ({technique}): {sizes['student_steps']} steps")
@@ -241,7 +241,7 @@ def sample_scores(model, teacher, data, sizes: dict, seed: int) -> tuple[float, 
     The first ``SAMPLE_PROMPTS`` held-out sequences are cut in half: the first half is the prompt, the model
     samples the second half (T=1, seeded by ``seed``: each student gets the same draws).
     """
-    from .callbacks.sample_quality import score_samples
+    from ..callbacks.sample_quality import score_samples
 
     data.setup()
     prompts = data.val_blocks[:SAMPLE_PROMPTS]

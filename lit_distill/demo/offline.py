@@ -11,7 +11,7 @@ from pathlib import Path
 #: cache is at the online soft-label student's T=2 and alpha. The demo's teacher is flat: its top 32 tokens
 #: hold 15% of its mass at T=2 and 58% at T=1, but 93% at T=0.5, where a bucket for the rest loses little. At
 #: T=0.5 the T² factor weighs the soft term down to a quarter, so the student's cross-entropy on the data
-#: takes less of the loss (alpha 0.8). README: The demo, for the sweep that chose them.
+#: takes less of the loss (alpha 0.8). docs/experiments.md, for the sweep that chose them.
 OFFLINE = {"offline top-k": ("topk", 32, True, 0.5, 0.8), "offline sampled": ("sampled", 32, False, 2.0, 0.5)}
 
 
@@ -24,8 +24,8 @@ def write_caches(
     Only as many training sequences as a student reads (steps x batch size) are cached: the students train
     within one pass over them, so caching the whole split would cost time and show nothing more.
     """
-    from .console import quiet
-    from .teacher_cache import TeacherSignal, cache_teacher
+    from ..data.teacher_cache import TeacherSignal, cache_teacher
+    from ..reporting import quiet
 
     sequences = sizes["student_steps"] * sizes["batch_size"]
     teacher_key = teacher.name_or_path  # its cache directory, named by its config, sizes, seed and tokenizer
@@ -77,9 +77,9 @@ def _predictor():
 
 def offline_module(technique: str, spec, directory: Path, sizes: dict, options: dict):
     """The student's module and its data for an offline technique; ``options`` go to the module."""
-    from .losses import DistillationLoss
-    from .modules import OfflineDistillation
-    from .teacher_cache import TeacherCacheDataModule
+    from ..data.teacher_cache import TeacherCacheDataModule
+    from ..losses import DistillationLoss
+    from ..modules import OfflineDistillation
 
     _, _, tail, temperature, alpha = OFFLINE[technique]
     loss = DistillationLoss(temperature=temperature, alpha=alpha)

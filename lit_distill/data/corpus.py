@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-BUNDLED_CORPUS = Path(__file__).parent / "assets" / "shakespeare.txt.gz"
+BUNDLED_CORPUS = Path(__file__).parents[1] / "assets" / "shakespeare.txt.gz"
 CORPUS_CREDIT = "Open Knowledge Foundation, shakespeare package 0.6 (CC BY 2.5); Project Gutenberg texts"
 
 

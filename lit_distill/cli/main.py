@@ -9,8 +9,9 @@ lit-distill cache-teacher --config <x>.yaml     a teacher's sparse signal over a
 ``cli_main`` is the console script (it returns the exit status, 0 on success). It imports nothing heavy
 before it knows the command: ``kernels`` must ask for Triton's CPU interpreter before anything imports
 Triton, and importing Lightning does (through torch). The LightningCLI commands are in ``lightning_cli.py``
-(``run_cli`` runs them from Python and returns the CLI object), the parser in ``cli_parser.py``, the reading
-of jsonargparse's errors in ``cli_errors.py`` and the ``kernels`` command in ``kernels_check.py``.
+(``run_cli`` runs them from Python and returns the CLI object), the parser in ``parser.py``, the reading
+of jsonargparse's errors in ``errors.py``, the ``kernels`` command in ``kernels_check.py`` and ``cache-teacher``
+in ``cache_teacher.py``; the demo is the ``lit_distill.demo`` package.
 """
 
 from __future__ import annotations
@@ -30,21 +31,21 @@ def cli_main(args: list[str] | None = None) -> int:
 
         kernels_main(argv[1:])
         return 0
-    from .console import quiet
+    from ..reporting.console import quiet
 
     quiet()
     if argv[:1] == ["demo"]:
-        from .demo import demo_main
+        from ..demo import demo_main
 
         demo_main(argv[1:])
         return 0
     # From the console LightningCLI reads sys.argv itself (passing both makes it warn).
-    from .cli_errors import debug_requested, run_error
+    from .errors import debug_requested, run_error
     from .lightning_cli import run_cli
 
     try:
         if argv[:1] == ["cache-teacher"]:
-            from .teacher_cache.command import cache_teacher_main
+            from .cache_teacher import cache_teacher_main
 
             cache_teacher_main(argv[1:])
         else:
@@ -56,7 +57,7 @@ def cli_main(args: list[str] | None = None) -> int:
         print(f"lit-distill {argv[0] if argv else ''}: error: {stated[0]}", file=sys.stderr)
         print("  (set JSONARGPARSE_DEBUG=true to see the traceback)", file=sys.stderr)
         return stated[1]
-    from .sharding import close_process_group
+    from ..sharding import close_process_group
 
     close_process_group()
     return 0

@@ -1,7 +1,6 @@
 """Text for distillation as fixed-length packed sequences: the data module, its resumable shuffle, packing.
 
-The corpus (``corpus.py``) and the tokenizer (``tokenizers.py``) live beside this file; their public names are
-importable from here too, as before.
+The corpus (``corpus.py``) and the tokenizer (``tokenizers.py``) live beside this file.
 """
 
 from __future__ import annotations
@@ -14,43 +13,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .cache import default_cache_dir, writable_dir
-from .corpus import BUNDLED_CORPUS, CORPUS_CREDIT, read_documents, split_documents, split_works
-from .tokenizers import (
-    EOS,
-    PAD,
-    SPECIAL_TOKENS,
-    TOKENIZER_FILES,
-    check_tokenizer,
-    load_tokenizer,
-    saved_tokenizer_dir,
-    special_token_ids,
-    train_bpe,
-)
-
-__all__ = [
-    "BUNDLED_CORPUS",
-    "CORPUS_CREDIT",
-    "EOS",
-    "PAD",
-    "SPECIAL_TOKENS",
-    "TOKENIZER_FILES",
-    "EpochShuffle",
-    "ShuffledDataModule",
-    "TextDataModule",
-    "TokenBlocks",
-    "check_tokenizer",
-    "default_cache_dir",
-    "load_tokenizer",
-    "pack",
-    "read_documents",
-    "saved_tokenizer_dir",
-    "special_token_ids",
-    "split_documents",
-    "split_works",
-    "train_bpe",
-    "writable_dir",
-]
+from .cache_dir import default_cache_dir
+from .corpus import read_documents, split_documents
+from .tokenizers import load_tokenizer, special_token_ids, train_bpe
 
 
 def pack(documents: list[str], tokenizer, seq_len: int, what: str) -> torch.Tensor:

@@ -1,0 +1,48 @@
+"""Data for distillation: text packed into fixed-length rows (``text.py``), read from a corpus (``corpus.py``)
+with the teacher's or a trained tokenizer (``tokenizers.py``), the cache directory (``cache_dir.py``), and the
+teacher cache (``teacher_cache/``: a teacher's sparse signal written once, read by ``OfflineDistillation``).
+
+Data knows no technique and no command line: nothing here imports ``modules``, ``callbacks``, ``demo`` or ``cli``.
+Batches are dicts of ``input_ids``, ``attention_mask`` and ``labels``, not shifted (the modules shift).
+"""
+
+from .cache_dir import default_cache_dir, writable_dir
+from .corpus import BUNDLED_CORPUS, CORPUS_CREDIT, read_documents, split_documents, split_works
+from .teacher_cache import TeacherCacheDataModule
+from .text import EpochShuffle, ShuffledDataModule, TextDataModule, TokenBlocks, pack
+from .tokenizers import (
+    EOS,
+    PAD,
+    SPECIAL_TOKENS,
+    TOKENIZER_FILES,
+    check_tokenizer,
+    load_tokenizer,
+    saved_tokenizer_dir,
+    special_token_ids,
+    train_bpe,
+)
+
+__all__ = [
+    "BUNDLED_CORPUS",
+    "CORPUS_CREDIT",
+    "EOS",
+    "PAD",
+    "SPECIAL_TOKENS",
+    "TOKENIZER_FILES",
+    "EpochShuffle",
+    "ShuffledDataModule",
+    "TeacherCacheDataModule",
+    "TextDataModule",
+    "TokenBlocks",
+    "check_tokenizer",
+    "default_cache_dir",
+    "load_tokenizer",
+    "pack",
+    "read_documents",
+    "saved_tokenizer_dir",
+    "special_token_ids",
+    "split_documents",
+    "split_works",
+    "train_bpe",
+    "writable_dir",
+]

@@ -1,0 +1,7 @@
+"""The bundled demo (``lit-distill demo``): a teacher and seven students on the bundled corpus, the teacher
+caches of the offline students, and the report. ``main.py`` runs it, ``training.py`` trains and evaluates the
+models, ``offline.py`` writes the caches and builds the offline students, ``report.py`` prints and plots."""
+
+from .main import demo_main
+
+__all__ = ["demo_main"]
