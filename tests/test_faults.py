@@ -1,6 +1,6 @@
 """Faults injected into training runs: NaN mid-run, Ctrl-C, damaged checkpoints, foreign vocabularies.
 
-Each case asserts the message a user sees (the README's table of bad inputs lists them; the last test
+Each case asserts the message a user sees (docs/reliability.md's table of bad inputs lists them; the last test
 checks that every message in that table is asserted somewhere in the tests).
 """
 
@@ -245,7 +245,7 @@ def test_a_smaller_tokenizer_than_a_padded_head_is_fine():
     assert module.student.get_output_embeddings().out_features == VOCAB
 
 
-# ----------------------------------------------------------------------------------- the README's table
+# ------------------------------------------------------------------------ docs/reliability.md's table
 REGEX_WILDCARD = re.compile(r"\.\*\??|\.\+\??|\\d\+")
 
 
@@ -307,11 +307,11 @@ def asserted_messages(source: str) -> set[str]:
     return found - {None}
 
 
-def test_every_message_in_the_readme_table_is_asserted_in_a_test():
-    """Each message of the README's table (where "…" stands for any text) is, from its first character to its
-    last, a message some test asserts, so a table that drifts from the tests fails here."""
-    readme = (ROOT / "README.md").read_text()
-    table = readme.split("## Bad input and faults", 1)[1].split("\n## ", 1)[0]
+def test_every_message_in_the_reliability_table_is_asserted_in_a_test():
+    """Each message of the table in docs/reliability.md (where "…" stands for any text) is, from its first
+    character to its last, a message some test asserts, so a table that drifts from the tests fails here."""
+    page = (ROOT / "docs" / "reliability.md").read_text()
+    table = page.split("## Bad input and faults", 1)[1].split("\n## ", 1)[0]
     messages = re.findall(r"^\|[^|]+\|[^|]*\| `([^`]+)`", table, flags=re.MULTILINE)
     assert len(messages) >= 25, messages
     asserted = set().union(*(asserted_messages(p.read_text()) for p in (ROOT / "tests").glob("test_*.py")))
@@ -320,4 +320,4 @@ def test_every_message_in_the_readme_table_is_asserted_in_a_test():
         for message in messages
         if not any(re.fullmatch(".*".join(map(re.escape, message.split("…"))), text) for text in asserted)
     ]
-    assert not missing, f"messages in the README's table that no test asserts as a whole: {missing}"
+    assert not missing, f"messages in docs/reliability.md's table that no test asserts as a whole: {missing}"
