@@ -1,6 +1,11 @@
 """sparse_distillation_loss (teacher ids + log-probabilities) on both backends against the float64 oracle."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +22,13 @@ SLOTS = 8
 CASES = [(False, "forward_kl"), (True, "forward_kl"), (True, "reverse_kl"), (True, "jsd"), (True, "tvd")]
 
 
-def make_case(shape=SHAPE, vocab=VOCAB, k=SLOTS, width=None, seed=0, scale=2.0, mass=0.8):
-    """Student logits ``(*shape, width)``, teacher ids and log-probs ``(*shape, k)`` from a teacher correlated
-    with the student (its top k, log-probs scaled so the slots hold about ``mass``), labels with one ignored.
-    Row 1 has three empty slots (interleaved), row 2 none filled."""
+def make_case(shape=SHAPE, vocab=VOCAB, k=SLOTS, width=None, seed=0, scale=2.0, mass=0.8, student=None):
+    """Student logits ``(*shape, width)`` (``student`` ``[N, width]`` if given), teacher ids and log-probs
+    ``(*shape, k)`` from a teacher correlated with the student (its top k, log-probs scaled so the slots hold
+    about ``mass``), labels with one ignored. Row 1 has three empty slots (interleaved), row 2 none filled."""
     gen = torch.Generator().manual_seed(seed)
     n = math.prod(shape)
-    student = torch.randn(n, width or vocab, generator=gen) * scale
+    student = torch.randn(n, width or vocab, generator=gen) * scale if student is None else student
     teacher = 0.7 * student[:, :vocab] + torch.randn(n, vocab, generator=gen) * scale
     logprobs, ids = torch.log_softmax(teacher, -1).topk(k, -1)
     logprobs = logprobs - logprobs.logsumexp(-1, keepdim=True) + math.log(mass)
@@ -241,13 +246,147 @@ def test_fused_linear_under_autocast_gives_fp32_parameters_fp32_gradients(chunk_
         )
     out.loss.backward()
     assert [x.grad.dtype for x in leaves] == [torch.float32] * 3
-    # The reference: the float64 oracle on the bf16 logits nn.Linear makes under autocast, chained by hand.
-    h, w, b = (x.to(torch.bfloat16) for x in (hidden, weight, bias))
-    loss, _, grad_logits = oracle_run(torch.nn.functional.linear(h, w, b), ids, logprobs, labels, **kw)
+    # The reference: the float64 oracle on the exact logits of the bf16 copies (the bias stays fp32, the chunk
+    # logits are fp32, as in the dense fused-linear form), chained by hand.
+    h, w, b = hidden.to(torch.bfloat16).double(), weight.to(torch.bfloat16).double(), bias.double()
+    loss, _, grad_logits = oracle_run(h @ w.T + b, ids, logprobs, labels, **kw)
     torch.testing.assert_close(out.loss.detach().double(), loss, rtol=1e-6, atol=1e-7)
-    expected = (grad_logits @ w.double(), grad_logits.T @ h.double(), grad_logits.sum(0))
+    expected = (grad_logits @ w, grad_logits.T @ h, grad_logits.sum(0))
     for leaf, want, name in zip(leaves, expected, ("dH", "dW", "db"), strict=True):
         assert_grad_close(leaf.grad, want, TOLERANCES[torch.bfloat16][1], what=name)
+
+
+def linear_case(seed=0, n=9, vocab=1000, hidden=32, k=64):
+    """bf16 hidden states, weight and bias whose logits are a few units (std about 6, as a trained head's), and
+    ``make_case``'s teacher of the exact logits: 64 slots of mass 0.8, rows 1 and 2 with empty slots."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=gen)
+    w = torch.randn(vocab, hidden, generator=gen) * (6 / math.sqrt(hidden))
+    b = torch.randn(vocab, generator=gen) * 0.5
+    tensors = [x.to(torch.bfloat16) for x in (h, w, b)]
+    logits = (tensors[0].double() @ tensors[1].double().T + tensors[2].double()).float()
+    return (tensors, *make_case(shape=(n,), vocab=vocab, k=k, seed=seed, student=logits)[1:])
+
+
+@pytest.mark.parametrize(("tail", "divergence"), CASES)
+@pytest.mark.parametrize(("temperature", "alpha", "reduction"), [(1.0, 1.0, "mean"), (2.0, 0.5, "none")])
+def test_fused_linear_bf16_inputs_lose_only_their_own_rounding(
+    backend_device, tail, divergence, temperature, alpha, reduction
+):
+    # As the dense form's test of that name, with its bound: the chunk logits of bf16 inputs are fp32, so the loss
+    # matches float64 on the same bf16 values to 1e-6 (measured: 2e-7), and the gradients lose only the bf16
+    # rounding of the logit gradient and of dH, dW, db: at most 5.9e-3 of the largest entry (8.1e-3 under the
+    # interpreter, which truncates to bf16). With bf16 chunk logits (before): the loss off by 2e-3 to 9e-3, the
+    # gradients by 1.2e-2 (jsd, T=2) to 3.6e-2 (reverse KL, T=1).
+    kw = {"tail": tail, "divergence": divergence, "temperature": temperature, "alpha": alpha, "reduction": reduction}
+    out, loss, errors = run_linear_bf16(backend_device, **kw)
+    torch.testing.assert_close(out.loss.detach().cpu().double(), loss, rtol=1e-6, atol=1e-7)
+    assert max(errors.values()) < 1e-2, errors
+
+
+def run_linear_bf16(backend_device, **kw):
+    """The fused-linear loss of ``linear_case`` and its float64 reference: (output, reference loss, the largest
+    error over the largest entry of dH, dW and db), after the backward of the loss weighted by ``_weight(2.0)``."""
+    backend, device = backend_device
+    tensors, ids, logprobs, labels = linear_case()
+    ref = [x.double().requires_grad_() for x in tensors]
+    options = {k: v for k, v in kw.items() if k != "divergence"}
+    divergence = kw.get("divergence", "forward_kl")
+    loss, _ = sparse_oracle(ref[0] @ ref[1].T + ref[2], ids, logprobs, labels, divergence_name=divergence, **options)
+    (loss * _weight(2.0, loss)).sum().backward()
+    leaves = [x.to(device, copy=True).requires_grad_() for x in tensors]
+    h, w, b = leaves
+    y = labels.to(device)
+    out = fused_linear_sparse_distillation_loss(
+        h, w, ids.to(device), logprobs.to(device), y, student_bias=b, chunk_size=4, backend=backend, **kw
+    )
+    (out.loss * _weight(2.0, out.loss)).sum().backward()
+    assert all(x.grad.dtype == torch.bfloat16 for x in leaves)
+    errors = {
+        name: float((x.grad.cpu().double() - r.grad).abs().max() / r.grad.abs().max())
+        for name, x, r in zip(("dH", "dW", "db"), leaves, ref, strict=True)
+    }
+    return out, loss.detach(), errors
+
+
+def test_fused_linear_without_fp32_output_matmul_bf16_logits_with_a_warning(backend_device, monkeypatch):
+    # A device without fp32-output GEMMs (CUDA in torch < 2.8), as the dense form's test of that name: the chunk
+    # logits stay bf16 (the gradient written over them), with the dense form's warning and its bounds.
+    from lit_distill.kernels import linear_plan
+
+    linear_plan._warn_half_logits.cache_clear()
+    monkeypatch.setattr(linear_plan, "fp32_output_matmul", lambda device, dtype: False)
+    monkeypatch.setattr(linear_plan, "UPCAST_DEVICES", ())
+    try:
+        with pytest.warns(UserWarning, match="chunk logits are computed in torch.bfloat16"):
+            out, loss, errors = run_linear_bf16(backend_device, tail=True, divergence="reverse_kl", alpha=0.5)
+    finally:
+        linear_plan._warn_half_logits.cache_clear()  # the next caller on a patched device is warned again
+    torch.testing.assert_close(out.loss.detach().cpu().double(), loss, rtol=1e-3, atol=1e-5)
+    assert max(errors.values()) < 6e-2, errors
+
+
+def test_fused_linear_plan_counts_fp32_logits():
+    # The benchmark's shape (N=8192, H=4096, V=128256, bf16, CUDA) in the dense form's budget: fp32 chunk logits
+    # and the bf16 logit gradient, 6 bytes a logit; the PyTorch path writes the gradient over fp32 logits.
+    from lit_distill.kernels.linear_plan import MEMORY_BUDGET_BYTES, Head, choose_chunk_size, planned_extra_bytes
+    from lit_distill.kernels.sparse_linear import plan_keywords
+
+    bf16 = Head(128256, 4096, torch.bfloat16, torch.bfloat16, torch.float32, bias=False, grad=True)
+    fp32 = bf16._replace(dtype=torch.float32, matmul_dtype=torch.float32)
+    for side, triton, gradient in ((bf16, True, 2), (bf16, False, 2), (fp32, True, 0), (fp32, False, 0)):
+        kw = plan_keywords(side, True, device_type="cuda", triton=triton)
+        chunk = choose_chunk_size(8192, side, **kw)
+        plan = planned_extra_bytes(8192, chunk, side, **kw)
+        assert plan["logits"] == chunk * 128256 * 4 and plan.get("logit gradients", 0) == chunk * 128256 * gradient
+        assert chunk % 64 == 0 and sum(plan.values()) <= MEMORY_BUDGET_BYTES["cuda"] + 8192 * 256, (chunk, plan)
+    assert choose_chunk_size(8192, bf16, **plan_keywords(bf16, False, device_type="cuda", triton=True)) == 1664
+
+
+MEMORY_WORKER = """
+import json, sys, torch
+from bench import harness
+from lit_distill import fused_linear_sparse_distillation_loss as loss_fn
+from lit_distill.kernels.linear_plan import choose_chunk_size, head, planned_extra_bytes
+from lit_distill.kernels.sparse_linear import plan_keywords
+torch.set_num_threads(2)
+dtype, temperature = getattr(torch, sys.argv[1]), float(sys.argv[2])
+gen = torch.Generator().manual_seed(0)
+h = torch.randn(4096, 256, generator=gen).to(dtype).requires_grad_()
+w = (torch.randn(32000, 256, generator=gen) / 8).to(dtype).requires_grad_()
+logprobs, ids = torch.log_softmax(torch.randn(4096, 32000, generator=gen), -1).topk(64, -1)
+labels = torch.randint(0, 32000, (4096,), generator=gen)
+kw = {"tail": True, "divergence": "reverse_kl", "temperature": temperature, "alpha": 0.5}
+for step in range(2):  # the first warms up the libraries' buffers
+    h.grad = w.grad = None
+    base = harness._current_rss()
+    harness._reset_peak_rss()
+    loss_fn(h, w, ids, logprobs, labels, **kw).loss.backward()
+extra = harness._peak_rss() - base - sum(x.numel() * x.element_size() for x in (h, w))
+side = head(w, None, None, True)
+plan = plan_keywords(side, temperature != 1.0, device_type="cpu", triton=False)
+chunk = choose_chunk_size(4096, side, **plan)
+planned = sum(planned_extra_bytes(4096, chunk, side, **plan).values())
+print(json.dumps({"chunk": chunk, "extra": extra, "planned": planned}))
+"""
+
+
+@pytest.mark.slow  # two processes of about 25 s
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc (Linux)")
+@pytest.mark.parametrize(("dtype", "temperature", "chunk"), [("float32", 1.0, 1408), ("bfloat16", 2.0, 1024)])
+def test_fused_linear_memory_is_as_planned(dtype, temperature, chunk):
+    # 4096 tokens at V=32000 in the CPU budget's chunks: fp32 logits (the gradient written over them, or apart
+    # in bf16) and the PyTorch path's workspace (a second buffer at T != 1). Measured 201.3 MiB (fp32, T=1)
+    # and 251.8 MiB (bf16, T=2) against plans of 204.9 and 252.5 MiB.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # RSS follows live memory
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_WORKER, dtype, str(temperature)],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["chunk"] == chunk
+    assert abs(result["extra"] - result["planned"]) <= 0.03 * result["planned"] + (4 << 20), result
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -56,7 +57,7 @@ def fp32_output_matmul(device: torch.device, dtype: torch.dtype) -> bool:
 @functools.cache
 def _warn_half_logits(device: torch.device, dtype: torch.dtype) -> None:
     warnings.warn(
-        f"fused_linear_distillation_loss: torch {torch.__version__} has no fp32-output matmul for {dtype} on"
+        f"the fused-linear losses: torch {torch.__version__} has no fp32-output matmul for {dtype} on"
         f" {device.type} (torch.mm(..., out_dtype=torch.float32), CUDA in torch >= 2.8), so the chunk logits are"
         f" computed in {dtype}: each logit is rounded to {dtype} (with bf16 about 2e-3 relative error in the"
         " loss and 2e-2 in the gradients, against 1e-6 with fp32 logits), and the fp32 weight gradient of"
@@ -131,9 +132,19 @@ def accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def planned_extra_bytes(
-    num_tokens: int, chunk_size: int, student: Head, teacher: Head, *, device_type: str, triton: bool
+    num_tokens: int,
+    chunk_size: int,
+    student: Head,
+    teacher: Head | None,
+    *,
+    device_type: str,
+    triton: bool,
+    workspace: Callable[[int], int] | None = None,
 ) -> dict[str, int]:
     """Bytes the fused-linear loss allocates beyond its inputs and the gradients it returns, at its peak, by item.
+
+    ``teacher`` None plans the sparse-teacher form (one head): both of its backends write the logit gradient
+    as the Triton one here does, and ``workspace(rows)`` gives its PyTorch path's workspace in bytes.
 
     The peak is inside a chunk of ``R = min(chunk_size, num_tokens)`` tokens, in one of three phases: the
     projections (both logits, CPU fp32 copies), the backend's step (both logits, the gradient buffers, the
@@ -147,9 +158,9 @@ def planned_extra_bytes(
     - ``logits``: ``R x V`` per model in the logits' dtype (fp32 for half inputs).
     - ``cpu copies``: on CPU with half inputs, the fp32 copy of the chunk's hidden states and of one weight
       slice (``CPU_SLICE_ELEMENTS``).
-    - ``logit gradients``: per side with a gradient. Triton writes it over the logits when the dtypes agree
-      (then it outlives them, in the fold), else ``R x V`` in the matmul dtype; the PyTorch backend writes
-      ``R x V`` in the logits' dtype.
+    - ``logit gradients``: per side with a gradient. Triton (and the sparse form) writes it over the logits
+      when the dtypes agree (then it outlives them, in the fold), else ``R x V`` in the matmul dtype; the
+      dense PyTorch backend writes ``R x V`` in the logits' dtype.
     - ``gradient casts``: the PyTorch backend's gradient cast to the matmul dtype (half inputs).
     - ``torch workspace``: the PyTorch backend's ``[5 + k, rows, vocab]`` buffers (k gradients narrower
       than its compute dtype).
@@ -161,12 +172,13 @@ def planned_extra_bytes(
     - ``row statistics``: ``ROW_BYTES`` per token.
     """
     r = min(chunk_size, num_tokens)
-    vocab = min(student.vocab, teacher.vocab)
+    sides = (student,) if teacher is None else (student, teacher)
+    kernel_writes = triton or teacher is None  # the gradient's buffer as the Triton kernels write it
     project = {"logits": 0, "cpu copies": 0}
     step = {"logits": 0, "logit gradients": 0, "torch workspace": 0}
     fold = {"logit gradients": 0, "gradient casts": 0, "operand copies": 0}
     always = {"weight and bias casts": 0, "hidden casts": 0, "row statistics": num_tokens * ROW_BYTES}
-    for side in (student, teacher):
+    for side in sides:
         logit, matmul = side.logits_dtype.itemsize, side.matmul_dtype.itemsize
         project["logits"] = step["logits"] = step["logits"] + r * side.vocab * logit
         if device_type in UPCAST_DEVICES and side.matmul_dtype in HALF and side.logits_dtype != side.matmul_dtype:
@@ -181,16 +193,20 @@ def planned_extra_bytes(
             always["weight and bias casts"] += side.vocab * 4 * (side.grad and side.dtype in HALF)
         if not side.grad:
             continue
-        in_place = triton and side.matmul_dtype == side.logits_dtype
-        buffer = r * side.vocab * (matmul if triton else logit)
+        in_place = kernel_writes and side.matmul_dtype == side.logits_dtype
+        buffer = r * side.vocab * (matmul if kernel_writes else logit)
         step["logit gradients"] += 0 if in_place else buffer
         fold["logit gradients"] += buffer
-        fold["gradient casts"] += 0 if triton or side.matmul_dtype == side.logits_dtype else r * side.vocab * matmul
+        cast = not kernel_writes and side.matmul_dtype != side.logits_dtype
+        fold["gradient casts"] += r * side.vocab * matmul * cast
         if autocast:  # dH before its cast; without an fp32-output GEMM, fp32 copies of dW's operands
             fp32_gemm = side.logits_dtype != side.matmul_dtype and device_type not in UPCAST_DEVICES
             fold["operand copies"] += r * side.hidden * matmul
             fold["operand copies"] += 0 if fp32_gemm else r * (side.vocab + side.hidden) * 4
-    if not triton:
+    if not triton and workspace is not None:
+        step["torch workspace"] = workspace(r)
+    elif not triton:
+        vocab = min(student.vocab, teacher.vocab)
         compute = torch.promote_types(student.logits_dtype, torch.float32)
         narrow = sum(side.grad and side.logits_dtype != compute for side in (student, teacher))
         step["torch workspace"] = (5 + narrow) * min(r, default_chunk_rows(vocab)) * vocab * compute.itemsize
@@ -198,7 +214,14 @@ def planned_extra_bytes(
 
 
 def choose_chunk_size(
-    num_tokens: int, student: Head, teacher: Head, *, device_type: str, triton: bool, budget: int | None = None
+    num_tokens: int,
+    student: Head,
+    teacher: Head | None,
+    *,
+    device_type: str,
+    triton: bool,
+    budget: int | None = None,
+    workspace: Callable[[int], int] | None = None,
 ) -> int:
     """Tokens per chunk: all of them if what the chunk adds to :func:`planned_extra_bytes` (beyond what no chunk
     size changes: row statistics, autocast's weight copies) fits ``budget`` (default: ``MEMORY_BUDGET_BYTES`` of
@@ -209,7 +232,8 @@ def choose_chunk_size(
         budget = MEMORY_BUDGET_BYTES.get(device_type, MEMORY_BUDGET_BYTES["cpu"])
 
     def planned(chunk: int) -> int:
-        plan = planned_extra_bytes(num_tokens, chunk, student, teacher, device_type=device_type, triton=triton)
+        kw = {"device_type": device_type, "triton": triton, "workspace": workspace}
+        plan = planned_extra_bytes(num_tokens, chunk, student, teacher, **kw)
         return sum(plan.values())
 
     fixed = planned(0)

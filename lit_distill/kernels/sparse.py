@@ -11,17 +11,16 @@ import torch
 
 from .backend import use_triton
 from .inputs import check_labels
+from .linear_plan import choose_chunk_size, head
 from .options import LossOptions
 from .rows import DistillationOutput
-from .sparse_linear import FusedLinearSparse
+from .sparse_linear import FusedLinearSparse, plan_keywords
 from .sparse_torch import torch_sparse_loss
 
 __all__ = ["fused_linear_sparse_distillation_loss", "sparse_distillation_loss"]
 
 #: The divergences defined over the K + 1 buckets of ``tail=True``.
 TAIL_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
-#: Elements of the ``[chunk, V]`` logits the fused-linear form projects at once, by device type.
-LINEAR_CHUNK_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 24}
 OPTION_NAMES = {f.name for f in fields(LossOptions)}
 
 
@@ -125,20 +124,24 @@ def fused_linear_sparse_distillation_loss(
     backend: str = "auto",
 ) -> DistillationOutput:
     """:func:`sparse_distillation_loss` of ``student_hidden @ student_weight.T + student_bias`` logits, which
-    only ever exist ``chunk_size`` tokens at a time (in the matmul's dtype, as ``nn.Linear`` computes them).
+    only ever exist ``chunk_size`` tokens at a time, in fp32 for half-precision inputs, as in
+    :func:`~lit_distill.kernels.fused_linear_distillation_loss` (the same projection and memory plan).
 
     Args:
         student_hidden: ``(..., H)`` hidden states. student_weight: ``(V, H)``. student_bias: ``(V,)`` or None.
         teacher_ids, teacher_logprobs, labels: as in :func:`sparse_distillation_loss`, leading shape ``(...)``.
-        chunk_size: tokens per chunk; None keeps a chunk's logits near 64 MiB (1 GiB on CUDA) in fp32.
+        chunk_size: tokens per chunk; None picks it from the fused-linear memory budget
+            (:func:`.linear_plan.choose_chunk_size`).
         The keywords: as in :func:`sparse_distillation_loss`.
 
     Returns:
         :class:`DistillationOutput`; gradients reach the hidden states, weight and bias. Each chunk's logit
         gradient is folded into them in the forward (``dH = G W``, ``dW += Gᵀ H``, ``db += Σ G``) and the
         backward only scales them by ``grad_output``, except with ``reduction="none"``, which recomputes.
-        Under autocast the matmuls take the autocast dtype (a copy of the weight in it), and the gradients
-        come back in the parameters' dtypes, dW summed in fp32 for fp32 weights.
+        The logit gradient is computed in fp32 and rounded once to the matmul dtype for those matmuls. Under
+        autocast the matmuls take the autocast dtype (a copy of the weight in it; the bias stays in the
+        logits' fp32), and the gradients come back in the parameters' dtypes, dW summed in fp32 for fp32
+        weights.
     """
     opts = _options(locals())
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
@@ -156,14 +159,17 @@ def fused_linear_sparse_distillation_loss(
         teacher_ids, teacher_logprobs, labels, lead, vocab, student_hidden.device, opts
     )
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    if chunk_size is None:
-        chunk_size = max(1, LINEAR_CHUNK_ELEMENTS.get(hidden.device.type, 1 << 24) // student_weight.shape[0])
     triton = use_triton(opts.backend, hidden)
     tensors = (hidden, student_weight, student_bias)
     want = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
     device_type = hidden.device.type  # under autocast the matmuls take its dtype, as nn.Linear's would
     cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    out = FusedLinearSparse.apply(*tensors, ids, logprobs, labels, opts, tail, vocab, chunk_size, triton, cast, want)
+    side = head(student_weight, student_bias, cast, want)
+    if chunk_size is None:
+        t1 = labels is not None and opts.temperature != 1.0
+        plan = plan_keywords(side, t1, device_type=device_type, triton=triton)
+        chunk_size = choose_chunk_size(hidden.shape[0], side, **plan)
+    out = FusedLinearSparse.apply(*tensors, ids, logprobs, labels, opts, tail, vocab, chunk_size, triton, side)
     out = DistillationOutput(*out)
     return out._replace(loss=out.loss.reshape(lead)) if reduction == "none" else out
 

@@ -56,9 +56,18 @@ def scatter_slots(grad, index, ids, values) -> None:
     grad.scatter_(1, index, torch.where(valid, values, fill).to(grad.dtype))
 
 
+def workspace_bytes(rows: int, vocab: int, dtype: torch.dtype, buffers: int) -> int:
+    """Bytes :func:`torch_sparse_rows` allocates for ``rows`` rows of ``dtype`` logits: ``buffers`` ``[chunk, vocab]``
+    buffers in the compute dtype (the exponentials, unless they go straight into a gradient buffer of that dtype,
+    and their copy at T = 1 for a cross-entropy at T != 1)."""
+    compute = torch.promote_types(dtype, torch.float32)
+    return buffers * min(rows, max(1, CHUNK_ELEMENTS // vocab)) * vocab * compute.itemsize
+
+
 def torch_sparse_rows(student, ids, logprobs, labels, opts, tail, vocab, scale=None, grad=None, chunk_rows=None):
     """:class:`SparseRows` of ``[N, W]`` logits, a chunk of rows at a time; with ``grad`` (``[N, W]``, may be
-    the logits themselves), also writes each row's loss gradient times ``scale`` ``[N]`` (zeros past ``vocab``)."""
+    the logits themselves), also writes each row's loss gradient times ``scale`` ``[N]`` (zeros past ``vocab``),
+    computed in fp32 at least and rounded once where ``grad`` is narrower (the fused-linear form's bf16)."""
     n = student.shape[0]
     dtype = torch.promote_types(student.dtype, torch.float32)
     chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // vocab)

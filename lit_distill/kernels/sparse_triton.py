@@ -112,7 +112,8 @@ def _tail_stats_kernel(
 @triton.jit
 def _tail_grad_kernel(
     s_ptr,  # [N, s_width] student logits
-    grad_ptr,  # [N, s_width] out: d loss / d logits in its own dtype; may be s_ptr (each tile is read first)
+    grad_ptr,  # [N, s_width] out: d loss / d logits, rounded once to its own dtype (the fused-linear form's bf16
+    # gradient of fp32 logits); may be s_ptr (each tile is read first)
     coef_ptr,  # [5, N] fp32: tail shift, a, b, h, row scale (see ``tail_coefficients``)
     target_ptr,  # [N] int64 cross-entropy target
     ids_ptr,  # [N, K_PAD] int64 slot ids, -1 at empty slots and padding
@@ -227,8 +228,9 @@ def _write_gradient(student, grad, ids, state, scale, opts, vocab):
 
 
 def triton_sparse_rows(logits, ids, logprobs, labels, opts, tail, vocab, scale=None, grad=None) -> SparseRows:
-    """:class:`SparseRows` of ``[R, W]`` logits; with ``grad`` also writes the gradients times ``scale``
-    (``grad`` may be the logits: the fused-linear form's chunk)."""
+    """:class:`SparseRows` of ``[R, W]`` logits; with ``grad`` also writes the gradients times ``scale``, computed
+    in fp32: ``grad`` may be the logits, or ``[R, W]`` in another dtype (the fused-linear form's chunk: fp32
+    logits, the gradient in the matmul's bf16, scaled and cast in the one pass)."""
     rows, state = _forward_state(logits, ids, logprobs, labels, opts, tail, vocab)
     if grad is not None:
         _write_gradient(logits, grad, ids, state, scale.float(), opts, vocab)
