@@ -42,7 +42,7 @@ INDEX_POINTERS = {"argmax_ptr", "hard_ptr", "label_ptr", "target_ptr", "ids_ptr"
 INT32_POINTERS = {"sorted_ptr"}
 FP32_POINTERS = {"stats_ptr", "scale_ptr", "coef_ptr", "slot_ptr"}
 I64_SCALARS = {"s_stride", "t_stride", "grad_s_stride", "grad_t_stride", "grad_stride"}
-FLOAT_SCALARS = {"inv_t", "mix", "soft_coef", "hard_coef", "teacher_coef"}
+FLOAT_SCALARS = {"inv_t", "mix", "soft_coef", "hard_coef", "teacher_coef", "label_mix"}
 KERNELS = {"row_stats": tb._row_stats_kernel, "soft_pass": tb._soft_pass_kernel, "grad": tb._grad_kernel}
 KERNELS.update({"sparse_stats": st._tail_stats_kernel, "sparse_grad": st._tail_grad_kernel})
 #: The sparse kernels' K (slots per token), padded to a power of two as the launcher pads it.
@@ -133,9 +133,10 @@ def variants() -> list[dict]:
                             shape,
                         )
                     )
-                # The plain student-only gradient, and every option on (the most live registers).
+                # The plain student-only gradient, and every option on (the most live registers), the hard
+                # term's label_weight mix (a second one-hot target) included.
                 for same_t, hard, teacher in ((True, False, False), (False, True, True)):
-                    flags = {"SAME_T": same_t, "STUDENT_GRAD": True, "SOFT": True, "HARD": hard}
+                    flags = {"SAME_T": same_t, "STUDENT_GRAD": True, "SOFT": True, "HARD": hard, "LABEL_MIX": hard}
                     out.append(
                         _variant(
                             "grad",

@@ -59,12 +59,18 @@ def oracle(
     t2_scaling=True,
     alpha=1.0,
     hard_labels="labels",
+    label_weight=0.0,
     teacher_ce_weight=0.0,
     vocab_size=None,
     ignore_index=-100,
     reduction="mean",
 ):
-    """Returns (loss, stats dict) computed in float64 from ``student``/``teacher`` (float64 leaves)."""
+    """Returns (loss, stats dict) computed in float64 from ``student``/``teacher`` (float64 leaves).
+
+    ``label_weight`` w (DESIGN, README): with ``hard_labels="teacher_argmax"`` the hard term is
+    ``(1 - w) * CE(s, argmax t) + w * CE(s, labels)``, a term of weight 0 left out (not 0 * inf); with
+    ``hard_labels="labels"`` both cross-entropies are on the labels, so w changes nothing.
+    """
     vocab = vocab_size or student.shape[-1]
     s = student.reshape(-1, student.shape[-1])[:, :vocab]
     t = teacher.reshape(-1, teacher.shape[-1])[:, :vocab]
@@ -78,9 +84,16 @@ def oracle(
         flat_labels = labels.reshape(-1)
         counted = flat_labels != ignore_index
     safe = None if flat_labels is None else torch.where(counted, flat_labels, 0)
-    hard_target = t.argmax(-1) if hard_labels == "teacher_argmax" else safe
     nan = torch.full((n,), float("nan"), dtype=torch.float64)
-    hard = nan if hard_target is None else F.cross_entropy(s, hard_target, reduction="none")
+
+    def student_ce(target):
+        return nan if target is None else F.cross_entropy(s, target, reduction="none")
+
+    hard = student_ce(safe)
+    if hard_labels == "teacher_argmax" and label_weight == 0:
+        hard = student_ce(t.argmax(-1))
+    elif hard_labels == "teacher_argmax" and label_weight < 1:
+        hard = (1 - label_weight) * student_ce(t.argmax(-1)) + label_weight * student_ce(safe)
     teacher_ce = nan if safe is None else F.cross_entropy(t, safe, reduction="none")
     rows = alpha * soft if alpha > 0 else torch.zeros_like(soft)  # alpha = 0: no soft term (not 0 * inf)
     if alpha < 1:

@@ -108,6 +108,24 @@ def test_teacher_argmax_hard_labels(backend_device):
     compare(backend_device, make_tensors(seed=3), None, hard_labels="teacher_argmax", alpha=0.5, divergence="tvd")
 
 
+@pytest.mark.parametrize(("alpha", "reduction"), [(0.0, "mean"), (0.4, "sum"), (0.4, "none")])
+@pytest.mark.parametrize("label_weight", [0.0, 0.3, 0.5, 1.0])
+def test_label_weight_mix(backend_device, label_weight, alpha, reduction):
+    """(1 - w) CE(argmax) + w CE(labels) from one projection per chunk: loss, statistics and all six gradients."""
+    compare(
+        backend_device,
+        make_tensors(seed=8),
+        make_labels(),
+        grad_weights=1.3,
+        hard_labels="teacher_argmax",
+        label_weight=label_weight,
+        alpha=alpha,
+        reduction=reduction,
+        temperature=1.5,
+        teacher_ce_weight=0.25,
+    )
+
+
 def test_co_distillation_reaches_the_teacher(backend_device):
     out = compare(
         backend_device,

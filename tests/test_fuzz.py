@@ -49,6 +49,7 @@ def cases(draw):
         "teacher_ce_weight": draw(st.sampled_from([0.0, 0.4])),
         "reduction": draw(st.sampled_from(["mean", "sum"])),
         "vocab_size": vocab if padding else None,
+        "label_weight": draw(st.sampled_from([0.0, 0.0, 0.3, 1.0])),  # mixes only with hard_labels="teacher_argmax"
     }
     return student.to(dtype), teacher.to(dtype), labels, options
 
@@ -126,6 +127,7 @@ def linear_cases(draw):
         "reduction": draw(st.sampled_from(["mean", "sum", "none"])),
         "vocab_size": vocab if pad_s or pad_t else None,
         "chunk_size": draw(st.sampled_from([None, 1, 2, 3, 5, 16])),
+        "label_weight": draw(st.sampled_from([0.0, 0.0, 0.3, 1.0])),
     }
     return (hidden_s, weight_s, bias_s, hidden_t, weight_t, bias_t), labels, options
 

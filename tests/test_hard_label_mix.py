@@ -7,6 +7,10 @@ import torch
 import torch.nn.functional as F
 from helpers import loader, make_batch, make_module, trainer
 
+from lit_distill.kernels import fused_linear, torch_backend
+from lit_distill.losses import DistillationLoss
+from lit_distill.models import fusable_head
+
 WEIGHTS = [0.0, 0.25, 0.5, 1.0]  # 0.25: a mix that is not symmetric in the two terms
 PATHS = [True, False]
 
@@ -64,8 +68,8 @@ def test_the_mix_keeps_the_argmax_calls_statistics(fused):
 
 
 @pytest.mark.parametrize("fused", PATHS, ids=["fused-linear", "logits"])
-@pytest.mark.parametrize(("w", "loss_calls"), [(0.0, 1), (0.5, 2), (1.0, 2)])
-def test_each_model_runs_once_and_the_pure_form_calls_the_loss_once(w, loss_calls, fused):
+@pytest.mark.parametrize("w", WEIGHTS)
+def test_each_model_runs_once_and_the_loss_is_called_once(w, fused):
     module = make_module("hard-argmax", label_weight=w, fused_linear=fused)
     forwards = {"student": 0, "teacher": 0}
     for name in forwards:
@@ -81,7 +85,72 @@ def test_each_model_runs_once_and_the_pure_form_calls_the_loss_once(w, loss_call
     module.compute_loss(padded_batch())
 
     assert forwards == {"student": 1, "teacher": 1}
-    assert len(calls) == loss_calls
+    assert calls == [{"alpha": 0.0, "hard_labels": "teacher_argmax", "label_weight": w}]
+
+
+def old_two_call_mix(module, batch, w):
+    """What ``argmax_loss`` computed before the loss had ``label_weight``: two loss calls on the same passes,
+    mixed afterwards (the argmax term left out at w=1)."""
+    passes = module.forward_passes(batch)
+    argmax = module.distillation_loss(passes, alpha=0.0, hard_labels="teacher_argmax")
+    labels = module.distillation_loss(passes, alpha=0.0, hard_labels="labels")
+    if w == 1:
+        return argmax._replace(loss=labels.loss, hard=labels.hard)
+    return argmax._replace(loss=(1 - w) * argmax.loss + w * labels.loss, hard=(1 - w) * argmax.hard + w * labels.hard)
+
+
+@pytest.mark.parametrize("fused", PATHS, ids=["fused-linear", "logits"])
+@pytest.mark.parametrize("w", [0.25, 0.5, 1.0])
+def test_one_call_equals_the_old_two_call_mix(w, fused):
+    module = make_module("hard-argmax", label_weight=w, fused_linear=fused, chunk_size=16)
+    batch = padded_batch()
+    results = []
+    for compute in (module.compute_loss, lambda b: old_two_call_mix(module, b, w)):
+        module.student.zero_grad()
+        out = compute(batch)
+        (0.37 * out.loss).backward()  # grad_output != 1
+        results.append((out, {name: p.grad.clone() for name, p in module.student.named_parameters()}))
+    (new, new_grads), (old, old_grads) = results
+    for field in ("loss", "hard", "teacher_ce", "agreement", "num_tokens"):
+        torch.testing.assert_close(getattr(new, field), getattr(old, field), rtol=2e-6, atol=1e-6, msg=field)
+    for name, grad in old_grads.items():
+        # fp32 sums in another order: a few ulps of the largest entry (about 1)
+        torch.testing.assert_close(new_grads[name], grad, rtol=1e-5, atol=2e-6, msg=name)
+
+
+@pytest.mark.parametrize("w", WEIGHTS)
+def test_the_fused_linear_path_projects_each_lm_head_once_per_chunk(w, monkeypatch):
+    """One pass: each model's chunk logits are projected once per chunk, whatever the mix."""
+    module = make_module("hard-argmax", label_weight=w, chunk_size=16)  # 4 x 11 positions: 3 chunks
+    widths = {32: "student", 48: "teacher"}  # the hidden widths of make_module's two models
+    projections = {"student": 0, "teacher": 0}
+    project = fused_linear.project
+
+    def counting(hidden, weight, *args, **kwargs):
+        projections[widths[weight.shape[1]]] += 1
+        return project(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(fused_linear, "project", counting)
+    module.compute_loss(padded_batch()).loss.backward()
+    assert projections == {"student": 3, "teacher": 3}
+
+
+@pytest.mark.parametrize("w", WEIGHTS)
+def test_the_logits_path_runs_each_lm_head_once_and_streams_the_logits_once(w, monkeypatch):
+    module = make_module("hard-argmax", label_weight=w, fused_linear=False)
+    heads = {"student": 0, "teacher": 0}
+    for name in heads:
+
+        def count(*_, name=name):
+            heads[name] += 1
+
+        fusable_head(getattr(module, name)).register_forward_hook(count)
+    streams = []
+    stream_rows = torch_backend.stream_rows
+    monkeypatch.setattr(torch_backend, "stream_rows", lambda *a, **k: streams.append(1) or stream_rows(*a, **k))
+    module.compute_loss(padded_batch()).loss.backward()
+    assert heads == {"student": 1, "teacher": 1}
+    assert len(streams) == 1
 
 
 @pytest.mark.parametrize(
@@ -96,6 +165,17 @@ def test_each_model_runs_once_and_the_pure_form_calls_the_loss_once(w, loss_call
 def test_bad_label_weights_are_refused(kind, w, match):
     with pytest.raises(ValueError, match=match):
         make_module(kind, label_weight=w)
+
+
+def test_a_loss_label_weight_the_module_would_override_is_refused():
+    loss = DistillationLoss(temperature=2.0, alpha=0.7, label_weight=0.5)
+    with pytest.raises(
+        ValueError,
+        match=r"the loss's label_weight \(0.5\) differs from HardLabelDistillation's \(0.0\), which it would"
+        r" override: set label_weight=0.5 on the module instead",
+    ):
+        make_module("hard-argmax", loss=loss)
+    assert make_module("hard-argmax", loss=loss, label_weight=0.5).loss.label_weight == 0.5
 
 
 def test_fit_with_deits_mix_trains_the_student():

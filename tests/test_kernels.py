@@ -151,6 +151,61 @@ def test_teacher_argmax_hard_labels(backend_device, divergence):
         assert_matches(result, reference)
 
 
+MIX_VOCAB = 2053  # not a power of two, past one 1024-column gradient block; smaller for the interpreter
+
+
+@pytest.mark.parametrize(("alpha", "reduction"), [(0.0, "mean"), (0.4, "sum"), (0.4, "none")])
+@pytest.mark.parametrize("label_weight", [0.0, 0.3, 0.5, 1.0])
+def test_label_weight_mixes_the_argmax_and_label_cross_entropies(backend_device, label_weight, alpha, reduction):
+    """hard = (1 - w) CE(student, teacher argmax) + w CE(student, labels), loss and gradients from one call."""
+    student, teacher = make_logits(shape=(10,), vocab=MIX_VOCAB, seed=21)
+    labels = make_labels(shape=(10,), vocab=MIX_VOCAB, ignored=(1, 6))
+    assert bool((labels != teacher.argmax(-1)).all())  # the two targets differ: the mix is visible
+    result, reference = run_both(
+        student,
+        teacher,
+        labels,
+        backend_device,
+        grad_scale=0.37,
+        alpha=alpha,
+        temperature=1.5,
+        hard_labels="teacher_argmax",
+        label_weight=label_weight,
+        teacher_ce_weight=0.25,
+        reduction=reduction,
+    )
+    assert_matches(result, reference)
+
+
+@pytest.mark.parametrize("label_weight", [0.0, 0.5, 1.0])
+def test_label_weight_with_minus_inf_at_one_target(backend_device, label_weight):
+    # Row 0: -inf at the teacher's argmax, row 1: -inf at the label, row 2 ignored and holding +inf. A target
+    # of weight 0 is left out (w=1 is finite in row 0, w=0 in row 1: not 0 * inf = NaN); the gradient
+    # softmax - onehot stays finite; the ignored row counts for nothing.
+    clean_s, teacher = make_logits(shape=(3,), vocab=MIX_VOCAB, seed=22)
+    labels = torch.tensor([7, 8, -100])
+    teacher[0, 5] = 1e3
+    clean_s[0, 5] = clean_s[1, 8] = -math.inf
+    student = clean_s.clone()
+    student[2, 3] = math.inf
+    kw = {"alpha": 0.0, "hard_labels": "teacher_argmax", "label_weight": label_weight, "reduction": "none"}
+    result = backend_backward(student, teacher, labels, backend_device, teacher_grad=False, **kw)
+    out, grad_s, _ = result
+    infinite = {0.0: [True, False], 0.5: [True, True], 1.0: [False, True]}[label_weight]
+    assert out.loss[:2].isinf().tolist() == infinite and out.loss[2].item() == 0
+    assert bool(grad_s.isfinite().all()) and bool((grad_s[2] == 0).all())
+    assert_matches(result, oracle_backward(clean_s, teacher, labels, teacher_grad=False, **kw), check_teacher=False)
+
+
+def test_label_weight_changes_nothing_with_labels_as_the_hard_target(backend_device):
+    student, teacher = make_logits(shape=(4,), vocab=MIX_VOCAB, seed=23)
+    labels = make_labels(shape=(4,), vocab=MIX_VOCAB)
+    plain, mixed = (
+        backend_backward(student, teacher, labels, backend_device, alpha=0.5, label_weight=w) for w in (0.0, 0.5)
+    )
+    assert torch.equal(plain[0].loss, mixed[0].loss) and torch.equal(plain[1], mixed[1])
+
+
 @pytest.mark.parametrize("divergence", ["reverse_kl", "skew_forward_kl"])
 def test_teacher_ce_weight_trains_teacher_only_through_ce(backend_device, divergence):
     student, teacher = make_logits(seed=4)

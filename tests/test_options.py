@@ -46,7 +46,8 @@ def test_every_keyword_is_an_explicit_parameter_with_its_default_and_type(name):
 def test_the_public_signatures_are_unchanged():
     keywords = (
         "divergence: str = 'forward_kl', beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0,"
-        " t2_scaling: bool = True, alpha: float = 1.0, hard_labels: str = 'labels', teacher_ce_weight: float = 0.0,"
+        " t2_scaling: bool = True, alpha: float = 1.0, hard_labels: str = 'labels', label_weight: float = 0.0,"
+        " teacher_ce_weight: float = 0.0,"
         " vocab_size: int | None = None, ignore_index: int = -100, reduction: str = 'mean', backend: str = 'auto'"
     )
     assert str(inspect.signature(distillation_loss)) == (
@@ -90,6 +91,42 @@ def test_options_are_normalized_and_resolved():
     assert (opts.resolved_divergence, opts.mix, opts.soft_scale) == ("reverse_kl", 0.0, 1.0)
     assert LossOptions(divergence="skew_reverse_kl", skew=0.25).mix == 0.25
     assert LOSS_KEYWORDS[0] == "divergence" and LOSS_KEYWORDS[-1] == "backend"
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (1.5, ValueError, r"label_weight must lie in \[0, 1\], got 1.5"),
+        (-0.1, ValueError, r"label_weight must lie in \[0, 1\], got -0.1"),
+        (float("nan"), ValueError, r"label_weight must lie in \[0, 1\], got nan"),
+        ("0.5", TypeError, "label_weight must be a number, got str"),
+    ],
+)
+def test_label_weight_is_validated(value, error, match):
+    with pytest.raises(error, match=match):
+        LossOptions(label_weight=value)
+    with pytest.raises(error, match=match):
+        DistillationLoss(hard_labels="teacher_argmax", label_weight=value)
+
+
+def test_label_weight_mixes_only_into_an_argmax_hard_term():
+    def resolved(**kw):
+        opts = LossOptions(**kw)
+        return opts.argmax_target, opts.label_mix
+
+    assert resolved(hard_labels="teacher_argmax") == (True, 0.0)
+    assert resolved(hard_labels="teacher_argmax", label_weight=0.3) == (True, 0.3)
+    assert resolved(hard_labels="teacher_argmax", label_weight=1) == (False, 0.0)  # the argmax term left out
+    assert resolved(label_weight=0.3) == (False, 0.0)  # both terms on the labels: one cross-entropy
+    student, teacher = torch.randn(2, 5), torch.randn(2, 5)
+    with pytest.raises(
+        ValueError,
+        match=r"label_weight=0.5 mixes a cross-entropy on labels into the hard term, but labels is None; pass labels"
+        r" or set label_weight=0",
+    ):
+        distillation_loss(student, teacher, None, alpha=0.5, hard_labels="teacher_argmax", label_weight=0.5)
+    # without a hard term (alpha=1) there is nothing to mix: no labels needed
+    distillation_loss(student, teacher, None, hard_labels="teacher_argmax", label_weight=0.5)
 
 
 def test_divergence_codes_are_positions_in_the_one_table():

@@ -45,7 +45,8 @@ def distillation_loss(
       that row's student gradient NaN in every column. A column that is ``-inf`` on both sides adds 0.
     - A ``-inf`` logit at the label makes that cross-entropy +inf; its gradient, softmax - onehot, is finite.
     - ``alpha=0`` leaves the soft term out of the loss and its gradient, as ``alpha=1`` leaves out the hard
-      term; the ``soft`` statistic still reports it (+inf, or NaN from a NaN teacher).
+      term; the ``soft`` statistic still reports it (+inf, or NaN from a NaN teacher). Likewise
+      ``label_weight=1`` leaves the cross-entropy on the teacher's argmax out, and 0 the one on the labels.
     - A row whose label is ``ignore_index``, or whose ``grad_output`` is 0, gets exactly 0 gradient, whatever
       its logits hold (+inf, NaN); an ignored row adds 0 to the loss.
     - NaN in a counted row's logits makes the loss NaN wherever a term of the loss reads them.

@@ -33,6 +33,7 @@ from .rows import (
     DistillationOutput,
     RowStatistics,
     RowTargets,
+    TargetLogits,
     finish_rows,
     forward_row_scale,
     row_grad_scale,
@@ -134,10 +135,10 @@ class FusedLinearDistillationFunction(torch.autograd.Function):
         tensors = (h_s, w_s, b_s, h_t, w_t, b_t)
         accumulators = _accumulators(tensors, heads) if in_forward else (None, None)
         with torch.autocast(device.type, enabled=False):
-            rows, targets, s_y, t_y = _run_chunks(
+            rows, targets, logits = _run_chunks(
                 tensors, labels, pre, opts, vocab, chunk_size, triton, heads, scale, accumulators
             )
-        output, divisor = finish_rows(rows, targets, s_y, t_y, opts)
+        output, divisor = finish_rows(rows, targets, logits.student, logits.teacher, opts, logits.student_label)
         ctx.opts, ctx.vocab, ctx.chunk_size, ctx.triton, ctx.heads = opts, vocab, chunk_size, triton, heads
         ctx.accumulators = accumulators
         ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, labels, pre.counted, divisor)
@@ -194,7 +195,10 @@ class _Side(NamedTuple):
 
 
 def _run_chunks(tensors, labels, pre: RowTargets, opts, vocab, chunk_size, triton, heads, scale, accumulators):
-    """Loop over token chunks; returns (RowStatistics, RowTargets, student / teacher target logits) of all rows.
+    """Loop over token chunks; returns the RowStatistics, RowTargets and TargetLogits of all rows.
+
+    Each model's chunk logits are projected once per chunk, and every term of the loss (soft, hard with its
+    label_weight mix, teacher CE) and its gradient come from that one projection.
 
     With ``scale`` (``[N]`` row-loss gradient factors) the gradients are folded into the accumulators.
     """
@@ -243,12 +247,12 @@ def _concatenate(parts, n: int, device: torch.device):
         empty = torch.empty(0, dtype=torch.float32, device=device)
         index = torch.empty(0, dtype=torch.long, device=device)
         rows = RowStatistics(empty, empty, empty, empty, empty, index, index)
-        return rows, RowTargets(torch.empty(0, dtype=torch.bool, device=device), None, None), None, None
+        return rows, RowTargets(torch.empty(0, dtype=torch.bool, device=device), None, None), TargetLogits(None, None)
 
     def cat(chunks: tuple) -> torch.Tensor | None:
         return None if chunks[0] is None else torch.cat(chunks)
 
-    rows, targets, s_y, t_y = zip(*parts, strict=True)  # per field, its value in every chunk
+    rows, targets, logits = zip(*parts, strict=True)  # per field, its value in every chunk
     rows = RowStatistics(*(cat(field) for field in zip(*rows, strict=True)))
     targets = RowTargets(*(cat(field) for field in zip(*targets, strict=True)))
-    return rows, targets, cat(s_y), cat(t_y)
+    return rows, targets, TargetLogits(*(cat(field) for field in zip(*logits, strict=True)))

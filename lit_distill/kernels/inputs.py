@@ -102,6 +102,11 @@ def check_labels(
             f"alpha={opts.alpha} < 1 mixes in a hard-label loss, but labels is None; pass labels,"
             " set hard_labels='teacher_argmax', or use alpha=1"
         )
+    if labels is None and opts.hard_labels == "teacher_argmax" and opts.label_weight > 0 and opts.alpha < 1.0:
+        raise ValueError(
+            f"label_weight={opts.label_weight} mixes a cross-entropy on labels into the hard term, but labels is"
+            " None; pass labels or set label_weight=0"
+        )
     if labels is None and opts.teacher_ce_weight > 0:
         raise ValueError("teacher_ce_weight > 0 trains the teacher on labels, but labels is None; pass labels")
     return labels

@@ -59,6 +59,13 @@ class LossOptions:
     hard_labels: str = _keyword(
         "labels", '``"labels"`` or ``"teacher_argmax"`` (the teacher\'s top token as the hard target).'
     )
+    label_weight: float = _keyword(
+        0.0,
+        "weight w in [0, 1] of ``labels`` in a hard term on the teacher's argmax: with"
+        ' ``hard_labels="teacher_argmax"`` the hard term is (1 - w) CE(student, teacher argmax) + w CE(student,'
+        " labels), both from one pass (w=0.5: DeiT's hard distillation); 1 leaves the argmax term out. No effect"
+        ' with ``hard_labels="labels"``.',
+    )
     teacher_ce_weight: float = _keyword(0.0, "weight ≥ 0 of the teacher's cross-entropy (co-distillation).")
     vocab_size: int | None = _keyword(
         None,
@@ -81,6 +88,7 @@ class LossOptions:
             "beta": _unit_interval("beta", self.beta),
             "skew": _unit_interval("skew", self.skew),
             "alpha": _unit_interval("alpha", self.alpha),
+            "label_weight": _unit_interval("label_weight", self.label_weight),
             "temperature": _number("temperature", self.temperature),
         }
         if not (normalized["temperature"] > 0 and math.isfinite(normalized["temperature"])):
@@ -116,6 +124,18 @@ class LossOptions:
         return {"jsd": self.beta, "skew_forward_kl": self.skew, "skew_reverse_kl": self.skew}.get(
             self.resolved_divergence, 0.0
         )
+
+    @property
+    def argmax_target(self) -> bool:
+        """Whether the hard term's one-hot target is the teacher's argmax: ``teacher_argmax`` with label_weight < 1
+        (at 1 the argmax term is left out, not multiplied by 0, which would make an infinite one NaN)."""
+        return self.hard_labels == "teacher_argmax" and self.label_weight < 1.0
+
+    @property
+    def label_mix(self) -> float:
+        """The labels' share w of a hard term on the teacher's argmax, ``(1 - w) CE(argmax) + w CE(labels)``:
+        ``label_weight`` when strictly between 0 and 1 with ``hard_labels="teacher_argmax"``, else 0 (one target)."""
+        return self.label_weight if self.argmax_target else 0.0
 
     @property
     def divergence_code(self) -> int:

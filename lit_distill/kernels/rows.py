@@ -24,8 +24,9 @@ class DistillationOutput(NamedTuple):
         loss: ``alpha * soft + (1 - alpha) * hard + teacher_ce_weight * teacher_ce`` reduced as asked
             (a scalar, or the leading shape for ``reduction="none"``). The only field with a gradient.
         soft: mean over counted tokens of the soft term (the divergence, times T² when ``t2_scaling``).
-        hard: mean over counted tokens of the student's cross-entropy at T=1 on the hard labels
-            (NaN when there are no hard labels: ``hard_labels="labels"`` and ``labels=None``).
+        hard: mean over counted tokens of the student's cross-entropy at T=1 on the hard labels (with
+            ``label_weight`` w and ``hard_labels="teacher_argmax"``, ``(1 - w) CE(argmax) + w CE(labels)``;
+            NaN when there are no hard labels: ``hard_labels="labels"`` and ``labels=None``).
         teacher_ce: mean over counted tokens of the teacher's cross-entropy at T=1 on ``labels``
             (NaN without labels).
         agreement: fraction of counted tokens where the student's and the teacher's argmax agree.
@@ -71,6 +72,9 @@ class RowTargets(NamedTuple):
     counted: torch.Tensor  # bool: the row contributes to the loss
     hard: torch.Tensor | None  # int64 student CE target (clamped to a valid index on ignored rows)
     teacher: torch.Tensor | None  # int64 teacher CE target (the labels), likewise clamped
+    # int64 second student CE target, the labels, with weight opts.label_mix (the first gets 1 - label_mix)
+    # when label_weight mixes them into a hard term on the teacher's argmax; else None
+    hard_label: torch.Tensor | None = None
 
 
 def row_targets(
@@ -80,24 +84,38 @@ def row_targets(
     num_rows: int,
     device: torch.device,
 ) -> RowTargets:
-    """Counted-row mask and the hard / teacher CE targets; ``teacher_argmax`` is needed only in that mode."""
+    """Counted-row mask and the hard / teacher CE targets; ``teacher_argmax`` is needed only in that mode.
+
+    With ``label_weight`` = 1 the hard target is the labels (the argmax term left out); strictly between 0 and
+    1 the labels are also ``hard_label``, the second target of the mix.
+    """
     if labels is None:
         counted = torch.ones(num_rows, dtype=torch.bool, device=device)
         safe_labels = None
     else:
         counted = labels != opts.ignore_index
         safe_labels = torch.where(counted, labels, 0)
-    hard = teacher_argmax if opts.hard_labels == "teacher_argmax" else safe_labels
-    return RowTargets(counted=counted, hard=hard, teacher=safe_labels)
+    hard = teacher_argmax if opts.argmax_target else safe_labels
+    hard_label = safe_labels if opts.label_mix > 0 else None
+    return RowTargets(counted=counted, hard=hard, teacher=safe_labels, hard_label=hard_label)
+
+
+class TargetLogits(NamedTuple):
+    """``[N]`` logits at the targets, in the compute dtype (None where there is no such target)."""
+
+    student: torch.Tensor | None  # the student's at the hard target
+    teacher: torch.Tensor | None  # the teacher's at the label
+    student_label: torch.Tensor | None = None  # the student's at the label, for the label_weight mix
 
 
 def gather_target_logits(
     student: torch.Tensor, teacher: torch.Tensor, targets: RowTargets, dtype: torch.dtype
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``[N]`` student logit at the hard target and teacher logit at the label (None where there is none)."""
+) -> TargetLogits:
+    """The logits at ``targets``: the student's at the hard target(s), the teacher's at the label."""
     s_y = None if targets.hard is None else _gather(student, targets.hard, dtype)
     t_y = None if targets.teacher is None else _gather(teacher, targets.teacher, dtype)
-    return s_y, t_y
+    s_label = None if targets.hard_label is None else _gather(student, targets.hard_label, dtype)
+    return TargetLogits(s_y, t_y, s_label)
 
 
 def finish_rows(
@@ -106,10 +124,12 @@ def finish_rows(
     student_target_logit: torch.Tensor | None,
     teacher_target_logit: torch.Tensor | None,
     opts: LossOptions,
+    student_label_logit: torch.Tensor | None = None,
 ) -> tuple[DistillationOutput, torch.Tensor]:
     """Combine per-row statistics into the reduced :class:`DistillationOutput`.
 
-    ``student_target_logit`` / ``teacher_target_logit`` come from :func:`gather_target_logits`.
+    ``student_target_logit`` / ``teacher_target_logit`` / ``student_label_logit`` are the fields of
+    :func:`gather_target_logits`' result; the last is read only when ``opts.label_mix`` > 0.
 
     Returns the output and the number of counted rows clamped to at least 1 (the mean's divisor, which the
     backward needs again). Runs only O(N) device ops and never syncs with the host.
@@ -127,6 +147,10 @@ def finish_rows(
     # CE = log sum exp(x - m) - (x_y - m): both terms are small where the loss is, so neither is rounded
     # at the logits' magnitude (x_y - m is exact in floating point when x_y is near m).
     hard = _cross_entropy(rows.student_max, rows.student_log_sum, student_target_logit, nan)
+    if opts.label_mix > 0:  # 0 < w < 1: both weights positive, so an infinite term is never multiplied by 0
+        w = opts.label_mix
+        on_labels = _cross_entropy(rows.student_max, rows.student_log_sum, student_label_logit, nan)
+        hard = (1.0 - w) * hard + w * on_labels
     teacher_ce = _cross_entropy(rows.teacher_max, rows.teacher_log_sum, teacher_target_logit, nan)
 
     # alpha = 0 leaves the soft term out (0 * inf would be NaN), as alpha = 1 leaves out the hard one.

@@ -63,6 +63,8 @@ class _ChunkedDistillation(torch.autograd.Function):
     loss = alpha * c * D(p, q) + (1 - alpha) * CE(s, y) + w * CE(t, labels), c = T² if t2_scaling else 1.
     d loss/ds = alpha * c / T * dD/da + (1 - alpha) * (softmax(s) - onehot(y)), and
     d loss/dt = w * (softmax(t) - onehot(labels)); dD/da per divergence is in ``torch_divergence.py``.
+    With label_weight m mixing the labels into an argmax hard term, CE(s, y) is (1 - m) CE(s, argmax(t)) +
+    m CE(s, labels) and onehot(y) is (1 - m) onehot(argmax(t)) + m onehot(labels).
 
     The first backward hands over the buffers written in the forward (no copy); a second one (gradcheck,
     ``retain_graph=True``) recomputes them from the saved inputs.
@@ -74,7 +76,8 @@ class _ChunkedDistillation(torch.autograd.Function):
         rows, grads = _statistics_and_gradients(student, teacher, labels, *ctx.args)
         n, compute_dtype = student.shape[0], rows.divergence.dtype
         targets = row_targets(labels, rows.teacher_argmax, opts, n, student.device)
-        output, _ = finish_rows(rows, targets, *gather_target_logits(student, teacher, targets, compute_dtype), opts)
+        logits = gather_target_logits(student, teacher, targets, compute_dtype)
+        output, _ = finish_rows(rows, targets, logits.student, logits.teacher, opts, logits.student_label)
         ctx.grads = grads
         ctx.save_for_backward(student, teacher, labels)
         ctx.mark_non_differentiable(*output[1:])
@@ -170,8 +173,8 @@ def fused_linear_chunk(logits_s, logits_t, labels, pre, scale, opts, vocab, stud
     """One token chunk of ``fused_linear_distillation_loss``: row statistics of ``[R, *]`` logits and, where
     wanted, the row-loss gradients times ``scale`` ``[R]`` (None: statistics only) in fresh buffers.
 
-    Returns ``(rows, targets, student target logit, teacher target logit), (grad_s, grad_t)``, the
-    contract ``triton_backend.fused_linear_chunk`` shares; ``pre`` holds the label targets.
+    Returns ``(rows, targets, TargetLogits), (grad_s, grad_t)``, the contract
+    ``triton_backend.fused_linear_chunk`` shares; ``pre`` holds the label targets.
     """
     grad_s = torch.empty_like(logits_s) if student_grad else None
     grad_t = torch.empty_like(logits_t) if teacher_grad else None
@@ -180,8 +183,7 @@ def fused_linear_chunk(logits_s, logits_t, labels, pre, scale, opts, vocab, stud
     chunk_rows = default_chunk_rows(vocab)
     rows = stream_rows(logits_s, logits_t, pre, scale, opts, vocab, chunk_rows, grad_s, grad_t)
     targets = row_targets(labels, rows.teacher_argmax, opts, logits_s.shape[0], logits_s.device)
-    s_y, t_y = gather_target_logits(logits_s, logits_t, targets, rows.divergence.dtype)
-    return (rows, targets, s_y, t_y), (grad_s, grad_t)
+    return (rows, targets, gather_target_logits(logits_s, logits_t, targets, rows.divergence.dtype)), (grad_s, grad_t)
 
 
 def default_chunk_rows(vocab: int) -> int:
@@ -228,8 +230,9 @@ def _chunk(s, t, targets: RowTargets, scale, opts: LossOptions, workspace, grad_
         else:
             grad_s.mul_(opts.alpha * opts.soft_scale * inv_t)
         if opts.alpha < 1.0:
-            hard = teacher_argmax if opts.hard_labels == "teacher_argmax" else targets.hard
-            _add_softmax_minus_onehot(grad_s, s, q, lse_s, hard, 1.0 - opts.alpha, inv_t)
+            hard = teacher_argmax if opts.argmax_target else targets.hard
+            mix = (targets.hard_label, opts.label_mix)  # the labels' share of the one-hot (label_weight)
+            _add_softmax_minus_onehot(grad_s, s, q, lse_s, hard, 1.0 - opts.alpha, inv_t, *mix)
         _zero_rows(grad_s.mul_(keep), dropped)
     if grad_t is not None:
         grad_t.zero_()
@@ -253,14 +256,20 @@ def _zero_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def _add_softmax_minus_onehot(grad, logits, probs_at_t, lse, target, weight, inv_t):
+def _add_softmax_minus_onehot(grad, logits, probs_at_t, lse, target, weight, inv_t, label=None, share=0.0):
     """grad += weight * (softmax(logits) - onehot(target)), the cross-entropy gradient at T=1.
 
-    ``lse`` is the (max, log sum exp(logits - max)) pair of the logits at T=1.
+    ``lse`` is the (max, log sum exp(logits - max)) pair of the logits at T=1. With a second target ``label``
+    the one-hot is split, ``1 - share`` at ``target`` and ``share`` at ``label``: the gradient of
+    ``(1 - share) CE(target) + share CE(label)`` (label_weight), in the same pass.
     """
     if inv_t == 1.0:
         grad.add_(probs_at_t, alpha=weight)
     else:
         peak, log_sum = (x.unsqueeze(1) for x in lse)
         grad.add_((logits.to(grad.dtype) - peak).sub_(log_sum).exp_(), alpha=weight)
-    grad.scatter_add_(1, target.unsqueeze(1), torch.full_like(grad[:, :1], -weight))
+    if label is None:
+        grad.scatter_add_(1, target.unsqueeze(1), torch.full_like(grad[:, :1], -weight))
+        return
+    grad.scatter_add_(1, target.unsqueeze(1), torch.full_like(grad[:, :1], -weight * (1.0 - share)))
+    grad.scatter_add_(1, label.unsqueeze(1), torch.full_like(grad[:, :1], -weight * share))

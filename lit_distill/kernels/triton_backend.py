@@ -341,7 +341,7 @@ def _grad_kernel(
     grad_t_ptr,  # [N, t_width] out: d loss / d teacher logits (teacher CE only), its own dtype
     stats_ptr,  # [STATS_ROWS, N] fp32 from the forward
     hard_ptr,  # [N] int64 student CE target
-    label_ptr,  # [N] int64 teacher CE target
+    label_ptr,  # [N] int64 teacher CE target (the labels); also the student's second target with LABEL_MIX
     scale_ptr,  # [N] fp32 d reduced loss / d row loss, already times grad_output; 0 on ignored rows
     s_stride,
     t_stride,
@@ -356,11 +356,13 @@ def _grad_kernel(
     soft_coef,  # alpha * (T² or 1) / T
     hard_coef,  # 1 - alpha
     teacher_coef,  # teacher_ce_weight
+    label_mix,  # the labels' share of the student's one-hot (label_weight), read with LABEL_MIX
     DIVERGENCE: tl.constexpr,
     SAME_T: tl.constexpr,
     STUDENT_GRAD: tl.constexpr,
     SOFT: tl.constexpr,  # alpha > 0: with alpha = 0 the soft term is no part of the loss, not even an inf
     HARD: tl.constexpr,
+    LABEL_MIX: tl.constexpr,  # 0 < label_weight < 1: the hard one-hot is split between argmax and label
     TEACHER_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -401,7 +403,10 @@ def _grad_kernel(
                 q1 = q
             else:
                 q1 = tl.exp2(ds * LOG2E - _row_scalar(stats_ptr, n_rows, row, STAT_LSUM_S) * LOG2E)
-            grad += hard_coef * (q1 - tl.where(cols == target, 1.0, 0.0))
+            onehot = tl.where(cols == target, 1.0, 0.0)
+            if LABEL_MIX:  # (1 - m) CE(argmax) + m CE(labels): one softmax, the one-hot split between them
+                onehot = (1.0 - label_mix) * onehot + tl.where(cols == tl.load(label_ptr + row), label_mix, 0.0)
+            grad += hard_coef * (q1 - onehot)
         grad = tl.where(keep, grad * scale, 0.0)
         tl.store(grad_s_ptr + row * grad_s_stride + cols, grad.to(grad_s_ptr.dtype.element_ty), mask=cols < s_width)
     if TEACHER_GRAD:
@@ -528,7 +533,8 @@ def write_gradients(student, teacher, grad_s, grad_t, stats, hard, label, scale,
     """Gradient pass: write row-loss gradients times ``scale`` ``[N]`` into ``grad_s`` / ``grad_t`` (or None).
 
     The gradient buffers may be the logits themselves: each program reads its tile before writing it.
-    ``hard`` and ``label`` are ``[N]`` int64 targets (read only when alpha < 1 / for ``grad_t``).
+    ``hard`` and ``label`` are ``[N]`` int64 targets (read only when alpha < 1 / for ``grad_t`` or the
+    label_weight mix).
     """
     n = student.shape[0]
     if n == 0 or (grad_s is None and grad_t is None):
@@ -561,11 +567,13 @@ def write_gradients(student, teacher, grad_s, grad_t, stats, hard, label, scale,
         opts.alpha * opts.soft_scale / opts.temperature,
         1.0 - opts.alpha,
         opts.teacher_ce_weight,
+        opts.label_mix,
         DIVERGENCE=opts.divergence_code,
         SAME_T=opts.temperature == 1.0,
         STUDENT_GRAD=grad_s is not None,
         SOFT=opts.alpha > 0.0,
         HARD=opts.alpha < 1.0,
+        LABEL_MIX=opts.alpha < 1.0 and opts.label_mix > 0.0,
         TEACHER_GRAD=grad_t is not None,
         BLOCK=cfg["grad_block"],
         num_warps=cfg["grad_warps"],
@@ -579,13 +587,13 @@ def fused_linear_chunk(logits_s, logits_t, labels, pre, scale, opts, vocab, stud
     ``student_grad`` / ``teacher_grad``: falsy for no gradient, else True or the dtype to write it in. In the
     logits' dtype it is written over the logits; in another (the bf16 of the matmuls, from fp32 logits) the
     gradient pass writes it into a new buffer as it reads the logits: scale and cast in one pass.
-    Returns ``(rows, targets, student target logit, teacher target logit), (grad_s, grad_t)``, the
-    contract ``torch_backend.fused_linear_chunk`` shares (it writes the logits' dtype whatever dtype it is
-    given; ``pre``, the label targets, is not needed here).
+    Returns ``(rows, targets, TargetLogits), (grad_s, grad_t)``, the contract
+    ``torch_backend.fused_linear_chunk`` shares (it writes the logits' dtype whatever dtype it is given;
+    ``pre``, the label targets, is not needed here).
     """
     stats, rows = row_statistics(logits_s, logits_t, vocab, opts)
     targets = row_targets(labels, rows.teacher_argmax, opts, logits_s.shape[0], logits_s.device)
-    s_y, t_y = gather_target_logits(logits_s, logits_t, targets, torch.float32)  # before an in-place gradient
+    target_logits = gather_target_logits(logits_s, logits_t, targets, torch.float32)  # before an in-place gradient
     grad_s, grad_t = (
         None if not want else x if want is True or want == x.dtype else torch.empty_like(x, dtype=want)
         for x, want in ((logits_s, student_grad), (logits_t, teacher_grad))
@@ -594,7 +602,7 @@ def fused_linear_chunk(logits_s, logits_t, labels, pre, scale, opts, vocab, stud
         hard = targets.hard if targets.hard is not None else rows.teacher_argmax
         label = targets.teacher if targets.teacher is not None else rows.teacher_argmax
         write_gradients(logits_s, logits_t, grad_s, grad_t, stats, hard, label, scale.float().contiguous(), vocab, opts)
-    return (rows, targets, s_y, t_y), (grad_s, grad_t)
+    return (rows, targets, target_logits), (grad_s, grad_t)
 
 
 class TritonDistillationFunction(torch.autograd.Function):
@@ -602,7 +610,8 @@ class TritonDistillationFunction(torch.autograd.Function):
 
     Per row, with a = s/T, b = t/T, q = softmax(a), p = softmax(b) over the valid columns:
     ``loss = alpha * c * D(p, q) + (1 - alpha) * CE(s, y) + w * CE(t, labels)``, c = T² if t2_scaling else 1,
-    y = labels or argmax(t), CE at T=1. Gradients:
+    y = labels or argmax(t), CE at T=1 (with label_weight m mixing the labels into an argmax hard term,
+    ``(1 - m) CE(s, argmax(t)) + m CE(s, labels)``, whose onehot(y) below is split the same way). Gradients:
     ``d/ds = alpha * c / T * dD/da + (1 - alpha) * (softmax(s) - onehot(y))`` with
     dD/da = q - p (forward KL), q * (log q - log p - D) (reverse KL), and q * (g - sum(q * g)) for the
     others, g = dD/dq with q unconstrained; ``d/dt = w * (softmax(t) - onehot(labels))`` (the soft term
@@ -616,10 +625,11 @@ class TritonDistillationFunction(torch.autograd.Function):
         student_ce = has_labels or opts.hard_labels == "teacher_argmax"
         stats, rows = row_statistics(student, teacher, vocab, opts, cross_entropies=(student_ce, has_labels))
         targets = row_targets(labels, rows.teacher_argmax, opts, n, student.device)
-        target_logits = gather_target_logits(student, teacher, targets, torch.float32)
-        output, divisor = finish_rows(rows, targets, *target_logits, opts)
+        logits = gather_target_logits(student, teacher, targets, torch.float32)
+        output, divisor = finish_rows(rows, targets, logits.student, logits.teacher, opts, logits.student_label)
         hard = targets.hard if targets.hard is not None else rows.teacher_argmax  # unused unless alpha < 1
-        label = targets.teacher if targets.teacher is not None else rows.teacher_argmax  # unused unless w > 0
+        # unused unless w > 0 or the label_weight mix
+        label = targets.teacher if targets.teacher is not None else rows.teacher_argmax
         ctx.save_for_backward(student, teacher, stats, targets.counted, hard, label, divisor)
         ctx.opts, ctx.vocab = opts, vocab
         ctx.wants = (want_student_grad, want_teacher_grad)

@@ -22,8 +22,9 @@ class HardLabelDistillation(DistillationModule):
     - ``mode="argmax"``: at every position the target is the teacher's most likely next token, taken from
       the same fused pass that computes the statistics (token-level hard labels). With ``label_weight=w``
       the per-token loss is ``(1 - w) * CE(student, teacher argmax) + w * CE(student, data label)``, both
-      cross-entropies from one forward pass of each model: ``w=0.5`` is DeiT's hard distillation (Touvron
-      et al., 2021); ``w=0``, the default, is the pure form (the teacher's argmax only).
+      cross-entropies from one forward pass of each model and one loss call (the loss's ``label_weight``,
+      which this ``label_weight`` sets): ``w=0.5`` is DeiT's hard distillation (Touvron et al., 2021);
+      ``w=0``, the default, is the pure form (the teacher's argmax only).
       The logged ``hard`` is that same mix of the two cross-entropies (the training objective per token);
       ``agreement`` and ``teacher_ce`` are as in the pure form.
     - ``mode="generate"``: sequence-level distillation. The first ``prompt_length`` tokens of each sequence
@@ -79,6 +80,13 @@ class HardLabelDistillation(DistillationModule):
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
         super().__init__(*args, **kwargs)
+        # The module's label_weight sets the loss's at every call; a different one on the loss would be ignored.
+        if getattr(self.loss, "label_weight", 0.0) not in (0.0, label_weight):
+            raise ValueError(
+                f"the loss's label_weight ({self.loss.label_weight}) differs from HardLabelDistillation's"
+                f" ({label_weight}), which it would override: set label_weight={self.loss.label_weight} on the"
+                " module instead"
+            )
         if mode == "generate" and not can_generate(self.teacher):
             raise ValueError(
                 f"mode='generate' needs a teacher that can generate text (a Hugging Face causal LM with"
@@ -102,20 +110,13 @@ class HardLabelDistillation(DistillationModule):
         return cross_entropy_output(logits, labels[:, 1:], self.loss.ignore_index)
 
     def argmax_loss(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
-        """CE on the teacher's argmax, mixed with CE on the data's labels by ``label_weight`` (summed)."""
+        """CE on the teacher's argmax, mixed with CE on the data's labels by ``label_weight`` (summed).
+
+        One loss call: the loss's ``label_weight`` mixes both cross-entropies (and their gradients) per token
+        from one pass over each model's logits, so the fused-linear path projects each lm_head once.
+        """
         passes = self.forward_passes(batch)
-        argmax = self.distillation_loss(passes, alpha=0.0, hard_labels="teacher_argmax")
-        w = self.label_weight
-        if w == 0:  # the pure form: no second loss call
-            return argmax
-        # Both calls count the same tokens (those with a label), so their sums and means mix alike.
-        labels = self.distillation_loss(passes, alpha=0.0, hard_labels="labels")
-        if w == 1:  # the argmax term left out, not multiplied by 0 (0 * inf would be NaN)
-            return argmax._replace(loss=labels.loss, hard=labels.hard)
-        return argmax._replace(
-            loss=(1 - w) * argmax.loss + w * labels.loss,
-            hard=(1 - w) * argmax.hard + w * labels.hard,
-        )
+        return self.distillation_loss(passes, alpha=0.0, hard_labels="teacher_argmax", label_weight=self.label_weight)
 
     @torch.no_grad()
     def generate_targets(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
