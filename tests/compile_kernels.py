@@ -45,6 +45,8 @@ I64_SCALARS = {"s_stride", "t_stride", "grad_s_stride", "grad_t_stride", "grad_s
 FLOAT_SCALARS = {"inv_t", "mix", "soft_coef", "hard_coef", "teacher_coef", "label_mix"}
 KERNELS = {"row_stats": tb._row_stats_kernel, "soft_pass": tb._soft_pass_kernel, "grad": tb._grad_kernel}
 KERNELS.update({"sparse_stats": st._tail_stats_kernel, "sparse_grad": st._tail_grad_kernel})
+#: The fused-linear forms' chunk logits are fp32 (``linear_plan.project``); their gradients the matmul's dtype.
+FP32_LOGITS = {"s_ptr": "fp32", "t_ptr": "fp32"}
 #: The sparse kernels' K (slots per token), padded to a power of two as the launcher pads it.
 SPARSE_SLOTS = 64
 #: The benchmark shape: N=8192 rows of a Llama-3 vocabulary, heads exactly as wide as the vocabulary.
@@ -61,10 +63,14 @@ def runtime_values(shape: dict) -> dict[str, int]:
     return {**values, "s_width": width, "t_width": width, "n_rows": shape["n_rows"], "vocab": shape["vocab"]}
 
 
-def signature(kernel, dtype: str, constexprs: dict) -> dict[str, str]:
+def signature(kernel, dtype: str, constexprs: dict, pointers: dict | None = None) -> dict[str, str]:
+    """The JIT's signature: ``pointers`` overrides the element type of named pointers (fp32 logits in the
+    fused-linear forms, whose gradient is written in the variant's dtype)."""
     sig = {}
     for name in kernel.arg_names:
-        if name in constexprs:
+        if name in (pointers or {}):
+            sig[name] = f"*{pointers[name]}"
+        elif name in constexprs:
             sig[name] = "constexpr"
         elif name in INDEX_POINTERS:
             sig[name] = "*i64"
@@ -91,10 +97,10 @@ def specialization(kernel, shape: dict) -> dict:
     return {(i,): [["tt.divisibility", 16]] for i in divisible}
 
 
-def _variant(kernel, name, dtype, warps, constexprs, shape, registers=None) -> dict:
+def _variant(kernel, name, dtype, warps, constexprs, shape, registers=None, pointers=None) -> dict:
     options = {} if registers is None else {"maxnreg": registers}
     return {"kernel": kernel, "name": name, "dtype": dtype, "warps": warps, "constexprs": constexprs, "shape": shape,
-            "options": options}  # fmt: skip
+            "options": options, "pointers": pointers}  # fmt: skip
 
 
 def variants() -> list[dict]:
@@ -147,6 +153,14 @@ def variants() -> list[dict]:
                             shape,
                         )
                     )
+    # The fused-linear form's gradient pass: fp32 chunk logits in, the gradient out in the matmul's bf16.
+    cfg = tb.launch_config(LLAMA["vocab"])
+    for same_t, hard in ((True, False), (False, True)):
+        flags = {"SAME_T": same_t, "STUDENT_GRAD": True, "SOFT": True, "HARD": hard, "LABEL_MIX": hard}
+        constexprs = {"DIVERGENCE": DIVERGENCE_CODES["forward_kl"], **flags, "TEACHER_GRAD": hard}
+        name = f"grad-forward_kl-bf16-{'all_options' if hard else 'plain'}-fp32_logits"
+        constexprs["BLOCK"] = cfg["grad_block"]
+        out.append(_variant("grad", name, "bf16", cfg["grad_warps"], constexprs, LLAMA, pointers=FP32_LOGITS))
     return [{**v, "arch": arch} for v in out + sparse_variants() for arch in ARCHS]
 
 
@@ -166,6 +180,9 @@ def sparse_variants() -> list[dict]:
                 constexprs = {"K_PAD": SPARSE_SLOTS, "SAME_T": same_t, "HARD": hard, "BLOCK": cfg["grad_block"]}
                 name = f"sparse_grad-{dtype}-{'all_options' if hard else 'plain'}{shape_name}"
                 out.append(_variant("sparse_grad", name, dtype, cfg["grad_warps"], constexprs, shape))
+                if dtype == "bf16" and shape is LLAMA:  # the fused-linear form: fp32 logits, bf16 gradient
+                    fused = _variant("sparse_grad", f"{name}-fp32_logits", dtype, cfg["grad_warps"], constexprs, shape)
+                    out.append({**fused, "pointers": FP32_LOGITS})
     return out
 
 
@@ -225,7 +242,7 @@ def compile_one(variant: dict) -> dict:
     kernel = KERNELS[variant["kernel"]]
     src = ASTSource(
         fn=kernel,
-        signature=signature(kernel, variant["dtype"], variant["constexprs"]),
+        signature=signature(kernel, variant["dtype"], variant["constexprs"], variant.get("pointers")),
         constexprs=variant["constexprs"],
         attrs=specialization(kernel, variant["shape"]),
     )
