@@ -175,14 +175,15 @@ def default_tokenizer(config: Namespace) -> str | None:
 
 
 def _is_text_data(class_path: Any) -> bool:
-    """Whether a data class path names TextDataModule (jsonargparse shortens it to ``lit_distill.TextDataModule``)."""
+    """Whether a data class path names TextDataModule or ChatDataModule, whose tokenizer defaults to the teacher's
+    (jsonargparse may shorten the path, as in ``lit_distill.TextDataModule``)."""
     import importlib
 
-    from ..data import TextDataModule
+    from ..data import ChatDataModule, TextDataModule
 
     module, _, name = str(class_path).rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name, None) is TextDataModule
+        return getattr(importlib.import_module(module), name, None) in (TextDataModule, ChatDataModule)
     except ImportError:
         return False
 

@@ -1,12 +1,15 @@
 """Data for distillation: text packed into fixed-length rows (``text.py``), read from a corpus (``corpus.py``)
-with the teacher's or a trained tokenizer (``tokenizers.py``), the cache directory (``cache_dir.py``), and the
-teacher cache (``teacher_cache/``: a teacher's sparse signal written once, read by ``OfflineDistillation``).
+with the teacher's or a trained tokenizer (``tokenizers.py``), chat data through the tokenizer's chat template
+(``chat.py``, ``chat_formats.py``, ``chat_template.py``; ``datasets`` is imported only where they read data), the
+cache directory (``cache_dir.py``), and the teacher cache (``teacher_cache/``: a teacher's sparse signal written
+once, read by ``OfflineDistillation``).
 
 Data knows no technique and no command line: nothing here imports ``modules``, ``callbacks``, ``demo`` or ``cli``.
 Batches are dicts of ``input_ids``, ``attention_mask`` and ``labels``, not shifted (the modules shift).
 """
 
 from .cache_dir import default_cache_dir, writable_dir
+from .chat import ChatDataModule
 from .corpus import BUNDLED_CORPUS, CORPUS_CREDIT, read_documents, split_documents, split_works
 from .teacher_cache import TeacherCacheDataModule
 from .text import EpochShuffle, ShuffledDataModule, TextDataModule, TokenBlocks, pack
@@ -29,6 +32,7 @@ __all__ = [
     "PAD",
     "SPECIAL_TOKENS",
     "TOKENIZER_FILES",
+    "ChatDataModule",
     "EpochShuffle",
     "ShuffledDataModule",
     "TeacherCacheDataModule",

@@ -85,16 +85,17 @@ class ShuffledDataModule(pl.LightningDataModule):
         self.sampler: EpochShuffle | None = None
         self._resumed_seed: int | None = None
 
-    def shuffled_loader(self, dataset: Dataset) -> DataLoader:
-        """The training DataLoader of ``dataset``."""
+    def shuffled_loader(self, dataset: Dataset, collate_fn: Callable | None = None) -> DataLoader:
+        """The training DataLoader of ``dataset`` (``collate_fn``: how rows become a batch; default stacking)."""
+        common = {"drop_last": True, "num_workers": self.num_workers, "collate_fn": collate_fn}
         if self.trainer is not None and self.trainer.world_size > 1:
             # Lightning swaps in a DistributedSampler (one order per epoch); a resume restarts the epoch.
-            return DataLoader(dataset, self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers)
+            return DataLoader(dataset, self.batch_size, shuffle=True, **common)
         self.sampler = EpochShuffle(len(dataset), self.batch_size, self._batches_done)
         if self._resumed_seed is not None:
             self.sampler.seed, self.sampler.resuming = self._resumed_seed, True
             self._resumed_seed = None
-        return DataLoader(dataset, self.batch_size, sampler=self.sampler, drop_last=True, num_workers=self.num_workers)
+        return DataLoader(dataset, self.batch_size, sampler=self.sampler, **common)
 
     def _batches_done(self) -> int:
         """Batches of the current epoch the trainer has finished (restored from a checkpoint on resume)."""

@@ -1,0 +1,266 @@
+"""Chat data: conversations in a file, a saved dataset or a Hub dataset, through the tokenizer's chat template,
+into right-padded batches whose labels count only the tokens to learn (``ChatDataModule``).
+
+Batches are dicts of ``(B, T)`` tensors:
+
+- ``input_ids``: the rendered conversations, right-padded with the pad id (EOS when the tokenizer has none);
+- ``labels``: ``input_ids`` where a token is learned, ``-100`` (ignore_index) elsewhere: system and user turns,
+  the template's headers, padding. Labels are NOT shifted: ``labels[:, i]`` is the token at position ``i``; the
+  modules shift (position ``i`` predicts ``labels[:, i + 1]``);
+- ``attention_mask``: 1 on tokens, 0 on padding;
+- ``prompt_mask``: bool, True on the tokens before a row's first learned token (the prompt on-policy
+  distillation continues).
+
+The formats are in ``chat_formats.py``, the rendering and the spans in ``chat_template.py``. ``datasets`` is
+imported only where data is read, so ``import lit_distill.data`` works without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from .cache_dir import default_cache_dir, writable_dir
+from .chat_formats import detect_format, load_source, normalize
+from .chat_template import LOSS_ON, encode, resolve_template
+from .text import ShuffledDataModule
+from .tokenizers import load_tokenizer, special_token_ids
+
+IGNORE_INDEX = -100
+TRUNCATION = ("keep_start", "drop")
+_CODE = ("chat.py", "chat_formats.py", "chat_template.py")  # part of the cache key: new code, new rows
+
+
+class PadCollate:
+    """Right-pads a list of rows (``input_ids`` and ``labels``, lists or arrays) into the batch dict above."""
+
+    def __init__(self, pad_id: int, ignore_index: int = IGNORE_INDEX) -> None:
+        self.pad_id, self.ignore_index = pad_id, ignore_index
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        lengths = torch.tensor([len(row["input_ids"]) for row in rows])
+        shape = (len(rows), int(lengths.max()))
+        input_ids = torch.full(shape, self.pad_id, dtype=torch.long)
+        labels = torch.full(shape, self.ignore_index, dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : lengths[i]] = torch.tensor(row["input_ids"])  # a copy: Arrow's arrays are read-only
+            labels[i, : lengths[i]] = torch.tensor(row["labels"])
+        positions = torch.arange(shape[1])
+        counted = labels != self.ignore_index
+        first = torch.where(counted.any(1), counted.int().argmax(1), lengths)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": (positions < lengths[:, None]).long(),
+            "prompt_mask": positions < first[:, None],
+        }
+
+
+class _Encoder:
+    """The ``Dataset.map`` function (batched, with indices): rows of one format to ``input_ids``, ``labels``
+    (cut at ``max_seq_length``), ``length`` (before the cut), ``counted`` (learned tokens after position 0, the
+    tokens a module can count) and ``merged`` (turn boundaries a BPE merge crossed)."""
+
+    def __init__(self, tokenizer, template: str | None, fmt: str, loss_on: str, max_seq_length: int, where: str):
+        self.tokenizer, self.template, self.fmt, self.where = tokenizer, template, fmt, where
+        self.loss_on, self.max_seq_length = loss_on, max_seq_length
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "counted": [], "merged": []}
+        for k, index in enumerate(indices):
+            conversation = normalize({c: v[k] for c, v in batch.items()}, self.fmt, index, self.where)
+            ids, counted, merged = encode(self.tokenizer, self.template, conversation, self.loss_on, index, self.where)
+            labels = [t if c else IGNORE_INDEX for t, c in zip(ids, counted, strict=True)][: self.max_seq_length]
+            out["input_ids"].append(ids[: self.max_seq_length])
+            out["labels"].append(labels)
+            out["length"].append(len(ids))
+            out["counted"].append(sum(label != IGNORE_INDEX for label in labels[1:]))
+            out["merged"].append(merged)
+        return out
+
+
+class ChatDataModule(ShuffledDataModule):
+    """Conversations (or prompt/completion pairs, or plain text) as right-padded batches whose labels count only
+    what ``loss_on`` names; see docs/data.md.
+
+    Args:
+        train: a data file (jsonl/json/parquet/csv/arrow), a ``save_to_disk`` directory, or a Hub name.
+        val: the same for validation; None holds out ``val_fraction`` of ``train``'s conversations (seeded).
+        tokenizer: a Hugging Face tokenizer name or directory (the teacher's); required.
+        chat_template: a Jinja file overriding the tokenizer's chat template.
+        max_seq_length: tokens per row at most.
+        loss_on: ``"assistant"`` (every assistant turn), ``"last_assistant"``, ``"completion"`` (prompt/completion
+            data: everything after the prompt) or ``"all"``. Rows in the ``text`` format count every token.
+        truncation: ``"keep_start"`` cuts rows at ``max_seq_length`` (a row left with nothing to learn is
+            dropped); ``"drop"`` drops longer rows.
+        batch_size: rows per batch. num_workers: DataLoader workers.
+        num_proc: processes tokenizing (``Dataset.map``); None tokenizes in this process.
+        seed: the seed of the held-out split (the shuffle follows ``seed_everything``, as ``TextDataModule``'s).
+        val_fraction: the share of ``train`` held out when ``val`` is None (0: no validation).
+        split: the split of ``train`` when it is a Hub dataset or a saved ``DatasetDict``.
+        val_split: the same for ``val``.
+        cache_dir: where the tokenized rows (and files read by ``datasets``) are cached; default
+            :func:`default_cache_dir` for the rows and ``datasets``' own cache for the files.
+
+    Raises:
+        ValueError, FileNotFoundError, ConnectionError: bad options at construction; at setup, data in no known
+            format, a bad role, a conversation with nothing to learn, a template without a chat template or
+            one that breaks the prefix property, every row dropped, a Hub that cannot be reached.
+
+    Example:
+        >>> data = ChatDataModule("chats.jsonl", tokenizer="artifacts/teacher", max_seq_length=1024)
+    """
+
+    def __init__(
+        self,
+        train: str,
+        val: str | None = None,
+        tokenizer: str | None = None,
+        chat_template: str | None = None,
+        max_seq_length: int = 2048,
+        loss_on: str = "assistant",
+        truncation: str = "keep_start",
+        batch_size: int = 8,
+        num_workers: int = 0,
+        num_proc: int | None = None,
+        seed: int = 0,
+        val_fraction: float = 0.05,
+        split: str = "train",
+        val_split: str = "validation",
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if loss_on not in LOSS_ON or truncation not in TRUNCATION:
+            raise ValueError(f"loss_on must be one of {LOSS_ON} and truncation one of {TRUNCATION}")
+        if max_seq_length < 2 or batch_size < 1 or not 0 <= val_fraction < 1:
+            raise ValueError(
+                f"need max_seq_length >= 2, batch_size >= 1 and 0 <= val_fraction < 1; got {max_seq_length},"
+                f" {batch_size}, {val_fraction}"
+            )
+        if tokenizer is None:
+            raise ValueError(
+                "ChatDataModule needs tokenizer= (a name or directory): the teacher's, whose chat template renders"
+                " the conversations"
+            )
+        self.train, self.val, self.chat_template = train, val, chat_template
+        self.split, self.val_split = split, val_split
+        self.max_seq_length, self.loss_on, self.truncation = max_seq_length, loss_on, truncation
+        self.batch_size, self.num_workers, self.num_proc = batch_size, num_workers, num_proc
+        self.seed, self.val_fraction = seed, val_fraction
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.tokenizer = load_tokenizer(tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.collate = PadCollate(pad if pad is not None else self.tokenizer.eos_token_id)
+        self.train_set = self.val_set = None
+        self.summary: dict[str, dict[str, int]] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the models must cover (the tokenizer's size, special tokens included)."""
+        return len(self.tokenizer)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """The tokenizer's ``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` (those it has)."""
+        return special_token_ids(self.tokenizer)
+
+    def prepare_data(self) -> None:
+        self._prepare()  # once per machine, before setup: the other processes read the map cache it writes
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.val_set, self.summary = self._prepare()
+            for name, counts in self.summary.items():
+                rank_zero_info(f"chat data, {name}: " + ", ".join(f"{v:,} {k}" for k, v in counts.items()))
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self.shuffled_loader(self.train_set, collate_fn=self.collate)
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup()
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers, collate_fn=self.collate)
+
+    def describe(self) -> dict[str, Any]:
+        """The counts of each split (conversations, rows, tokens, truncated, dropped, ...), for logs and tables."""
+        self.setup()
+        return {**self.summary, "vocab_size": self.vocab_size}
+
+    # ------------------------------------------------------------------------------------------ preparing
+    def _prepare(self):
+        """(train rows, val rows or None, counts per split): read, tokenize through the map cache, split, cut."""
+        train = self._encoded(self.train, self.split)
+        if self.val is not None:
+            val = self._encoded(self.val, self.val_split)
+        elif self.val_fraction > 0:
+            order = np.random.default_rng(self.seed).permutation(len(train))
+            held = max(1, round(len(train) * self.val_fraction))
+            train, val = train.select(np.sort(order[held:])), train.select(np.sort(order[:held]))
+        else:
+            val = None
+        train, summary = self._kept(train, "train")
+        if val is not None:
+            val, counts = self._kept(val, "val")
+            summary.update(counts)
+        return train, val, summary
+
+    def _encoded(self, source: str, split: str):
+        """The dataset ``source`` tokenized (``_Encoder``'s columns), from the map cache when it is there."""
+        dataset = load_source(source, split, self.cache_dir / "datasets" if self.cache_dir else None)
+        fmt = detect_format(dataset.column_names, source)
+        template = None if fmt == "text" else resolve_template(self.tokenizer, self.chat_template)
+        key = hashlib.sha256()
+        for part in (dataset._fingerprint, fmt, template or "", self.loss_on, str(self.max_seq_length)):
+            key.update(part.encode() + b"\0")
+        key.update(_tokenizer_identity(self.tokenizer))
+        for name in _CODE:
+            key.update((Path(__file__).parent / name).read_bytes())
+        fingerprint = key.hexdigest()[:32]
+        directory = writable_dir((self.cache_dir or default_cache_dir()) / "chat")
+        return dataset.map(
+            _Encoder(self.tokenizer, template, fmt, self.loss_on, self.max_seq_length, source),
+            batched=True, with_indices=True, remove_columns=dataset.column_names, num_proc=self.num_proc,
+            new_fingerprint=fingerprint, cache_file_name=str(directory / f"{fingerprint}.arrow"),
+            desc=f"tokenizing {Path(source).name}",
+        )  # fmt: skip
+
+    def _kept(self, dataset, name: str):
+        """(the rows that stay under ``truncation``, {name: counts})."""
+        lengths, counted = np.asarray(dataset["length"]), np.asarray(dataset["counted"])
+        over = lengths > self.max_seq_length
+        too_long = over if self.truncation == "drop" else np.zeros_like(over)
+        empty = (counted == 0) & ~too_long  # nothing to learn (left after the cut)
+        dropped = too_long | empty
+        keep = np.flatnonzero(~dropped)
+        if len(dataset) and not len(keep):
+            raise ValueError(
+                f"every one of the {len(dataset)} {name} conversations was dropped (truncation="
+                f"{self.truncation!r}, max_seq_length={self.max_seq_length}: {int(over.sum())} longer, "
+                f"{int(empty.sum())} with no token to learn left); raise max_seq_length"
+            )
+        counts = {
+            "conversations": len(dataset),
+            "rows": len(keep),
+            "tokens": int(np.minimum(lengths, self.max_seq_length)[keep].sum()),
+            "counted tokens": int(counted[keep].sum()),
+            "truncated": int(over[keep].sum()),
+            "dropped": int(dropped.sum()),
+            "merged boundaries": int(np.asarray(dataset["merged"])[keep].sum()),
+        }
+        kept = dataset if len(keep) == len(dataset) else dataset.select(keep)
+        return kept.with_format("numpy", columns=["input_ids", "labels"]), {name: counts}
+
+
+def _tokenizer_identity(tokenizer) -> bytes:
+    """What the rows depend on in a tokenizer: its whole definition and which tokens are special."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return f"{type(tokenizer).__name__}\0{definition}\0{sorted(tokenizer.special_tokens_map.items())}".encode()
