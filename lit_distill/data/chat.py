@@ -9,7 +9,11 @@ Batches are dicts of ``(B, T)`` tensors:
   modules shift (position ``i`` predicts ``labels[:, i + 1]``);
 - ``attention_mask``: 1 on tokens, 0 on padding;
 - ``prompt_mask``: bool, True on the tokens before a row's first learned token (the prompt on-policy
-  distillation continues).
+  distillation continues); not in packed batches.
+
+With ``packing=True`` a training row holds several conversations (``packing.py``) and the batch adds
+``position_ids`` (``(B, T)``, restarting at 0 at each conversation; padding continues the count); each
+conversation's first label is ``-100``, so no position learns to predict the next conversation's first token.
 
 The formats are in ``chat_formats.py``, the rendering and the spans in ``chat_template.py``. ``datasets`` is
 imported only where data is read, so ``import lit_distill.data`` works without it.
@@ -29,6 +33,7 @@ from torch.utils.data import DataLoader
 from .cache_dir import default_cache_dir, writable_dir
 from .chat_formats import detect_format, load_source, normalize
 from .chat_template import LOSS_ON, encode, resolve_template
+from .packing import PackedRows
 from .text import ShuffledDataModule
 from .tokenizers import load_tokenizer, special_token_ids
 
@@ -38,7 +43,8 @@ _CODE = ("chat.py", "chat_formats.py", "chat_template.py")  # part of the cache 
 
 
 class PadCollate:
-    """Right-pads a list of rows (``input_ids`` and ``labels``, lists or arrays) into the batch dict above."""
+    """Right-pads a list of rows (``input_ids`` and ``labels``, lists or arrays; packed rows add ``position_ids``)
+    into the batch dict above."""
 
     def __init__(self, pad_id: int, ignore_index: int = IGNORE_INDEX) -> None:
         self.pad_id, self.ignore_index = pad_id, ignore_index
@@ -52,14 +58,16 @@ class PadCollate:
             input_ids[i, : lengths[i]] = torch.tensor(row["input_ids"])  # a copy: Arrow's arrays are read-only
             labels[i, : lengths[i]] = torch.tensor(row["labels"])
         positions = torch.arange(shape[1])
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": (positions < lengths[:, None]).long()}
+        if "position_ids" in rows[0]:  # packed: the padding continues the last conversation's count
+            last = torch.tensor([int(row["position_ids"][-1]) for row in rows])
+            batch["position_ids"] = (last + 1 - lengths)[:, None] + positions
+            for i, row in enumerate(rows):
+                batch["position_ids"][i, : lengths[i]] = torch.as_tensor(row["position_ids"])
+            return batch
         counted = labels != self.ignore_index
         first = torch.where(counted.any(1), counted.int().argmax(1), lengths)
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "attention_mask": (positions < lengths[:, None]).long(),
-            "prompt_mask": positions < first[:, None],
-        }
+        return {**batch, "prompt_mask": positions < first[:, None]}
 
 
 class _Encoder:
@@ -107,6 +115,9 @@ class ChatDataModule(ShuffledDataModule):
         val_split: the same for ``val``.
         cache_dir: where the tokenized rows (and files read by ``datasets``) are cached; default
             :func:`default_cache_dir` for the rows and ``datasets``' own cache for the files.
+        packing: pack several training conversations per row (best-fit decreasing, once at setup), with
+            ``position_ids``; validation stays one per row. For the off-policy techniques: on-policy distillation
+            and ``HardLabelDistillation(mode="generate")`` continue prompts and need packing=False.
 
     Raises:
         ValueError, FileNotFoundError, ConnectionError: bad options at construction; at setup, data in no known
@@ -134,6 +145,7 @@ class ChatDataModule(ShuffledDataModule):
         split: str = "train",
         val_split: str = "validation",
         cache_dir: str | None = None,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         if loss_on not in LOSS_ON or truncation not in TRUNCATION:
@@ -152,7 +164,7 @@ class ChatDataModule(ShuffledDataModule):
         self.split, self.val_split = split, val_split
         self.max_seq_length, self.loss_on, self.truncation = max_seq_length, loss_on, truncation
         self.batch_size, self.num_workers, self.num_proc = batch_size, num_workers, num_proc
-        self.seed, self.val_fraction = seed, val_fraction
+        self.seed, self.val_fraction, self.packing = seed, val_fraction, packing
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.tokenizer = load_tokenizer(tokenizer)
         pad = self.tokenizer.pad_token_id
@@ -176,6 +188,11 @@ class ChatDataModule(ShuffledDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             self.train_set, self.val_set, self.summary = self._prepare()
+            if self.packing:  # rows fixed once: EpochShuffle then shuffles them, exactly resumable
+                lengths = self.train_set.with_format("numpy", columns=["length"])["length"]
+                lengths = np.minimum(lengths, self.max_seq_length)
+                self.train_set = PackedRows(self.train_set, lengths, self.max_seq_length)
+                self.summary["train"]["packed rows"] = len(self.train_set)
             for name, counts in self.summary.items():
                 rank_zero_info(f"chat data, {name}: " + ", ".join(f"{v:,} {k}" for k, v in counts.items()))
 

@@ -23,6 +23,7 @@ from ..kernels import DistillationOutput
 from ..losses import DistillationLoss
 from ..models import CausalLM, build, vocab_size
 from ..reporting.throughput import TokensPerSecond
+from .attention import attention_inputs
 from .normalization import TokenNormalizer
 
 #: LightningCLI's module builder, which ``load_from_checkpoint`` trusts to rebuild a module from a config
@@ -34,10 +35,12 @@ class CausalLMModule(pl.LightningModule):
     """A student trained on next tokens: the shift, optimizers, token-exact normalization, validation, export.
 
     Technique modules override :meth:`compute_loss`. Batches are dicts with ``input_ids`` ``(B, T)`` and
-    optionally ``attention_mask`` (0 marks padding) and ``labels`` (aligned with ``input_ids``, the Hugging
-    Face convention; -100 or the loss's ``ignore_index`` marks positions to skip). Position t is trained
-    to predict token t+1. Each optimizer step's gradient is that of the mean loss over the step's counted
-    tokens on all processes (:mod:`lit_distill.modules.normalization`).
+    optionally ``attention_mask`` (0 marks padding), ``labels`` (aligned with ``input_ids``, the Hugging
+    Face convention; -100 or the loss's ``ignore_index`` marks positions to skip) and ``position_ids`` (packed
+    rows: restarting at 0 at each document; every forward then gets them and a block-diagonal causal mask,
+    :mod:`lit_distill.modules.attention`). Position t is trained to predict token t+1. Each optimizer step's
+    gradient is that of the mean loss over the step's counted tokens on all processes
+    (:mod:`lit_distill.modules.normalization`).
 
     Args:
         student: the model to train: a Hugging Face causal LM or a :class:`~lit_distill.models.CausalLM`.
@@ -147,13 +150,17 @@ class CausalLMModule(pl.LightningModule):
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
         """The technique's loss for a batch, summed over counted tokens: here the student's cross-entropy."""
         input_ids, attention_mask, labels = self.shifted_inputs(batch)
-        logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        masks = attention_inputs(self.student, attention_mask, batch.get("position_ids"))
+        logits = self.student(input_ids=input_ids, **masks).logits[:, :-1]
         return cross_entropy_output(logits, labels, self.loss.ignore_index)
 
     def shifted_inputs(
         self, batch: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(input_ids, attention_mask, labels for positions 0..T-2), padding mapped to ``ignore_index``."""
+        """(input_ids, attention_mask, labels for positions 0..T-2), padding mapped to ``ignore_index``.
+
+        The 2-D ``attention_mask`` as the batch has it: a forward pass takes :func:`attention_inputs` of it and
+        the batch's ``position_ids``, which adds the packed rows' mask."""
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
             raise ValueError(

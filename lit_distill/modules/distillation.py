@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from ..kernels import DistillationOutput
 from ..models import CausalLM, build, fusable_head, vocab_size
+from .attention import attention_inputs
 from .causal_lm import CausalLMModule
 from .normalization import is_deepspeed, is_sharded
 
@@ -125,6 +126,15 @@ class DistillationModule(CausalLMModule):
             from ..data import check_tokenizer
 
             check_tokenizer(self.teacher, tokenizer)
+        if getattr(datamodule, "packing", False) and self.generates_from_prompts():
+            raise ValueError(
+                f"{type(self).__name__} continues prompts, and packed rows (packing=True) hold several"
+                " conversations and no prompt_mask: use the data module with packing=False"
+            )
+
+    def generates_from_prompts(self) -> bool:
+        """Whether training continues the batches' prompts (on-policy distillation, hard labels by generation)."""
+        return callable(getattr(self, "generate", None)) or getattr(self, "mode", None) == "generate"
 
     @override
     def train(self, mode: bool = True) -> DistillationModule:
@@ -145,10 +155,11 @@ class DistillationModule(CausalLMModule):
     def forward_passes(self, batch: Mapping[str, torch.Tensor]) -> ForwardPasses:
         """Both models' forward passes on ``batch``, for one or more :meth:`distillation_loss` calls."""
         input_ids, attention_mask, labels = self.shifted_inputs(batch)
+        position_ids = batch.get("position_ids")  # packed rows: each model gets them and its block-diagonal mask
         heads = self.fused_heads()
         with torch.set_grad_enabled(self.teacher_trains and torch.is_grad_enabled()):
-            teacher_out = _forward(self.teacher, heads[1], input_ids, attention_mask)
-        student_out = _forward(self.student, heads[0], input_ids, attention_mask)
+            teacher_out = _forward(self.teacher, heads[1], input_ids, attention_mask, position_ids)
+        student_out = _forward(self.student, heads[0], input_ids, attention_mask, position_ids)
         if heads[0] is None:
             return ForwardPasses(_logits(student_out)[:, :-1], _logits(teacher_out)[:, :-1], labels)
         (h_s, w_s, b_s), (h_t, w_t, b_t) = student_out, teacher_out
@@ -218,11 +229,19 @@ def _allow_missing_frozen_teacher(module: DistillationModule, incompatible_keys:
         missing[:] = [k for k in missing if not k.startswith("teacher.")]
 
 
-def _forward(model: nn.Module, head: nn.Linear | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-    """(hidden states, head weight, head bias) for a fused head, else the model's output."""
+def _forward(
+    model: nn.Module,
+    head: nn.Linear | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+):
+    """(hidden states, head weight, head bias) for a fused head, else the model's output; with ``position_ids``
+    (packed rows) the model gets them and the block-diagonal causal mask (:func:`attention_inputs`)."""
+    masks = attention_inputs(model, attention_mask, position_ids)
     if head is None:
-        return model(input_ids=input_ids, attention_mask=attention_mask)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return model(input_ids=input_ids, **masks)
+    hidden = model.base_model(input_ids=input_ids, **masks).last_hidden_state
     return hidden, head.weight, head.bias
 
 
