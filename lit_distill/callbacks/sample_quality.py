@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from ..kernels import distillation_loss
 from ..models import CausalLM
-from ..modules.generation import continue_prompts, derived_seed, prompt_lengths_of
+from ..modules.generation import continue_prompts, derived_seed, is_prompt_only, prompt_lengths_of, prompts_as_prefixes
 
 
 class SampleScores(NamedTuple):
@@ -35,15 +35,17 @@ def score_samples(
     temperature: float = 1.0,
     vocab_size: int | None = None,
     synced_gpus: bool | None = None,
+    stop_token_ids: list[int] | None = None,
 ) -> SampleScores:
     """The student continues the prompts (sampling, seeded); the teacher scores every generated token.
 
     Returns the sums over generated tokens of the teacher's negative log-likelihood of the student's token and
     of the reverse KL ``KL(q_student ‖ p_teacher)`` over the whole vocabulary at T=1, and the token count.
+    ``stop_token_ids`` end a reply (None: the student's generation config's EOS ids).
     """
     out = continue_prompts(
         student, input_ids, prompt_lengths, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-        synced_gpus=synced_gpus,
+        synced_gpus=synced_gpus, stop_token_ids=stop_token_ids,
     )  # fmt: skip
     ids, mask = out.input_ids, out.attention_mask
     student_logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1]
@@ -65,7 +67,9 @@ class OnPolicyEvaluation(Callback):
     mean reverse KL over the vocabulary at those positions (how far the student's distribution is from the
     teacher's where the student actually goes). Validation on the data's tokens cannot show either: it
     measures the student on states it never reaches on its own. Works with every distillation module; one
-    without a teacher in memory (``OfflineDistillation``) needs ``teacher``.
+    without a teacher in memory (``OfflineDistillation``) needs ``teacher``. Prompt-only validation batches
+    (``PromptDataModule``'s) are continued from each whole prompt (``prompt_length`` does not apply), and
+    replies stop at the module's ``stop_ids()`` when it has them (``OnPolicyDistillation``).
 
     Args:
         prompt_length: prompt tokens taken from each validation sequence (shorter than the sequences).
@@ -134,14 +138,9 @@ class OnPolicyEvaluation(Callback):
     ) -> None:  # fmt: skip
         if trainer.sanity_checking or batch_idx >= self.max_batches:
             return
-        input_ids = batch["input_ids"]
-        if self.prompt_length >= input_ids.shape[1]:
-            raise ValueError(
-                f"OnPolicyEvaluation's prompt_length={self.prompt_length} is not shorter than the validation"
-                f" sequences ({input_ids.shape[1]} tokens); use a shorter prompt_length"
-            )
-        lengths = prompt_lengths_of(input_ids, self.prompt_length, batch.get("attention_mask"))
+        input_ids, lengths = self.prompts(batch)
         lockstep = getattr(pl_module, "generates_in_lockstep", lambda: False)()
+        stops = getattr(pl_module, "stop_ids", None)
         scores = score_samples(
             pl_module.student,
             self.teacher,
@@ -152,9 +151,24 @@ class OnPolicyEvaluation(Callback):
             temperature=self.sampling_temperature,
             vocab_size=getattr(getattr(pl_module, "loss", None), "vocab_size", None),
             synced_gpus=True if lockstep else None,
+            stop_token_ids=stops() if callable(stops) else None,
         )
         for total, value in zip(self._sums, scores, strict=True):
             total += value.double()
+
+    def prompts(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, (B,) prompt lengths)``: a prompt-only batch's whole prompts (moved to the start of each
+        row), else each sequence's first ``prompt_length`` tokens."""
+        if is_prompt_only(batch):
+            batch = prompts_as_prefixes(batch)
+            return batch["input_ids"], batch["attention_mask"].sum(1).clamp(min=1)
+        input_ids = batch["input_ids"]
+        if self.prompt_length >= input_ids.shape[1]:
+            raise ValueError(
+                f"OnPolicyEvaluation's prompt_length={self.prompt_length} is not shorter than the validation"
+                f" sequences ({input_ids.shape[1]} tokens); use a shorter prompt_length"
+            )
+        return input_ids, prompt_lengths_of(input_ids, self.prompt_length, batch.get("attention_mask"))
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

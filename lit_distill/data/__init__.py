@@ -1,6 +1,7 @@
 """Data for distillation: text packed into fixed-length rows (``text.py``), read from a corpus (``corpus.py``)
 with the teacher's or a trained tokenizer (``tokenizers.py``), chat data through the tokenizer's chat template
-(``chat.py``, ``chat_formats.py``, ``chat_template.py``; ``datasets`` is imported only where they read data), the
+(``chat.py``, ``chat_formats.py``, ``chat_template.py``; ``datasets`` is imported only where they read data), prompt
+sets for on-policy distillation (``prompts.py``: left-padded prompts, no labels), the
 cache directory (``cache_dir.py``), and the teacher cache (``teacher_cache/``: a teacher's sparse signal written
 once, read by ``OfflineDistillation``).
 
@@ -11,6 +12,7 @@ Batches are dicts of ``input_ids``, ``attention_mask`` and ``labels``, not shift
 from .cache_dir import default_cache_dir, writable_dir
 from .chat import ChatDataModule
 from .corpus import BUNDLED_CORPUS, CORPUS_CREDIT, read_documents, split_documents, split_works
+from .prompts import PromptDataModule
 from .teacher_cache import TeacherCacheDataModule
 from .text import EpochShuffle, ShuffledDataModule, TextDataModule, TokenBlocks, pack
 from .tokenizers import (
@@ -34,6 +36,7 @@ __all__ = [
     "TOKENIZER_FILES",
     "ChatDataModule",
     "EpochShuffle",
+    "PromptDataModule",
     "ShuffledDataModule",
     "TeacherCacheDataModule",
     "TextDataModule",

@@ -1,9 +1,14 @@
-"""Continuing prompts with a model's ``generate``: seeded, in eval mode, as one right-padded training batch."""
+"""Continuing prompts with a model's ``generate``: seeded, in eval mode, as one right-padded training batch.
+
+Prompts come as prefixes of right-padded rows (packed text, chat batches with a ``prompt_mask``) or as
+left-padded prompt-only batches (``PromptDataModule``: ``prompt_mask`` equal to ``attention_mask``,
+:func:`is_prompt_only`), which :func:`packed_left` turns into the first form.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -19,8 +24,8 @@ class Continuations(NamedTuple):
         attention_mask: ``(B, P + G)`` 1 on the prompt and the kept generated tokens, 0 on padding.
         labels: ``(B, P + G)`` the kept generated tokens, ``ignore_index`` elsewhere (the Hugging Face
             convention: aligned with ``input_ids``; position t is predicted from the tokens before it).
-        generated_tokens: ``(B,)`` kept generated tokens per row (up to and including an end-of-sequence
-            token; what follows it is dropped).
+        generated_tokens: ``(B,)`` kept generated tokens per row (up to and including the first stop token, as
+            TRL's GKD keeps its EOS; what follows it is dropped).
     """
 
     input_ids: torch.Tensor
@@ -47,6 +52,38 @@ def prompt_lengths_of(input_ids: torch.Tensor, prompt_length: int, attention_mas
     if attention_mask is not None:
         lengths = lengths.clamp(max=attention_mask.sum(1)).clamp(min=1)
     return lengths
+
+
+def is_prompt_only(batch: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``batch`` holds prompts alone: its ``prompt_mask`` marks every token its ``attention_mask`` does
+    (``PromptDataModule``'s left-padded batches); there is no completion to learn from off-policy."""
+    prompt_mask, attention_mask = batch.get("prompt_mask"), batch.get("attention_mask")
+    if prompt_mask is None or attention_mask is None:
+        return False
+    return bool(torch.equal(prompt_mask.bool(), attention_mask.bool()))
+
+
+def packed_left(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` with each row's real tokens moved to its start, in order (a left-padded
+    batch becomes right-padded): each row at its natural positions, and its prompt a prefix."""
+    order = torch.sort((attention_mask == 0).int(), dim=1, stable=True).indices
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+def prompts_as_prefixes(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A prompt-only batch as ``input_ids`` and ``attention_mask`` right-padded (:func:`packed_left`)."""
+    input_ids, attention_mask = packed_left(batch["input_ids"], batch["attention_mask"])
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def stop_ids_of(model: nn.Module, stop_token_ids: Sequence[int] | None = None, eos: int | None = None) -> list[int]:
+    """The ids that end a row: ``stop_token_ids`` when given, else the generation config's ``eos_token_id`` (one
+    id or a list, as chat models have: EOS and an end-of-turn token) and ``eos``."""
+    if stop_token_ids:
+        return list(dict.fromkeys(int(i) for i in stop_token_ids))
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return list(dict.fromkeys(int(i) for i in [*ids, *([eos] if eos is not None else [])]))
 
 
 @contextlib.contextmanager
@@ -76,13 +113,15 @@ def continue_prompts(
     top_p: float = 1.0,
     seed: int | None = None,
     synced_gpus: bool | None = None,
+    stop_token_ids: Sequence[int] | None = None,
 ) -> Continuations:
     """Continue row ``i``'s first ``prompt_lengths[i]`` tokens of ``input_ids`` by up to ``max_new_tokens``.
 
     The model generates in eval mode (no dropout) with its KV cache, and is put back in the mode it was in.
     Prompts of different lengths are left-padded for ``generate`` (which derives the positions from the
     attention mask) and packed back to the left afterwards, so that the training forward pass sees each row
-    at its natural positions.
+    at its natural positions. Each row stops at the first of the stop ids (all of them are given to
+    ``generate``, which stops when every row has ended); that token is kept and counted, what follows is not.
 
     Args:
         model: a Hugging Face causal LM (see :func:`can_generate`).
@@ -94,12 +133,13 @@ def continue_prompts(
         temperature, top_p: sampling temperature and nucleus mass.
         seed: seeds the sampling without touching the global RNG (None: draw from the global RNG).
         synced_gpus: keep decoding until every process stops (ZeRO-3); None lets Hugging Face decide.
+        stop_token_ids: the ids that end a row (EOS, end of turn); None: the generation config's (see
+            :func:`stop_ids_of`).
     """
     width = int(prompt_lengths.max())
     config = model.generation_config
-    eos = config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
-    pad = config.pad_token_id if config.pad_token_id is not None else (eos if eos is not None else 0)
+    stops = stop_ids_of(model, stop_token_ids)
+    pad = config.pad_token_id if config.pad_token_id is not None else (stops[0] if stops else 0)
     # Left-pad: row i's prompt sits in the last prompt_lengths[i] of `width` columns.
     offset = (width - prompt_lengths).unsqueeze(1)  # (B, 1) padding columns before each prompt
     source = torch.arange(width, device=input_ids.device).unsqueeze(0) - offset
@@ -116,6 +156,7 @@ def continue_prompts(
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,
                 pad_token_id=pad,
+                eos_token_id=stops or None,
                 synced_gpus=synced_gpus,
                 **sampling,
             )
@@ -123,9 +164,9 @@ def continue_prompts(
         model.train(training)
     generated = sequences[:, width:]
     keep = torch.ones_like(generated, dtype=torch.bool)
-    if eos is not None:  # keep the end-of-sequence token itself, drop what follows it
-        is_eos = (generated == eos).long()
-        keep = (is_eos.cumsum(1) - is_eos) == 0
+    if stops:  # keep the first stop token itself, drop what follows it (padding too, even when pad == EOS)
+        is_stop = torch.isin(generated, torch.tensor(stops, device=generated.device)).long()
+        keep = (is_stop.cumsum(1) - is_stop) == 0
     # Pack left: shift row i by its padding, so its prompt starts at column 0.
     mask = torch.cat([in_prompt, keep], 1)
     length = sequences.shape[1]

@@ -15,7 +15,15 @@ from ..kernels import DistillationOutput
 from ..losses import DistillationLoss
 from ..models import CausalLM
 from .distillation import DistillationModule
-from .generation import can_generate, continue_prompts, derived_seed, prompt_lengths_of
+from .generation import (
+    can_generate,
+    continue_prompts,
+    derived_seed,
+    is_prompt_only,
+    prompt_lengths_of,
+    prompts_as_prefixes,
+    stop_ids_of,
+)
 from .sampled_token import counted_logits, sampled_token_reverse_kl
 
 ESTIMATORS = ("full", "sampled_token")
@@ -34,7 +42,10 @@ class OnPolicyDistillation(DistillationModule):
     the tokens a ``prompt_mask`` in the batch marks, a prefix of each row, for chat-style data) by
     ``max_new_tokens`` tokens with Hugging Face ``generate`` under ``no_grad``, in eval mode, with the KV
     cache. Each process samples its own (seeded by the same draw and its rank). Only the generated tokens
-    count: the prompt, the padding and anything after an end-of-sequence token do not. Then:
+    count, the first stop token included (as TRL's GKD): the prompt, the padding and what follows it do not.
+    A prompt-only batch (``PromptDataModule``'s: left-padded, its ``prompt_mask`` equal to its
+    ``attention_mask``) is continued from each whole prompt; it has no completion, so every batch must be
+    on-policy (``lmbda=1``, ``mix="either"``), and its validation loss is the divergence on the prompts. Then:
 
     - ``estimator="full"``: both models score prompt + continuation, and the loss's divergence is computed
       over the whole vocabulary at every generated position by the fused kernels (from hidden states and
@@ -72,6 +83,8 @@ class OnPolicyDistillation(DistillationModule):
         estimator: ``"full"`` or ``"sampled_token"``.
         seed: seeds the λ draws and the samples.
         mix: ``"either"`` (GKD: a micro-batch is on-policy or off-policy) or ``"both"`` (see above).
+        stop_token_ids: the ids that end a reply (EOS, the template's end of turn: ``PromptDataModule``'s
+            ``stop_token_ids``); None: the student's generation config's EOS ids and ``special_tokens``' EOS.
         *args, **kwargs: ``optimizer``, ``fused_linear``, ... as in
             :class:`~lit_distill.modules.distillation.DistillationModule`.
 
@@ -83,7 +96,7 @@ class OnPolicyDistillation(DistillationModule):
         ValueError: for ``lmbda`` outside [0, 1], ``prompt_length`` or ``max_new_tokens`` below 1, a sampling
             temperature <= 0, ``top_p`` outside (0, 1], an unknown estimator, ``"sampled_token"`` with a
             divergence other than reverse KL, a student that cannot generate, and (at the first batch)
-            prompts that are not shorter than the sequences.
+            prompts that are not shorter than the sequences, or prompt-only batches with ``lmbda < 1``.
     """
 
     def __init__(
@@ -102,6 +115,7 @@ class OnPolicyDistillation(DistillationModule):
         estimator: str = "full",
         seed: int = 0,
         mix: str = "either",
+        stop_token_ids: list[int] | None = None,
         **kwargs: Any,
     ) -> None:
         _check_options(lmbda, prompt_length, max_new_tokens, sampling_temperature, top_p, estimator)
@@ -124,6 +138,7 @@ class OnPolicyDistillation(DistillationModule):
         self.lmbda, self.prompt_length, self.max_new_tokens = lmbda, prompt_length, max_new_tokens
         self.sampling_temperature, self.top_p, self.do_sample = sampling_temperature, top_p, do_sample
         self.estimator, self.seed, self.mix = estimator, seed, mix
+        self.stop_token_ids = list(stop_token_ids) if stop_token_ids else None
         self.counts = {"batches": 0, "on_policy": 0, "generation_s": 0.0, "batch_s": 0.0}
         self._batch_start = 0.0
         self._draw = 0
@@ -159,6 +174,11 @@ class OnPolicyDistillation(DistillationModule):
     # ------------------------------------------------------------ the loss
     @override
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
+        if is_prompt_only(batch) and (self.lmbda < 1 or self.mix != "either"):
+            raise ValueError(
+                f"prompt-only batches have no completion to distill on off-policy, so every batch is on-policy: got"
+                f" lmbda={self.lmbda}, mix={self.mix!r}; use lmbda=1 and mix='either' (or ChatDataModule data)"
+            )
         if not self.is_on_policy():  # the data's tokens, not the student's samples: the loss as configured
             return self.distill(batch)
         generated = self.generate(batch)
@@ -177,8 +197,11 @@ class OnPolicyDistillation(DistillationModule):
 
     def generate(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The student's continuations of the batch's prompts, as a batch whose labels are the generated tokens."""
-        input_ids = self.shifted_inputs(batch)[0]
-        lengths = self.prompt_lengths(batch)
+        if is_prompt_only(batch):  # left-padded whole prompts: each row's prompt becomes a prefix
+            batch = prompts_as_prefixes(batch)
+            input_ids, lengths = batch["input_ids"], batch["attention_mask"].sum(1).clamp(min=1)
+        else:
+            input_ids, lengths = self.shifted_inputs(batch)[0], self.prompt_lengths(batch)
         start = _now(self.device)
         out = continue_prompts(
             self.student,
@@ -191,6 +214,7 @@ class OnPolicyDistillation(DistillationModule):
             top_p=self.top_p,
             seed=derived_seed(self.seed, self._draw, self.global_rank),  # each process samples its own
             synced_gpus=True if self.generates_in_lockstep() else None,
+            stop_token_ids=self.stop_ids(),
         )
         seconds = max(_now(self.device) - start, 1e-9)
         self.counts["generation_s"] += seconds
@@ -201,6 +225,15 @@ class OnPolicyDistillation(DistillationModule):
         if batch.get("attention_mask") is not None:  # an all-padding row has no prompt: nothing it generates counts
             labels = labels.masked_fill(~batch["attention_mask"].bool().any(1, keepdim=True), self.loss.ignore_index)
         return {"input_ids": out.input_ids, "attention_mask": out.attention_mask, "labels": labels}
+
+    def stop_ids(self) -> list[int]:
+        """The ids that end a reply: ``stop_token_ids``, else the student's EOS ids and ``special_tokens``' EOS."""
+        return stop_ids_of(self.student, self.stop_token_ids, (self.special_tokens or {}).get("eos_token_id"))
+
+    @override
+    def validation_output(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
+        # A prompt-only batch: the divergence on the prompts, each row at its natural positions.
+        return super().validation_output(prompts_as_prefixes(batch) if is_prompt_only(batch) else batch)
 
     def prompt_lengths(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``(B,)`` prompt tokens per row: ``prompt_length``, or what the batch's ``prompt_mask`` marks."""
