@@ -187,11 +187,68 @@ def test_every_config_is_covered():
         "hard_label_generate.yaml",
         "co_distillation.yaml",
         "on_policy.yaml",
+        "chat_soft_label.yaml",
+        "chat_on_policy.yaml",
         "hf_example.yaml",
         "fsdp_example.yaml",  # parsed in test_sharded.py
         "deepspeed_example.yaml",  # parsed in test_sharded.py
     }
     assert {p.name for p in CONFIGS.glob("*.yaml")} == tested
+
+
+CHAT_QUICK = [
+    "--trainer.max_steps", "2", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
+    "--trainer.enable_progress_bar", "false", "--data.batch_size", "2",
+    "--data.train", "artifacts/dialogues/train-head.jsonl",  # 200 of them: the whole file tokenizes for a minute
+]  # fmt: skip
+
+
+def chat_workdir(workdir, monkeypatch) -> Path:
+    """``workdir`` with the dialogues of the bundled plays written as the chat configs' headers say."""
+    from lit_distill.data.dialogues import main as write_dialogues
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("LIT_DISTILL_CACHE", str(workdir / "cache"))
+    dialogues = workdir / "artifacts" / "dialogues"
+    if not (dialogues / "train-head.jsonl").exists():
+        write_dialogues(["artifacts/dialogues"])
+        head = (dialogues / "train.jsonl").read_text().splitlines(keepends=True)[:200]
+        (dialogues / "train-head.jsonl").write_text("".join(head))
+    return dialogues
+
+
+@pytest.mark.parametrize(
+    ("config", "student_dir"),
+    [("chat_soft_label.yaml", "student-chat-soft-label"), ("chat_on_policy.yaml", "student-chat-on-policy")],
+)
+def test_chat_configs_train_on_the_dialogues_of_the_bundled_plays(workdir, monkeypatch, config, student_dir):
+    chat_workdir(workdir, monkeypatch)
+    cli = run_cli(["fit", "--config", str(CONFIGS / config), *CHAT_QUICK])
+    assert cli.trainer.global_step == 2
+    tokenizer = cli.datamodule.tokenizer  # the teacher's, by default, with the bundled template
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(workdir / "artifacts" / "teacher").get_vocab()
+    assert cli.model.student.config.vocab_size == len(tokenizer)
+    assert cli.datamodule.stop_token_ids == [tokenizer.eos_token_id]
+    assert (workdir / "artifacts" / student_dir / "config.json").exists()
+    if config == "chat_soft_label.yaml":
+        counts = cli.datamodule.describe()
+        assert counts["train"]["conversations"] == 200 and counts["val"]["conversations"] > 1_000
+        assert counts["train"]["merged boundaries"] == 0 and counts["train"]["counted tokens"] > 0
+        assert float(cli.trainer.callback_metrics["val/loss"]) > 0
+    else:  # the command line gave the model the data's stop ids; every batch was on-policy
+        assert cli.model.stop_token_ids == [tokenizer.eos_token_id] == cli.model.stop_ids()
+        assert cli.model.counts["on_policy"] == cli.model.counts["batches"] > 0
+        metrics = cli.trainer.callback_metrics
+        assert 0 < float(metrics["val/teacher_nll_of_student"]) < 20 and float(metrics["val/student_reverse_kl"]) > 0
+
+
+def test_a_configs_own_stop_token_ids_are_kept(workdir, monkeypatch):
+    chat_workdir(workdir, monkeypatch)
+    args = [*without(CHAT_QUICK, "--trainer.max_steps"), "--trainer.max_steps", "1"]
+    cli = run_cli(
+        ["fit", "--config", str(CONFIGS / "chat_on_policy.yaml"), *args, "--model.init_args.stop_token_ids", "[7, 9]"]
+    )
+    assert cli.model.stop_token_ids == [7, 9] != cli.datamodule.stop_token_ids
 
 
 def test_help_lists_the_techniques_and_every_command(capsys):

@@ -130,6 +130,7 @@ class LitDistillCLI(LightningCLI):
                 from ..data import check_tokenizer
 
                 check_tokenizer(teacher, tokenizer)
+            link_stop_token_ids(self.model, self.datamodule)
         except Exception as err:
             message = configuration_error(err)
             if message is None or debug_requested():
@@ -175,17 +176,33 @@ def default_tokenizer(config: Namespace) -> str | None:
 
 
 def _is_text_data(class_path: Any) -> bool:
-    """Whether a data class path names TextDataModule or ChatDataModule, whose tokenizer defaults to the teacher's
-    (jsonargparse may shorten the path, as in ``lit_distill.TextDataModule``)."""
+    """Whether a data class path names TextDataModule, ChatDataModule or PromptDataModule, whose tokenizer defaults
+    to the teacher's (jsonargparse may shorten the path, as in ``lit_distill.TextDataModule``)."""
     import importlib
 
-    from ..data import ChatDataModule, TextDataModule
+    from ..data import ChatDataModule, PromptDataModule, TextDataModule
 
     module, _, name = str(class_path).rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name, None) in (TextDataModule, ChatDataModule)
+        return getattr(importlib.import_module(module), name, None) in (
+            TextDataModule,
+            ChatDataModule,
+            PromptDataModule,
+        )
     except ImportError:
         return False
+
+
+def link_stop_token_ids(model: Any, datamodule: Any) -> None:
+    """Give an ``OnPolicyDistillation`` without ``stop_token_ids`` the data's (chat and prompt data have them: EOS
+    and the template's end of turn). Set after both are built, as ``link_arguments`` would need every technique to
+    take the argument; a config's own ``stop_token_ids`` stay."""
+    from ..modules import OnPolicyDistillation
+
+    stops = getattr(datamodule, "stop_token_ids", None)
+    if isinstance(model, OnPolicyDistillation) and model.stop_token_ids is None and stops:
+        model.stop_token_ids = list(stops)
+        rank_zero_info(f"model.stop_token_ids: the data's, {model.stop_token_ids}")
 
 
 def with_verified_checkpoints(plugins: Any, strategy: Any = None) -> list:

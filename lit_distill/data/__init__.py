@@ -1,6 +1,8 @@
 """Data for distillation: text packed into fixed-length rows (``text.py``), read from a corpus (``corpus.py``)
 with the teacher's or a trained tokenizer (``tokenizers.py``), chat data through the tokenizer's chat template
-(``chat.py``, ``chat_formats.py``, ``chat_template.py``; ``datasets`` is imported only where they read data), prompt
+(``chat.py``, ``chat_formats.py``, ``chat_template.py``; ``datasets`` is imported only where they read data), with
+a plain chat template for tokenizers without one (``BUNDLED_CHAT_TEMPLATE``) and conversations from the bundled plays
+(``dialogues.py``, ``python -m lit_distill.data.dialogues DIR``), prompt
 sets for on-policy distillation (``prompts.py``: left-padded prompts, no labels), the
 cache directory (``cache_dir.py``), and the teacher cache (``teacher_cache/``: a teacher's sparse signal written
 once, read by ``OfflineDistillation``).
@@ -11,6 +13,7 @@ Batches are dicts of ``input_ids``, ``attention_mask`` and ``labels``, not shift
 
 from .cache_dir import default_cache_dir, writable_dir
 from .chat import ChatDataModule
+from .chat_template import BUNDLED_CHAT_TEMPLATE
 from .corpus import BUNDLED_CORPUS, CORPUS_CREDIT, read_documents, split_documents, split_works
 from .prompts import PromptDataModule
 from .teacher_cache import TeacherCacheDataModule
@@ -28,6 +31,7 @@ from .tokenizers import (
 )
 
 __all__ = [
+    "BUNDLED_CHAT_TEMPLATE",
     "BUNDLED_CORPUS",
     "CORPUS_CREDIT",
     "EOS",

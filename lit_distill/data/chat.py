@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from .cache_dir import default_cache_dir, writable_dir
 from .chat_formats import detect_format, load_source, normalize
-from .chat_template import LOSS_ON, encode, resolve_template
+from .chat_template import LOSS_ON, encode, resolve_template, stop_ids
 from .packing import PackedRows
 from .text import ShuffledDataModule
 from .tokenizers import load_tokenizer, special_token_ids
@@ -181,6 +181,11 @@ class ChatDataModule(ShuffledDataModule):
     def special_tokens(self) -> dict[str, int]:
         """The tokenizer's ``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` (those it has)."""
         return special_token_ids(self.tokenizer)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """The tokenizer's EOS and the template's end-of-turn token: where replies end (as ``PromptDataModule``'s)."""
+        return stop_ids(self.tokenizer, self.chat_template)
 
     def prepare_data(self) -> None:
         self._prepare()  # once per machine, before setup: the other processes read the map cache it writes

@@ -16,12 +16,14 @@ from typing import Any
 from .chat_formats import Conversation
 
 LOSS_ON = ("assistant", "last_assistant", "completion", "all")
+#: the template ``chat_template="bundled"`` names: plain-text role headers, each turn ending with the tokenizer's EOS
+BUNDLED_CHAT_TEMPLATE = Path(__file__).parents[1] / "assets" / "chat_template.jinja"
 _MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def resolve_template(tokenizer, chat_template: str | None) -> str:
     """The Jinja template to render with: the file ``chat_template`` names (a string holding Jinja tags is the
-    template itself), else the tokenizer's own.
+    template itself; ``"bundled"`` is :data:`BUNDLED_CHAT_TEMPLATE`), else the tokenizer's own.
 
     Raises:
         FileNotFoundError: ``chat_template`` is neither a file nor a template.
@@ -30,10 +32,10 @@ def resolve_template(tokenizer, chat_template: str | None) -> str:
     if chat_template is not None:
         if "{{" in chat_template or "{%" in chat_template:
             return chat_template
-        path = Path(chat_template).expanduser()
+        path = BUNDLED_CHAT_TEMPLATE if chat_template == "bundled" else Path(chat_template).expanduser()
         if path.is_file():
             return path.read_text(encoding="utf-8")
-        raise FileNotFoundError(f"chat_template {chat_template!r} is not a file (nor a Jinja template)")
+        raise FileNotFoundError(f"chat_template {chat_template!r} is not a file (nor a Jinja template, nor 'bundled')")
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # several named templates: the default one
         template = template.get("default")
@@ -167,3 +169,29 @@ def _boundary(ids: list[int], offsets, alone: list[int], cut: int, side: str) ->
     if side == "start":  # the first token ending after the cut
         return next((i for i, (_, stop) in enumerate(offsets) if stop > cut), len(ids)), 1
     return next((i for i, (begin, _) in enumerate(offsets) if begin >= cut), len(ids)), 1
+
+
+def end_of_turn_ids(tokenizer, template: str) -> list[int]:
+    """The special token the template writes right after an assistant's text (``<|eot_id|>``, ``<|im_end|>``,
+    ...), as a one-element list; empty when it writes none (plain text, or nothing)."""
+    mark = "ENDOFTURNPROBE"
+    try:
+        text = _render(
+            tokenizer, template, [{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}], False
+        )
+    except Exception:  # a template that refuses this conversation: nothing to learn from it
+        return []
+    after = text.split(mark, 1)[1] if mark in text else ""
+    ids = _tokenize(tokenizer, after) if after else []
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special} | set(
+        tokenizer.all_special_ids
+    )
+    return ids[:1] if ids and ids[0] in special else []
+
+
+def stop_ids(tokenizer, chat_template: str | None) -> list[int]:
+    """Where a reply ends: the tokenizer's EOS and the template's end-of-turn token (the ``stop_token_ids`` of
+    ``ChatDataModule`` and ``PromptDataModule``, for ``OnPolicyDistillation``)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    template = resolve_template(tokenizer, chat_template)
+    return list(dict.fromkeys(ids + end_of_turn_ids(tokenizer, template)))

@@ -29,7 +29,9 @@ from torch.utils.data import DataLoader
 from .cache_dir import default_cache_dir, writable_dir
 from .chat import _tokenizer_identity
 from .chat_formats import detect_format, load_source, normalize
-from .chat_template import _render, _tokenize, resolve_template
+
+# end_of_turn_ids moved to chat_template.py (shared with ChatDataModule); still importable from here
+from .chat_template import _render, _tokenize, end_of_turn_ids, resolve_template, stop_ids  # noqa: F401
 from .text import ShuffledDataModule
 from .tokenizers import load_tokenizer, special_token_ids
 
@@ -95,24 +97,6 @@ class _Encoder:
             # Rendered with the generation prompt, tokenized without special tokens: the template wrote BOS.
             ids.append(_tokenize(self.tokenizer, _render(self.tokenizer, self.template, messages, True)))
         return {"input_ids": ids}
-
-
-def end_of_turn_ids(tokenizer, template: str) -> list[int]:
-    """The special token the template writes right after an assistant's text (``<|eot_id|>``, ``<|im_end|>``,
-    ...), as a one-element list; empty when it writes none (plain text, or nothing)."""
-    mark = "ENDOFTURNPROBE"
-    try:
-        text = _render(
-            tokenizer, template, [{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}], False
-        )
-    except Exception:  # a template that refuses this conversation: nothing to learn from it
-        return []
-    after = text.split(mark, 1)[1] if mark in text else ""
-    ids = _tokenize(tokenizer, after) if after else []
-    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special} | set(
-        tokenizer.all_special_ids
-    )
-    return ids[:1] if ids and ids[0] in special else []
 
 
 class PromptDataModule(ShuffledDataModule):
@@ -204,9 +188,7 @@ class PromptDataModule(ShuffledDataModule):
     @property
     def stop_token_ids(self) -> list[int]:
         """The tokenizer's EOS and the template's end-of-turn token: where the student's replies end."""
-        ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        template = resolve_template(self.tokenizer, self.chat_template)
-        return list(dict.fromkeys(ids + end_of_turn_ids(self.tokenizer, template)))
+        return stop_ids(self.tokenizer, self.chat_template)
 
     def prepare_data(self) -> None:
         self._prepare()  # once per machine, before setup: the other processes read the map cache it writes
