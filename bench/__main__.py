@@ -9,6 +9,7 @@ and the run goes on (exit status 1 at the end).
 
 Related: ``python3 -m bench.sweep`` times the Triton kernels' block sizes and warps (bench/sweep.py), and
 ``bash bench/gpu_check.sh`` runs the GPU tests, that sweep and these benchmarks in one time-boxed call.
+``python -m bench.chat_data`` times preparing chat data (rendering, masking, tokenizing) cold and from the cache.
 """
 
 from __future__ import annotations

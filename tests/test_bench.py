@@ -1,5 +1,6 @@
 """The benchmarks: the harness at a tiny size (its CSV, its providers agree on the loss), the launch-config
-sweep under the Triton interpreter, and bench/gpu_check.sh (static checks, and its --dry-run on a CPU)."""
+sweep under the Triton interpreter, bench/gpu_check.sh (static checks, and its --dry-run on a CPU), and the chat
+data preparation benchmark at a tiny size."""
 
 import csv
 import itertools
@@ -21,6 +22,26 @@ interpreted = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
     reason="the sweep runs on CPU tensors under the Triton interpreter (tests/conftest.py turns it on without a GPU)",
 )
+
+
+@pytest.mark.slow  # trains the demo's BPE (about 9 s) in a subprocess
+def test_chat_data_bench_counts_the_same_tokens_cold_cached_and_by_either_span_path(tmp_path):
+    env = {**os.environ, "LIT_DISTILL_CACHE": str(tmp_path / "cache"), "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    cmd = [sys.executable, "-m", "bench.chat_data", "--conversations", "40", "--num-proc", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (path,) = tmp_path.glob("chat_data-*.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["template"], r["run"]) for r in rows] == [
+        ("markers", "cold"),
+        ("markers", "cached"),
+        ("prefixes", "cold"),
+        ("prefixes", "cached"),
+    ]
+    # Both templates render the same text, so both span paths see the same ids and learn the same tokens.
+    assert {r["conversations"] for r in rows} == {"40"}
+    assert len({r["tokens"] for r in rows}) == 1 and len({r["counted tokens"] for r in rows}) == 1
+    assert all(float(r["seconds"]) > 0 and int(r["tokens_per_s"]) > 0 for r in rows)
 
 
 @pytest.mark.slow  # a subprocess that measures 16 configurations
