@@ -21,25 +21,18 @@ imported only where data is read, so ``import lit_distill.data`` works without i
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
 
-from .cache_dir import default_cache_dir, writable_dir
-from .chat_formats import detect_format, load_source, normalize
-from .chat_template import LOSS_ON, encode, resolve_template, stop_ids
+from .chat_formats import detect_format, normalize
+from .chat_template import LOSS_ON, encode, resolve_template
+from .mapped import MappedDataModule
 from .packing import PackedRows
-from .text import ShuffledDataModule
-from .tokenizers import load_tokenizer, special_token_ids
 
 IGNORE_INDEX = -100
 TRUNCATION = ("keep_start", "drop")
-_CODE = ("chat.py", "chat_formats.py", "chat_template.py")  # part of the cache key: new code, new rows
 
 
 class PadCollate:
@@ -93,7 +86,7 @@ class _Encoder:
         return out
 
 
-class ChatDataModule(ShuffledDataModule):
+class ChatDataModule(MappedDataModule):
     """Conversations (or prompt/completion pairs, or plain text) as right-padded batches whose labels count only
     what ``loss_on`` names; see docs/data.md.
 
@@ -128,6 +121,8 @@ class ChatDataModule(ShuffledDataModule):
         >>> data = ChatDataModule("chats.jsonl", tokenizer="artifacts/teacher", max_seq_length=1024)
     """
 
+    what = "chat data"
+
     def __init__(
         self,
         train: str,
@@ -147,112 +142,34 @@ class ChatDataModule(ShuffledDataModule):
         cache_dir: str | None = None,
         packing: bool = False,
     ) -> None:
-        super().__init__()
         if loss_on not in LOSS_ON or truncation not in TRUNCATION:
             raise ValueError(f"loss_on must be one of {LOSS_ON} and truncation one of {TRUNCATION}")
-        if max_seq_length < 2 or batch_size < 1 or not 0 <= val_fraction < 1:
-            raise ValueError(
-                f"need max_seq_length >= 2, batch_size >= 1 and 0 <= val_fraction < 1; got {max_seq_length},"
-                f" {batch_size}, {val_fraction}"
-            )
-        if tokenizer is None:
-            raise ValueError(
-                "ChatDataModule needs tokenizer= (a name or directory): the teacher's, whose chat template renders"
-                " the conversations"
-            )
-        self.train, self.val, self.chat_template = train, val, chat_template
-        self.split, self.val_split = split, val_split
-        self.max_seq_length, self.loss_on, self.truncation = max_seq_length, loss_on, truncation
-        self.batch_size, self.num_workers, self.num_proc = batch_size, num_workers, num_proc
-        self.seed, self.val_fraction, self.packing = seed, val_fraction, packing
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.tokenizer = load_tokenizer(tokenizer)
-        pad = self.tokenizer.pad_token_id
-        self.collate = PadCollate(pad if pad is not None else self.tokenizer.eos_token_id)
-        self.train_set = self.val_set = None
-        self.summary: dict[str, dict[str, int]] = {}
+        if max_seq_length < 2:
+            raise ValueError(f"need max_seq_length >= 2, got {max_seq_length}")
+        super().__init__(
+            train, val, tokenizer, chat_template, batch_size, num_workers, num_proc, seed, val_fraction, split,
+            val_split, cache_dir,
+        )  # fmt: skip
+        self.max_seq_length, self.loss_on, self.truncation, self.packing = max_seq_length, loss_on, truncation, packing
+        self.collate = PadCollate(self.pad_id)
 
-    @property
-    def vocab_size(self) -> int:
-        """Token ids the models must cover (the tokenizer's size, special tokens included)."""
-        return len(self.tokenizer)
-
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        """The tokenizer's ``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` (those it has)."""
-        return special_token_ids(self.tokenizer)
-
-    @property
-    def stop_token_ids(self) -> list[int]:
-        """The tokenizer's EOS and the template's end-of-turn token: where replies end (as ``PromptDataModule``'s)."""
-        return stop_ids(self.tokenizer, self.chat_template)
-
-    def prepare_data(self) -> None:
-        self._prepare()  # once per machine, before setup: the other processes read the map cache it writes
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self.train_set, self.val_set, self.summary = self._prepare()
-            if self.packing:  # rows fixed once: EpochShuffle then shuffles them, exactly resumable
-                lengths = self.train_set.with_format("numpy", columns=["length"])["length"]
-                lengths = np.minimum(lengths, self.max_seq_length)
-                self.train_set = PackedRows(self.train_set, lengths, self.max_seq_length)
-                self.summary["train"]["packed rows"] = len(self.train_set)
-            for name, counts in self.summary.items():
-                rank_zero_info(f"chat data, {name}: " + ", ".join(f"{v:,} {k}" for k, v in counts.items()))
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return self.shuffled_loader(self.train_set, collate_fn=self.collate)
-
-    def val_dataloader(self) -> DataLoader | list:
-        self.setup()
-        if self.val_set is None:
-            return []
-        return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers, collate_fn=self.collate)
-
-    def describe(self) -> dict[str, Any]:
-        """The counts of each split (conversations, rows, tokens, truncated, dropped, ...), for logs and tables."""
-        self.setup()
-        return {**self.summary, "vocab_size": self.vocab_size}
-
-    # ------------------------------------------------------------------------------------------ preparing
-    def _prepare(self):
-        """(train rows, val rows or None, counts per split): read, tokenize through the map cache, split, cut."""
-        train = self._encoded(self.train, self.split)
-        if self.val is not None:
-            val = self._encoded(self.val, self.val_split)
-        elif self.val_fraction > 0:
-            order = np.random.default_rng(self.seed).permutation(len(train))
-            held = max(1, round(len(train) * self.val_fraction))
-            train, val = train.select(np.sort(order[held:])), train.select(np.sort(order[:held]))
-        else:
-            val = None
-        train, summary = self._kept(train, "train")
-        if val is not None:
-            val, counts = self._kept(val, "val")
-            summary.update(counts)
-        return train, val, summary
+    def _training_rows(self, rows):
+        if not self.packing:
+            return rows
+        # rows fixed once: EpochShuffle then shuffles them, exactly resumable
+        lengths = np.minimum(rows.with_format("numpy", columns=["length"])["length"], self.max_seq_length)
+        packed = PackedRows(rows, lengths, self.max_seq_length)
+        self.summary["train"]["packed rows"] = len(packed)
+        return packed
 
     def _encoded(self, source: str, split: str):
         """The dataset ``source`` tokenized (``_Encoder``'s columns), from the map cache when it is there."""
-        dataset = load_source(source, split, self.cache_dir / "datasets" if self.cache_dir else None)
+        dataset = self._source(source, split)
         fmt = detect_format(dataset.column_names, source)
         template = None if fmt == "text" else resolve_template(self.tokenizer, self.chat_template)
-        key = hashlib.sha256()
-        for part in (dataset._fingerprint, fmt, template or "", self.loss_on, str(self.max_seq_length)):
-            key.update(part.encode() + b"\0")
-        key.update(_tokenizer_identity(self.tokenizer))
-        for name in _CODE:
-            key.update((Path(__file__).parent / name).read_bytes())
-        fingerprint = key.hexdigest()[:32]
-        directory = writable_dir((self.cache_dir or default_cache_dir()) / "chat")
-        return dataset.map(
-            _Encoder(self.tokenizer, template, fmt, self.loss_on, self.max_seq_length, source),
-            batched=True, with_indices=True, remove_columns=dataset.column_names, num_proc=self.num_proc,
-            new_fingerprint=fingerprint, cache_file_name=str(directory / f"{fingerprint}.arrow"),
-            desc=f"tokenizing {Path(source).name}",
-        )  # fmt: skip
+        encoder = _Encoder(self.tokenizer, template, fmt, self.loss_on, self.max_seq_length, source)
+        key = (fmt, template or "", self.loss_on, str(self.max_seq_length))
+        return self._mapped(dataset, source, encoder, key, "chat")
 
     def _kept(self, dataset, name: str):
         """(the rows that stay under ``truncation``, {name: counts})."""
@@ -279,10 +196,3 @@ class ChatDataModule(ShuffledDataModule):
         }
         kept = dataset if len(keep) == len(dataset) else dataset.select(keep)
         return kept.with_format("numpy", columns=["input_ids", "labels"]), {name: counts}
-
-
-def _tokenizer_identity(tokenizer) -> bytes:
-    """What the rows depend on in a tokenizer: its whole definition and which tokens are special."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    return f"{type(tokenizer).__name__}\0{definition}\0{sorted(tokenizer.special_tokens_map.items())}".encode()

@@ -17,26 +17,16 @@ ShareGPT ``conversations``) whose last turn, when it is an assistant's, is dropp
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
 
-from .cache_dir import default_cache_dir, writable_dir
-from .chat import _tokenizer_identity
-from .chat_formats import detect_format, load_source, normalize
-
-# end_of_turn_ids moved to chat_template.py (shared with ChatDataModule); still importable from here
-from .chat_template import _render, _tokenize, end_of_turn_ids, resolve_template, stop_ids  # noqa: F401
-from .text import ShuffledDataModule
-from .tokenizers import load_tokenizer, special_token_ids
+from .chat_formats import detect_format, normalize
+from .chat_template import _render, _tokenize, resolve_template
+from .mapped import MappedDataModule
 
 TRUNCATION = ("keep_end", "drop")
-_CODE = ("prompts.py", "chat_formats.py", "chat_template.py")  # part of the cache key: new code, new rows
 
 
 class LeftPadCollate:
@@ -99,7 +89,7 @@ class _Encoder:
         return {"input_ids": ids}
 
 
-class PromptDataModule(ShuffledDataModule):
+class PromptDataModule(MappedDataModule):
     """Prompts as left-padded batches for on-policy distillation: every batch is on-policy (the student
     continues each prompt; there are no completions to distill on), so ``OnPolicyDistillation`` needs
     ``lmbda=1``. See docs/data.md.
@@ -121,7 +111,8 @@ class PromptDataModule(ShuffledDataModule):
 
     Attributes:
         stop_token_ids: the ids generation should stop at: the tokenizer's EOS and the template's end-of-turn
-            token (:func:`end_of_turn_ids`), for ``OnPolicyDistillation(stop_token_ids=...)``.
+            token (:func:`~lit_distill.data.chat_template.end_of_turn_ids`), for
+            ``OnPolicyDistillation(stop_token_ids=...)``.
 
     Raises:
         ValueError, FileNotFoundError, ConnectionError: bad options at construction; at setup, data in no known
@@ -131,6 +122,8 @@ class PromptDataModule(ShuffledDataModule):
     Example:
         >>> data = PromptDataModule("prompts.jsonl", tokenizer="artifacts/teacher", max_prompt_length=512)
     """
+
+    what = "prompt data"
 
     def __init__(
         self,
@@ -149,108 +142,26 @@ class PromptDataModule(ShuffledDataModule):
         val_split: str = "validation",
         cache_dir: str | None = None,
     ) -> None:
-        super().__init__()
         if truncation not in TRUNCATION:
             raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
-        if max_prompt_length < 1 or batch_size < 1 or not 0 <= val_fraction < 1:
-            raise ValueError(
-                f"need max_prompt_length >= 1, batch_size >= 1 and 0 <= val_fraction < 1; got {max_prompt_length},"
-                f" {batch_size}, {val_fraction}"
-            )
-        if tokenizer is None:
-            raise ValueError(
-                "PromptDataModule needs tokenizer= (a name or directory): the teacher's, whose chat template renders"
-                " the prompts"
-            )
-        self.train, self.val, self.chat_template = train, val, chat_template
-        self.split, self.val_split = split, val_split
+        if max_prompt_length < 1:
+            raise ValueError(f"need max_prompt_length >= 1, got {max_prompt_length}")
+        super().__init__(
+            train, val, tokenizer, chat_template, batch_size, num_workers, num_proc, seed, val_fraction, split,
+            val_split, cache_dir,
+        )  # fmt: skip
         self.max_prompt_length, self.truncation = max_prompt_length, truncation
-        self.batch_size, self.num_workers, self.num_proc = batch_size, num_workers, num_proc
-        self.seed, self.val_fraction = seed, val_fraction
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.tokenizer = load_tokenizer(tokenizer)
-        pad = self.tokenizer.pad_token_id
         # keep_end cuts in the collate: the cached rows stay whole, whatever max_prompt_length a run takes.
-        self.collate = LeftPadCollate(pad if pad is not None else self.tokenizer.eos_token_id, max_prompt_length)
-        self.train_set = self.val_set = None
-        self.summary: dict[str, dict[str, int]] = {}
-
-    @property
-    def vocab_size(self) -> int:
-        """Token ids the models must cover (the tokenizer's size, special tokens included)."""
-        return len(self.tokenizer)
-
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        """The tokenizer's ``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` (those it has)."""
-        return special_token_ids(self.tokenizer)
-
-    @property
-    def stop_token_ids(self) -> list[int]:
-        """The tokenizer's EOS and the template's end-of-turn token: where the student's replies end."""
-        return stop_ids(self.tokenizer, self.chat_template)
-
-    def prepare_data(self) -> None:
-        self._prepare()  # once per machine, before setup: the other processes read the map cache it writes
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self.train_set, self.val_set, self.summary = self._prepare()
-            for name, counts in self.summary.items():
-                rank_zero_info(f"prompt data, {name}: " + ", ".join(f"{v:,} {k}" for k, v in counts.items()))
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return self.shuffled_loader(self.train_set, collate_fn=self.collate)
-
-    def val_dataloader(self) -> DataLoader | list:
-        self.setup()
-        if self.val_set is None:
-            return []
-        return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers, collate_fn=self.collate)
-
-    def describe(self) -> dict[str, Any]:
-        """The counts of each split (prompts, rows, tokens, truncated, dropped), for logs and tables."""
-        self.setup()
-        return {**self.summary, "vocab_size": self.vocab_size}
-
-    # ------------------------------------------------------------------------------------------ preparing
-    def _prepare(self):
-        """(train rows, val rows or None, counts per split): read, tokenize through the map cache, split, cut."""
-        train = self._encoded(self.train, self.split)
-        if self.val is not None:
-            val = self._encoded(self.val, self.val_split)
-        elif self.val_fraction > 0:
-            order = np.random.default_rng(self.seed).permutation(len(train))
-            held = max(1, round(len(train) * self.val_fraction))
-            train, val = train.select(np.sort(order[held:])), train.select(np.sort(order[:held]))
-        else:
-            val = None
-        train, summary = self._kept(train, "train")
-        if val is not None:
-            val, counts = self._kept(val, "val")
-            summary.update(counts)
-        return train, val, summary
+        self.collate = LeftPadCollate(self.pad_id, max_prompt_length)
 
     def _encoded(self, source: str, split: str):
         """The dataset ``source`` tokenized (whole prompts), from the map cache when it is there."""
-        dataset = load_source(source, split, self.cache_dir / "datasets" if self.cache_dir else None)
-        columns = dataset.column_names
-        fmt = "prompt" if "prompt" in columns else detect_format(columns, source)
+        dataset = self._source(source, split)
+        fmt = "prompt" if "prompt" in dataset.column_names else detect_format(dataset.column_names, source)
         template = resolve_template(self.tokenizer, self.chat_template)
-        key = hashlib.sha256()
-        for part in (dataset._fingerprint, fmt, template):
-            key.update(part.encode() + b"\0")
-        key.update(_tokenizer_identity(self.tokenizer))
-        for name in _CODE:
-            key.update((Path(__file__).parent / name).read_bytes())
-        fingerprint = key.hexdigest()[:32]
-        directory = writable_dir((self.cache_dir or default_cache_dir()) / "prompts")
-        return dataset.map(
-            _Encoder(self.tokenizer, template, fmt, source), batched=True, with_indices=True,
-            remove_columns=columns, num_proc=self.num_proc, new_fingerprint=fingerprint,
-            cache_file_name=str(directory / f"{fingerprint}.arrow"), desc=f"tokenizing {Path(source).name}",
-        )  # fmt: skip
+        return self._mapped(
+            dataset, source, _Encoder(self.tokenizer, template, fmt, source), (fmt, template), "prompts"
+        )
 
     def _kept(self, dataset, name: str):
         """(the rows that stay under ``truncation``, {name: counts}); ``keep_end`` cuts in the collate."""
