@@ -332,3 +332,46 @@ def permuted_tokenizer(source: Path, target: Path) -> Path:
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (target / "tokenizer.json").write_text(json.dumps(spec))
     return target
+
+
+#: the words of the tiny chat tests' conversations, and so of their tokenizer's training text
+CHAT_WORDS = ["question", "answer", "hello", "how", "are", "you", "fine", "thanks", "what", "is", "two", "plus", "four",
+              "be", "nice", "the", "quick", "brown", "fox"]  # fmt: skip
+
+
+def save_chat_tokenizers(root, special: list[str], templates: dict, adds_bos: bool = True) -> dict[str, str]:
+    """One tiny byte-level BPE (360 tokens, trained on CHAT_WORDS; ``special`` first, ``<|bos|>`` at id 0)
+    saved once per ``templates`` entry (name -> chat template or None) under ``root``; returns name -> directory.
+    With ``adds_bos`` it adds BOS when tokenizing with special tokens, as Llama's does."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    text = [" ".join(CHAT_WORDS[i:] + CHAT_WORDS[:i]) + " 0 1 2 3 4 5 6 7 8 9" for i in range(len(CHAT_WORDS))]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(text * 4, vocab_size=360, min_frequency=2, special_tokens=special, show_progress=False)
+    if adds_bos:
+        bpe.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 0)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>"
+    )
+    dirs = {}
+    for name, template in templates.items():
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(Path(root) / name)
+        dirs[name] = str(Path(root) / name)
+    return dirs
+
+
+def write_jsonl(path, rows) -> str:
+    """``rows`` (dicts) as a jsonl file at ``path``; returns its path as a string."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def greedy_by_hand(model, prompt, steps):
+    """Greedy continuation of one unpadded prompt, a full forward pass per token (no cache, no generate)."""
+    ids = prompt.unsqueeze(0)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
+    return ids[0, len(prompt) :]

@@ -17,7 +17,7 @@ import sys
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import InterruptAt, adam, loader, tiny, trainer
+from helpers import CHAT_WORDS, InterruptAt, adam, loader, save_chat_tokenizers, tiny, trainer, write_jsonl
 from lightning.pytorch.callbacks import Callback
 
 from lit_distill import distillation_loss
@@ -59,8 +59,7 @@ RUN_ON = (
 RUN_ON_MARKED = RUN_ON.replace(
     "assistant: {{ m['content'] }} ", "assistant: {% generation %}{{ m['content'] }} {% endgeneration %}"
 )
-WORDS = ["question", "answer", "hello", "how", "are", "you", "fine", "thanks", "what", "is", "two", "plus", "four",
-         "be", "nice", "the", "quick", "brown", "fox"]  # fmt: skip
+WORDS = CHAT_WORDS
 
 
 def conversation(i, turns=2, system="be nice"):
@@ -75,23 +74,9 @@ def conversation(i, turns=2, system="be nice"):
 def tokenizers(tmp_path_factory):
     """Directories of one byte-level BPE that adds BOS on its own (as Llama's does): with the PLAIN template, the
     MARKED one, and none."""
-    from tokenizers import ByteLevelBPETokenizer, processors
-    from transformers import PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("tokenizers")
-    text = [" ".join(WORDS[i:] + WORDS[:i]) + " 0 1 2 3 4 5 6 7 8 9" for i in range(len(WORDS))]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(text * 4, vocab_size=360, min_frequency=2, special_tokens=SPECIAL, show_progress=False)
-    bpe.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 0)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>"
+    return save_chat_tokenizers(
+        tmp_path_factory.mktemp("tokenizers"), SPECIAL, {"plain": PLAIN, "marked": MARKED, "bare": None}
     )
-    dirs = {}
-    for name, template in (("plain", PLAIN), ("marked", MARKED), ("bare", None)):
-        tokenizer.chat_template = template
-        tokenizer.save_pretrained(root / name)
-        dirs[name] = str(root / name)
-    return dirs
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +97,6 @@ def oracle(tok, messages, loss_on="assistant"):
         ids += [head, *body]
         labels += [head if loss_on == "all" else -100, *(body if learned else [-100] * len(body))]
     return ids, labels
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
 
 
 def rows_of(dataset):

@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import VOCAB, InterruptAt, loader, make_batch, make_module, tiny, trainer
+from helpers import VOCAB, InterruptAt, greedy_by_hand, loader, make_batch, make_module, tiny, trainer
 from oracle import divergence, oracle
 
 from lit_distill.callbacks import CheckpointOnInterrupt, LmbdaScheduler, OnPolicyEvaluation
@@ -18,15 +18,6 @@ from lit_distill.modules.sampled_token import sampled_token_reverse_kl
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 EOS = 2  # helpers.TINY's end-of-sequence token
-
-
-def greedy_by_hand(model, prompt, steps):
-    """Greedy continuation of one unpadded prompt, a full forward pass per token (no cache, no generate)."""
-    ids = prompt.unsqueeze(0)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
-    return ids[0, len(prompt) :]
 
 
 # --------------------------------------------------------------------------------------- continuations

@@ -12,7 +12,7 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import adam, tiny, trainer
+from helpers import CHAT_WORDS, adam, save_chat_tokenizers, tiny, trainer
 
 from lit_distill.data import ChatDataModule
 from lit_distill.data.chat import PadCollate
@@ -170,8 +170,7 @@ PLAIN = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-WORDS = ["question", "answer", "hello", "how", "are", "you", "fine", "thanks", "what", "is", "two", "plus", "four",
-         "be", "nice", "the", "quick", "brown", "fox"]  # fmt: skip
+WORDS = CHAT_WORDS
 
 
 def conversation(i, turns):
@@ -185,18 +184,10 @@ def conversation(i, turns):
 @pytest.fixture(scope="module")
 def chats(tmp_path_factory):
     """(a jsonl of 12 conversations of 1 to 3 exchanges, a byte-level BPE tokenizer with the PLAIN template)."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
     root = tmp_path_factory.mktemp("packing")
-    bpe = ByteLevelBPETokenizer()
-    text = [" ".join(WORDS[i:] + WORDS[:i]) + " 0 1 2 3 4 5 6 7 8 9" for i in range(len(WORDS))]
-    bpe.train_from_iterator(text * 4, vocab_size=360, min_frequency=2, special_tokens=SPECIAL, show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>")
-    tok.chat_template = PLAIN
-    tok.save_pretrained(root / "tok")
+    tok = save_chat_tokenizers(root, SPECIAL, {"tok": PLAIN}, adds_bos=False)["tok"]
     (root / "c.jsonl").write_text("".join(json.dumps(conversation(i, 1 + i % 3)) + "\n" for i in range(12)))
-    return str(root / "c.jsonl"), str(root / "tok")
+    return str(root / "c.jsonl"), tok
 
 
 def make(chats, tmp_path, **kwargs):

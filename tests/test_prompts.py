@@ -7,12 +7,20 @@ token before and after every message, and special tokens split the text before B
 each message's pieces tokenized alone, then the assistant header (the generation prompt).
 """
 
-import json
-
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import VOCAB, adam, make_module, tiny, trainer
+from helpers import (
+    CHAT_WORDS,
+    VOCAB,
+    adam,
+    greedy_by_hand,
+    make_module,
+    save_chat_tokenizers,
+    tiny,
+    trainer,
+    write_jsonl,
+)
 
 from lit_distill.callbacks import OnPolicyEvaluation
 from lit_distill.data import PromptDataModule
@@ -28,31 +36,14 @@ PLAIN = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 EOT = PLAIN.replace("<|end|>{% endfor %}", "<|eot|>{% endfor %}")  # an end-of-turn token that is not EOS
-WORDS = ["question", "answer", "hello", "how", "are", "you", "fine", "thanks", "what", "is", "two", "plus", "four",
-         "be", "nice", "the", "quick", "brown", "fox"]  # fmt: skip
+WORDS = CHAT_WORDS
 
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
     """Directories of one byte-level BPE that adds BOS on its own (as Llama's does): with the PLAIN template and
     with the EOT one."""
-    from tokenizers import ByteLevelBPETokenizer, processors
-    from transformers import PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("tokenizers")
-    text = [" ".join(WORDS[i:] + WORDS[:i]) + " 0 1 2 3 4 5 6 7 8 9" for i in range(len(WORDS))]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(text * 4, vocab_size=360, min_frequency=2, special_tokens=SPECIAL, show_progress=False)
-    bpe.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 0)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>"
-    )
-    dirs = {}
-    for name, template in (("plain", PLAIN), ("eot", EOT)):
-        tokenizer.chat_template = template
-        tokenizer.save_pretrained(root / name)
-        dirs[name] = str(root / name)
-    return dirs
+    return save_chat_tokenizers(tmp_path_factory.mktemp("tokenizers"), SPECIAL, {"plain": PLAIN, "eot": EOT})
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +63,6 @@ def oracle(tok, messages):
         ]
         ids.append(tok.eos_token_id)
     return [*ids, tok.convert_tokens_to_ids("<|assistant|>")]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
 
 
 def question(i, words=3):
@@ -184,15 +170,6 @@ def test_bad_prompt_data_is_refused(tmp_path, tokenizers):
 
 
 # ---------------------------------------------------------------------------------------------- generation
-def greedy_by_hand(model, prompt, steps):
-    """Greedy continuation of one unpadded prompt, a full forward pass per token (no cache, no generate)."""
-    ids = prompt.unsqueeze(0)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
-    return ids[0, len(prompt) :]
-
-
 def left_padded(prompts, pad=0):
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad)
