@@ -2,6 +2,7 @@
 the exit status, errors in one message, the help, and what a run prints."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -189,6 +190,8 @@ def test_every_config_is_covered():
         "on_policy.yaml",
         "chat_soft_label.yaml",
         "chat_on_policy.yaml",
+        "chat_cache_teacher.yaml",
+        "chat_offline.yaml",
         "hf_example.yaml",
         "fsdp_example.yaml",  # parsed in test_sharded.py
         "deepspeed_example.yaml",  # parsed in test_sharded.py
@@ -240,6 +243,29 @@ def test_chat_configs_train_on_the_dialogues_of_the_bundled_plays(workdir, monke
         assert cli.model.counts["on_policy"] == cli.model.counts["batches"] > 0
         metrics = cli.trainer.callback_metrics
         assert 0 < float(metrics["val/teacher_nll_of_student"]) < 20 and float(metrics["val/student_reverse_kl"]) > 0
+
+
+def test_chat_cache_teacher_then_chat_offline_config_trains_from_the_cache(workdir, monkeypatch, caplog):
+    chat_workdir(workdir, monkeypatch)
+    cache = workdir / "artifacts" / "teacher-cache-chat"
+    with caplog.at_level(logging.INFO):
+        status = cli_main(
+            ["cache-teacher", "--config", str(CONFIGS / "chat_cache_teacher.yaml"), "--max_sequences", "12",
+             "--shard_sequences", "5", "--data.init_args.train", "artifacts/dialogues/train-head.jsonl",
+             "--trainer.enable_progress_bar", "false"]
+        )  # fmt: skip
+    assert status == 0
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert (manifest["layout"], manifest["sequences"], len(manifest["shards"])) == ("rows", 12, 3)
+    assert 0 < manifest["signal_positions"] < manifest["tokens"]  # the system and user turns carry no signal
+    size = sum((cache / shard["file"]).stat().st_size for shard in manifest["shards"])
+    per_learned = round(size / manifest["signal_positions"])
+    assert f"{manifest['signal_positions']:,} learned ({per_learned} bytes each)" in caplog.text
+    assert per_learned < 6 * 64 + 64  # 6 bytes per slot, and the rows' own tokens are a small share
+    cli = run_cli(["fit", "--config", str(CONFIGS / "chat_offline.yaml"), *without(CHAT_QUICK, "--data.train")])
+    assert cli.trainer.global_step == 2 and type(cli.datamodule).__name__ == "TeacherCacheDataModule"
+    assert cli.datamodule.settings.layout == "rows" and float(cli.trainer.callback_metrics["val/loss"]) > 0
+    assert (workdir / "artifacts" / "student-chat-offline" / "config.json").exists()
 
 
 def test_a_configs_own_stop_token_ids_are_kept(workdir, monkeypatch):

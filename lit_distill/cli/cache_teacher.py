@@ -5,8 +5,10 @@
         --cache_dir artifacts/teacher-cache --trainer.devices 2
 
 ``--model.*`` are :class:`~lit_distill.data.teacher_cache.TeacherSignal`'s options (teacher, method, k, samples,
-temperature, seed), ``--data.*`` the :class:`~lit_distill.data.TextDataModule`'s (its training split is cached),
-``--trainer.*`` Lightning's (several devices write their shards in parallel).
+temperature, seed), ``--data.*`` the :class:`~lit_distill.data.TextDataModule`'s (its training split is cached) or,
+with ``--data lit_distill.data.ChatDataModule`` (a ``class_path`` in the config), the chat data's (its training
+conversations are cached, the signal only at the positions that predict a learned token), ``--trainer.*``
+Lightning's (several devices write their shards in parallel).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from .errors import configuration_error, debug_requested
+from .lightning_cli import DEFAULT_DATA
 from .parser import LitDistillParser, shorten_help
 
 USAGE = "%(prog)s [-c CONFIG] --cache_dir DIR [--model.NAME VALUE] [--data.NAME VALUE] [--trainer.NAME VALUE]"
@@ -36,6 +39,8 @@ class CacheTeacherCLI(LightningCLI):
         parser.add_argument("--cache_dir", type=str, required=True, help="the cache directory to write (or resume)")
         parser.add_argument("--shard_sequences", type=int, default=1024, help="sequences per shard file")
         parser.add_argument("--max_sequences", type=int | None, default=None, help="cache only the first ones")
+        # A `data:` section without class_path holds TextDataModule's arguments, as in `lit-distill fit`.
+        parser.set_defaults({"data": {"class_path": DEFAULT_DATA}})
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.special_tokens", "model.special_tokens", apply_on="instantiate")
         shorten_help(parser, lambda dest: dest.startswith("trainer."))
@@ -52,7 +57,8 @@ class CacheTeacherCLI(LightningCLI):
 
 def cache_teacher_main(argv: list[str]) -> Any:
     """Parse ``argv``, write the cache and print its summary; returns the manifest."""
-    from ..data import TextDataModule
+    from lightning.pytorch import LightningDataModule
+
     from ..data.teacher_cache import TeacherSignal, cache_teacher
 
     # LightningCLI reads sys.argv when given no args (and warns when given both): hand it this command's.
@@ -60,7 +66,8 @@ def cache_teacher_main(argv: list[str]) -> Any:
     try:
         cli = CacheTeacherCLI(
             TeacherSignal,
-            TextDataModule,
+            LightningDataModule,
+            subclass_mode_data=True,
             run=False,
             trainer_defaults={"use_distributed_sampler": False, "logger": False, "enable_model_summary": False},
             save_config_callback=None,
@@ -81,8 +88,11 @@ def cache_teacher_main(argv: list[str]) -> Any:
     )
     settings = manifest.settings
     size = sum((Path(config.cache_dir) / shard["file"]).stat().st_size for shard in manifest.shards)
+    learned = ""
+    if settings.layout == "rows":  # chat data: the signal only where a token is learned
+        learned = f", {manifest.signal_positions:,} learned ({size / max(manifest.signal_positions, 1):.0f} bytes each)"
     rank_zero_info(
-        f"teacher cache {config.cache_dir}: {settings.sequences} sequences, {manifest.tokens:,} tokens,"
+        f"teacher cache {config.cache_dir}: {settings.sequences} sequences, {manifest.tokens:,} tokens{learned},"
         f" {settings.method} with {settings.k} slots at T={settings.temperature}, {len(manifest.shards)} shards,"
         f" {size / 2**20:.1f} MiB ({size / manifest.tokens:.0f} bytes per token)"
     )

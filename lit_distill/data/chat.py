@@ -122,6 +122,8 @@ class ChatDataModule(MappedDataModule):
     """
 
     what = "chat data"
+    #: the training conversations one per row, before any packing (set up; what a teacher cache stores)
+    train_rows = None
 
     def __init__(
         self,
@@ -154,6 +156,7 @@ class ChatDataModule(MappedDataModule):
         self.collate = PadCollate(self.pad_id)
 
     def _training_rows(self, rows):
+        self.train_rows = rows
         if not self.packing:
             return rows
         # rows fixed once: EpochShuffle then shuffles them, exactly resumable

@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from ..kernels import DistillationOutput
 from ..models import CausalLM, fusable_head
+from .attention import attention_inputs
 from .causal_lm import CausalLMModule, cross_entropy_output
 
 #: The loss keywords the sparse loss takes from the module's ``DistillationLoss``.
@@ -25,7 +26,8 @@ class OfflineDistillation(CausalLMModule):
     the student is trained on ``alpha * T² * D(teacher ‖ student) + (1 - alpha) * CE(student, labels)`` over
     those tokens (see :func:`lit_distill.sparse_distillation_loss`), from its hidden states and head weight
     without the full logits where its head is a plain linear layer. Normalization, resuming and DDP are as
-    in the other modules. Validation measures the student's cross-entropy on the cache's held-out text.
+    in the other modules. Validation measures the student's cross-entropy on the cache's held-out text (on a
+    chat cache, on the held-out conversations' learned tokens). Packed batches (``position_ids``) are honoured.
 
     Args:
         student: the model to train.
@@ -100,10 +102,11 @@ class OfflineDistillation(CausalLMModule):
         options = {name: getattr(self.loss, name) for name in SPARSE_KEYWORDS}
         options.update(tail=self.tail, reduction="sum")
         head = fusable_head(self.student) if self.fused_linear else None
+        masks = attention_inputs(self.student, attention_mask, batch.get("position_ids"))  # packed rows too
         if head is None:
-            logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            logits = self.student(input_ids=input_ids, **masks).logits[:, :-1]
             return sparse_distillation_loss(logits, teacher_ids, teacher_logprobs, labels, **options)
-        hidden = self.student.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.student.base_model(input_ids=input_ids, **masks).last_hidden_state
         return fused_linear_sparse_distillation_loss(
             hidden[:, :-1],
             head.weight,
@@ -119,5 +122,6 @@ class OfflineDistillation(CausalLMModule):
     def validation_output(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
         # Held-out text has no teacher signal: the student's cross-entropy is the validation loss.
         input_ids, attention_mask, labels = self.shifted_inputs(batch)
-        logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        masks = attention_inputs(self.student, attention_mask, batch.get("position_ids"))
+        logits = self.student(input_ids=input_ids, **masks).logits[:, :-1]
         return cross_entropy_output(logits, labels, self.loss.ignore_index)

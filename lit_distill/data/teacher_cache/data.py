@@ -11,9 +11,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader, Dataset
 
+from ..chat import PadCollate
 from ..text import ShuffledDataModule, TokenBlocks
 from ..tokenizers import load_tokenizer, special_token_ids
 from .manifest import TOKENIZER_DIR, VALIDATION, CacheManifest, CacheSettings, sha256_file, tokenizer_hash
+from .rows import CachedRows, HeldOutRows, SignalPadCollate
 
 
 class _CachedSequences(Dataset):
@@ -49,6 +51,9 @@ class TeacherCacheDataModule(ShuffledDataModule):
     Training batches hold ``input_ids`` ``(B, L)``, ``attention_mask``, ``teacher_ids`` ``(B, L, K)`` (-1 for an
     empty slot) and ``teacher_logprobs`` ``(B, L, K)``; position t's signal is the teacher's distribution of
     token t+1. Validation batches hold the held-out ``input_ids`` (the student's cross-entropy is measured).
+    A cache of chat data (``layout == "rows"``) gives the chat batches back, right-padded with ``labels``
+    counting the learned tokens only, and the signal at the positions that predict them (empty slots elsewhere);
+    its validation batches carry the held-out conversations' ``labels``.
     The order is shuffled and resumable as in :class:`~lit_distill.data.TextDataModule`.
 
     Args:
@@ -82,8 +87,15 @@ class TeacherCacheDataModule(ShuffledDataModule):
         self._check_tokenizer(tokenizer)
         if verify:
             self._check_shards()
-        self.train_set = _CachedSequences(self.directory, self.manifest)
+        files = [self.directory / shard["file"] for shard in self.manifest.shards]
+        if self.settings.layout == "rows":
+            self.train_set = CachedRows(files)
+            pad = self.tokenizer.pad_token_id
+            self.collate = SignalPadCollate(pad if pad is not None else self.tokenizer.eos_token_id)
+        else:
+            self.train_set, self.collate = _CachedSequences(self.directory, self.manifest), None
         self.val_blocks: torch.Tensor | None = None
+        self.val_rows: HeldOutRows | None = None
 
     @property
     def settings(self) -> CacheSettings:
@@ -122,20 +134,35 @@ class TeacherCacheDataModule(ShuffledDataModule):
             try:
                 with safe_open(str(path), framework="pt") as f:
                     shape = f.get_slice("teacher_ids").get_shape()
+                    if self.settings.layout == "rows":  # rows, and slots at as many positions as it says
+                        lengths, signals = f.get_tensor("lengths"), f.get_tensor("signals")
+                        sizes = [f.get_slice(name).get_shape()[0] for name in ("input_ids", "counted", "teacher_ids")]
+                        whole = sizes == [int(lengths.sum()), int(lengths.sum()), int(signals.sum())]
+                        shape = [len(lengths) if whole else -1, shape[-1]]
             except SafetensorError as err:
                 raise ValueError(f"teacher cache {self.directory}: shard {shard['file']} is unreadable: {err}") from err
             expected = [shard["sequences"], self.settings.seq_len, self.settings.k]
+            if self.settings.layout == "rows":
+                expected = [shard["sequences"], self.settings.k]
             if list(shape) != expected:
                 raise ValueError(f"teacher cache {self.directory}: shard {shard['file']} holds {shape}, not {expected}")
 
     def setup(self, stage: str | None = None) -> None:
-        if self.val_blocks is None:
+        if self.settings.layout == "rows":
+            if self.val_rows is None:
+                self.val_rows = HeldOutRows(self.directory / VALIDATION)
+        elif self.val_blocks is None:
             with safe_open(str(self.directory / VALIDATION), framework="pt") as f:
                 self.val_blocks = f.get_tensor("input_ids").long()
 
     def train_dataloader(self) -> DataLoader:
-        return self.shuffled_loader(self.train_set)
+        return self.shuffled_loader(self.train_set, collate_fn=self.collate)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
         self.setup()
+        if self.val_rows is not None:
+            if not len(self.val_rows):
+                return []
+            collate = PadCollate(self.collate.pad_id)
+            return DataLoader(self.val_rows, self.batch_size, num_workers=self.num_workers, collate_fn=collate)
         return DataLoader(TokenBlocks(self.val_blocks), batch_size=self.batch_size, num_workers=self.num_workers)

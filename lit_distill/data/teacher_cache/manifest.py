@@ -4,6 +4,7 @@ A cache directory::
 
     settings.json                 what is being cached (written first: a rerun resumes only the same job)
     shard-00000.safetensors ...   input_ids int32 (S, L), teacher_ids int32 (S, L, K), teacher_logprobs fp16
+                                  (chat data: rows of any length, the signal only where learned; ``rows.py``)
     validation.safetensors        the held-out input_ids (validation measures the student's cross-entropy)
     tokenizer/                    the tokenizer the ids belong to
     manifest.json                 the settings, counts and a sha256 per shard (written last: the cache is done)
@@ -25,7 +26,9 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # caches of fixed-length blocks (text data): what every version reads
+ROWS_FORMAT_VERSION = 2  # caches of chat rows (rows.py): an older lit-distill refuses them by this number
+LAYOUTS = ("blocks", "rows")
 METHODS = ("topk", "sampled")
 MANIFEST = "manifest.json"
 SETTINGS = "settings.json"
@@ -60,6 +63,8 @@ class CacheSettings:
     shard_sequences: int  # sequences per shard (the last may hold fewer)
     seed: int  # of the draws ("sampled")
     format_version: int = FORMAT_VERSION
+    layout: str = "blocks"  # "blocks": (sequences, seq_len) text blocks; "rows": chat rows, the signal where learned
+    data_fingerprint: str = ""  # "rows": the chat rows' fingerprint (data, tokenizer, template, loss_on, length)
 
     @property
     def num_shards(self) -> int:
@@ -79,6 +84,7 @@ class CacheManifest:
     tokens: int
     shards: list[dict[str, Any]] = field(default_factory=list)  # {"file", "sequences", "sha256"} per shard
     validation_sequences: int = 0
+    signal_positions: int = 0  # positions with a stored signal ("blocks": every token)
 
     def write(self, directory: Path) -> None:
         _write_json(directory / MANIFEST, {**asdict(self.settings), **_counts(self)})
@@ -94,14 +100,15 @@ class CacheManifest:
         try:
             raw = json.loads(path.read_text())
             version = raw.get("format_version")
-            if version != FORMAT_VERSION:
+            if version not in (FORMAT_VERSION, ROWS_FORMAT_VERSION):
                 raise ValueError(
                     f"teacher cache {directory}: format_version is {version}, this lit-distill reads"
-                    f" {FORMAT_VERSION}; write the cache again with this version"
+                    f" {FORMAT_VERSION} and {ROWS_FORMAT_VERSION}; write the cache again with this version"
                 )
             names = {f.name for f in fields(CacheSettings)}
             settings = CacheSettings(**{k: v for k, v in raw.items() if k in names})
-            return cls(settings, raw["tokens"], raw["shards"], raw.get("validation_sequences", 0))
+            positions = raw.get("signal_positions", raw["tokens"])
+            return cls(settings, raw["tokens"], raw["shards"], raw.get("validation_sequences", 0), positions)
         except (KeyError, TypeError, json.JSONDecodeError) as err:
             raise ValueError(
                 f"teacher cache {directory}: {MANIFEST} is damaged ({err!r}); write the cache again"
@@ -109,7 +116,12 @@ class CacheManifest:
 
 
 def _counts(manifest: CacheManifest) -> dict[str, Any]:
-    return {"tokens": manifest.tokens, "shards": manifest.shards, "validation_sequences": manifest.validation_sequences}
+    return {
+        "tokens": manifest.tokens,
+        "shards": manifest.shards,
+        "validation_sequences": manifest.validation_sequences,
+        "signal_positions": manifest.signal_positions,
+    }
 
 
 def read_settings(directory: Path) -> CacheSettings | None:

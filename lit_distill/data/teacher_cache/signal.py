@@ -108,7 +108,8 @@ class TeacherSignal(pl.LightningModule):
     @torch.no_grad()
     def teacher_logits(self, batch: dict[str, Any]) -> torch.Tensor:
         """The teacher's logits of ``batch["input_ids"]`` over the tokenizer's vocabulary."""
-        logits = self.teacher(input_ids=batch["input_ids"]).logits
+        # chat rows come right-padded: the mask keeps the padding out (causal attention already does)
+        logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
         if self.tokenizer_size is not None:
             logits = logits[..., : self.tokenizer_size]  # padding columns of the head are no tokens
         return logits

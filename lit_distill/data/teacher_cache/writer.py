@@ -1,7 +1,8 @@
 """Writing a teacher cache with ``Trainer.predict``: shard by shard, resumable, on any number of processes.
 
 ``cache_teacher(signal, data, cache_dir)`` (or lists of signals and directories: one teacher pass for several
-caches) plans the shards (shard ``i`` holds training sequences ``[i * S, (i + 1) * S)``), skips those an earlier
+caches) plans the shards (shard ``i`` holds training sequences ``[i * S, (i + 1) * S)``: text blocks, or chat
+conversations with the signal only where a token is learned, ``rows.py``), skips those an earlier
 run finished, gives process ``r`` of ``W`` the remaining shards ``i`` with ``i % W == r`` and runs
 ``Trainer.predict``; :class:`TeacherCacheWriter` stores each shard when its last sequence arrives (written to a
 temporary name, then renamed: a shard file is whole or absent), and process 0 writes ``manifest.json`` once
@@ -18,13 +19,16 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from .manifest import (
+    FORMAT_VERSION,
     ID_DTYPE,
     LOGPROB_DTYPE,
     MANIFEST,
+    ROWS_FORMAT_VERSION,
     TOKENIZER_DIR,
     VALIDATION,
     CacheManifest,
@@ -36,6 +40,7 @@ from .manifest import (
     tokenizer_hash,
     write_settings,
 )
+from .rows import ConversationRows, IndexedPadCollate, kept_signal, rows_shard, validation_tensors
 from .signal import SharedTeacherPass, TeacherSignal
 
 
@@ -55,8 +60,9 @@ def cache_teacher(
         signal: the teacher and how to draw its signal (method, k or samples, temperature, seed). A list of
             signals of one teacher (the same model object) writes one cache each, in ``cache_dir``'s
             directories, from one teacher forward per batch: the same files as caching each alone.
-        data: a :class:`~lit_distill.data.TextDataModule` (its training sequences, in order, are cached; its
-            validation sequences and tokenizer are stored beside them).
+        data: a :class:`~lit_distill.data.TextDataModule` or :class:`~lit_distill.data.ChatDataModule` (its
+            training sequences or conversations, in order, are cached, a chat row's signal only at the positions
+            that predict a learned token; its validation rows and tokenizer are stored beside them).
         cache_dir: the cache directory (a list of them for a list of signals); a rerun of the same job
             resumes at the first unfinished shard.
         shard_sequences: sequences per shard file.
@@ -82,11 +88,14 @@ def cache_teacher(
             f" {[str(d) for d in directories]}"
         )
     predictor = SharedTeacherPass(signals) if several else signal
-    data.setup()
-    blocks = data.train_blocks if max_sequences is None else data.train_blocks[:max_sequences]
     if shard_sequences < 1 or (max_sequences is not None and max_sequences < 1):
         raise ValueError(f"shard_sequences and max_sequences must be positive, got {shard_sequences}, {max_sequences}")
-    plans = [(d, _settings(s, data, blocks, shard_sequences)) for s, d in zip(signals, directories, strict=True)]
+    data.setup()
+    layout = _layout(data)
+    rows = data.train_blocks if layout == "blocks" else data.train_rows
+    if max_sequences is not None and max_sequences < len(rows):
+        rows = rows[:max_sequences] if layout == "blocks" else rows.select(range(max_sequences))
+    plans = [(d, _settings(s, data, rows, shard_sequences, layout)) for s, d in zip(signals, directories, strict=True)]
     for directory, settings in plans:  # every cache checked before any is touched
         _check_resumable(directory, settings)
     for directory, _ in plans:
@@ -102,7 +111,11 @@ def cache_teacher(
     if trainer.is_global_zero:
         for directory, settings in plans:
             write_settings(directory, settings)
-            save_file({"input_ids": data.val_blocks.to(ID_DTYPE).contiguous()}, directory / VALIDATION)
+            if layout == "blocks":
+                held_out = {"input_ids": data.val_blocks.to(ID_DTYPE)}
+            else:
+                held_out = validation_tensors(data.val_set)
+            save_file({k: v.contiguous() for k, v in held_out.items()}, directory / VALIDATION)
             data.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
     writers = [TeacherCacheWriter(d, s, key=i if several else None) for i, (d, s) in enumerate(plans)]
     if all(len(finished_shards(d, s)) == s.num_shards for d, s in plans):  # nothing left to predict
@@ -113,7 +126,7 @@ def cache_teacher(
     else:
         trainer.callbacks.extend(writers)
         try:
-            loader = _ShardLoader(blocks, plans, batch_size or data.batch_size)
+            loader = _ShardLoader(rows, plans, batch_size or data.batch_size, getattr(data, "pad_id", None))
             trainer.predict(predictor, datamodule=loader, return_predictions=False)
         finally:
             for writer in writers:
@@ -122,7 +135,19 @@ def cache_teacher(
     return manifests if several else manifests[0]
 
 
-def _settings(signal: TeacherSignal, data, blocks: torch.Tensor, shard_sequences: int) -> CacheSettings:
+def _layout(data) -> str:
+    """ "rows" for chat data (conversations of any length), "blocks" for text data (fixed-length blocks)."""
+    if getattr(data, "train_rows", None) is not None:
+        return "rows"
+    if getattr(data, "train_blocks", None) is not None:
+        return "blocks"
+    raise TypeError(
+        f"cache_teacher reads a TextDataModule or a ChatDataModule (or a data module with train_blocks, or"
+        f" train_rows), got {type(data).__name__}"
+    )
+
+
+def _settings(signal: TeacherSignal, data, rows, shard_sequences: int, layout: str) -> CacheSettings:
     return CacheSettings(
         teacher_source=str(signal.source),
         teacher_hash=model_hash(signal.teacher),
@@ -132,10 +157,13 @@ def _settings(signal: TeacherSignal, data, blocks: torch.Tensor, shard_sequences
         k=signal.slots,
         samples=signal.samples if signal.method == "sampled" else 0,
         temperature=float(signal.temperature),
-        seq_len=blocks.shape[1],
-        sequences=blocks.shape[0],
+        seq_len=rows.shape[1] if layout == "blocks" else data.max_seq_length,
+        sequences=len(rows),
         shard_sequences=shard_sequences,
         seed=signal.seed,
+        layout=layout,
+        format_version=ROWS_FORMAT_VERSION if layout == "rows" else FORMAT_VERSION,
+        data_fingerprint=rows._fingerprint if layout == "rows" else "",
     )
 
 
@@ -169,11 +197,12 @@ class _Sequences(Dataset):
 
 class _ShardLoader(pl.LightningDataModule):
     """The sequences of this process's shards that some cache of ``plans`` (directory, settings) lacks, in
-    order (rank ``r`` of ``W`` takes shards ``i % W == r``; the caches share one shard plan)."""
+    order (rank ``r`` of ``W`` takes shards ``i % W == r``; the caches share one shard plan): text blocks, or
+    chat rows right-padded with ``pad_id``."""
 
-    def __init__(self, blocks: torch.Tensor, plans: list[tuple[Path, CacheSettings]], batch_size: int) -> None:
+    def __init__(self, rows, plans: list[tuple[Path, CacheSettings]], batch_size: int, pad_id: int | None) -> None:
         super().__init__()
-        self.blocks, self.plans, self.batch_size = blocks, plans, batch_size
+        self.rows, self.plans, self.batch_size, self.pad_id = rows, plans, batch_size, pad_id
 
     def predict_dataloader(self) -> DataLoader:
         rank, world = self.trainer.global_rank, self.trainer.world_size
@@ -181,7 +210,10 @@ class _ShardLoader(pl.LightningDataModule):
         done = set.intersection(*(finished_shards(d, s) for d, s in self.plans))
         mine = [i for i in range(settings.num_shards) if i % world == rank and i not in done]
         indices = [j for i in mine for j in range(*settings.shard_range(i))]
-        return DataLoader(_Sequences(self.blocks, indices), batch_size=self.batch_size, shuffle=False)
+        if settings.layout == "rows":
+            dataset, collate = ConversationRows(self.rows, indices), IndexedPadCollate(self.pad_id)
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate)
+        return DataLoader(_Sequences(self.rows, indices), batch_size=self.batch_size, shuffle=False)
 
 
 class TeacherCacheWriter(BasePredictionWriter):
@@ -198,8 +230,11 @@ class TeacherCacheWriter(BasePredictionWriter):
         prediction = prediction if self.key is None else prediction[self.key]
         for row, index in enumerate(prediction["index"].tolist()):
             shard = index // self.settings.shard_sequences
-            fields = ("input_ids", "teacher_ids", "teacher_logprobs")
-            self.pending.setdefault(shard, {})[index] = {name: prediction[name][row].cpu() for name in fields}
+            if self.settings.layout == "rows":  # kept at once: a shard of whole rows' signals would not fit
+                kept = kept_signal(prediction, batch, row)
+            else:
+                kept = {name: prediction[name][row].cpu() for name in ("input_ids", "teacher_ids", "teacher_logprobs")}
+            self.pending.setdefault(shard, {})[index] = kept
             start, stop = self.settings.shard_range(shard)
             if len(self.pending[shard]) == stop - start:
                 rows = self.pending.pop(shard)
@@ -208,11 +243,15 @@ class TeacherCacheWriter(BasePredictionWriter):
 
     def _write_shard(self, shard: int, rows: dict[int, dict[str, torch.Tensor]]) -> None:
         ordered = [rows[i] for i in sorted(rows)]
-        tensors = {
-            "input_ids": torch.stack([r["input_ids"] for r in ordered]).to(ID_DTYPE),
-            "teacher_ids": torch.stack([r["teacher_ids"] for r in ordered]).to(ID_DTYPE),
-            "teacher_logprobs": torch.stack([r["teacher_logprobs"] for r in ordered]).to(LOGPROB_DTYPE),
-        }
+        tensors = (
+            rows_shard(ordered)
+            if self.settings.layout == "rows"
+            else {
+                "input_ids": torch.stack([r["input_ids"] for r in ordered]).to(ID_DTYPE),
+                "teacher_ids": torch.stack([r["teacher_ids"] for r in ordered]).to(ID_DTYPE),
+                "teacher_logprobs": torch.stack([r["teacher_logprobs"] for r in ordered]).to(LOGPROB_DTYPE),
+            }
+        )
         path = self.directory / shard_name(shard)
         tmp = path.with_name(path.name + ".tmp")
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"first_sequence": str(min(rows))})
@@ -231,15 +270,19 @@ class TeacherCacheWriter(BasePredictionWriter):
         missing = [i for i in range(settings.num_shards) if not (self.directory / shard_name(i)).exists()]
         if missing:
             raise RuntimeError(f"teacher cache {self.directory}: shards {missing[:5]} were not written")
-        shards = []
+        shards, tokens, positions = [], 0, 0
         for i in range(settings.num_shards):
             start, stop = settings.shard_range(i)
             path = self.directory / shard_name(i)
             shards.append({"file": path.name, "sequences": stop - start, "sha256": sha256_file(path)})
-        from safetensors import safe_open
-
+            if settings.layout == "rows":
+                with safe_open(path, "pt") as f:
+                    tokens += int(f.get_tensor("lengths").sum())
+                    positions += int(f.get_tensor("signals").sum())
+        if settings.layout == "blocks":
+            tokens = positions = settings.sequences * settings.seq_len
         with safe_open(self.directory / VALIDATION, "pt") as f:
-            validation = f.get_slice("input_ids").get_shape()[0]
-        manifest = CacheManifest(settings, settings.sequences * settings.seq_len, shards, validation)
+            validation = f.get_slice("lengths" if settings.layout == "rows" else "input_ids").get_shape()[0]
+        manifest = CacheManifest(settings, tokens, shards, validation, positions)
         manifest.write(self.directory)
         return manifest
