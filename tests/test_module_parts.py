@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -114,6 +116,43 @@ def test_tokens_per_second_is_logged_from_the_callback():
     rate = float(trainer.callback_metrics["train/tokens_per_sec"])
     # 2 rows x 12 tokens per batch through a tiny model on a CPU: far above 24 tokens per second, and finite
     assert 24 < rate < float("inf")
+
+
+class SlowCollate:
+    """Collates like the default and sleeps: a data loader of known slowness."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, rows):
+        time.sleep(self.seconds)
+        return torch.utils.data.default_collate(rows)
+
+
+def test_data_wait_fraction_measures_the_loader_and_not_validation():
+    ids = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": row} for row in ids]
+    train = DataLoader(rows, batch_size=2, collate_fn=SlowCollate(0.15))
+    val = DataLoader(rows[:2], batch_size=2, collate_fn=SlowCollate(0.5))  # must not count as waiting
+    module = LanguageModelTraining(spec(), vocab_size=VOCAB)
+    trainer = pl.Trainer(
+        max_steps=4, val_check_interval=2, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, train, val)
+    meter = next(c for c in trainer.callbacks if isinstance(c, TokensPerSecond))
+    # 4 batches, each 0.15 s in the collate function (the loader prefetches one more), two validations of 0.5 s
+    assert 0.6 <= meter.wait_seconds < 0.6 + 0.15 + 0.4
+    # logged at the last step; the gap up to the last validation adds a little after it
+    assert meter.data_wait_fraction == pytest.approx(
+        float(trainer.callback_metrics["train/data_wait_fraction"]), abs=0.01
+    )
+    assert meter.data_wait_fraction == pytest.approx(meter.wait_seconds / (meter.wait_seconds + meter.step_seconds))
+    fast = LanguageModelTraining(spec(), vocab_size=VOCAB)
+    trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(fast, DataLoader(rows, batch_size=2))
+    quick = next(c for c in trainer.callbacks if isinstance(c, TokensPerSecond))
+    assert quick.data_wait_fraction < meter.data_wait_fraction / 2
 
 
 def test_schedule_state_is_restored_by_name_and_unknown_keys_are_refused():
