@@ -13,6 +13,7 @@ import logging
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -519,3 +520,30 @@ def test_the_command_line_tokenizes_chat_data_with_the_teachers_tokenizer(tmp_pa
     assert cli.datamodule.tokenizer.get_vocab() == tok.get_vocab()
     assert cli.datamodule.tokenizer.chat_template == tok.chat_template
     assert cli.trainer.global_step == 1
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is missing")
+def test_two_processes_read_distinct_rows_and_step_as_one_on_their_learned_tokens(tmp_path, tokenizers):
+    """DDP on two CPU processes (tests/chat_ddp_worker.py): each process trains on its own rows, together every
+    training row once in the epoch, with equal batch counts; the first step equals one process's step on both
+    first batches, normalized by the learned tokens of both."""
+    train = write_jsonl(tmp_path / "c.jsonl", [{"messages": conversation(i, turns=1 + i % 3)} for i in range(12)])
+    out = tmp_path / "ddp.pt"
+    worker = [sys.executable, "chat_ddp_worker.py", train, tokenizers["plain"], str(tmp_path / "cache"), str(out)]
+    proc = subprocess.run(worker, capture_output=True, text=True, timeout=600, cwd=str(Path(__file__).parent))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = torch.load(out, weights_only=False)
+    seen = result["seen"]
+    assert [len(batches) for batches in seen] == [3, 3]  # 12 rows, 2 per batch on each of 2 processes
+    key = lambda row: (tuple(row["input_ids"]), tuple(row["labels"]))  # noqa: E731
+    per_process = [sorted(key(row) for batch in batches for row in batch) for batches in seen]
+    assert not set(per_process[0]) & set(per_process[1])
+    assert sorted(per_process[0] + per_process[1]) == sorted(key(row) for row in result["train_rows"])
+    assert result["counted"] == sum(
+        sum(label != -100 for label in row["labels"][1:]) for batches in seen for row in batches[0]
+    )  # fmt: skip
+    for name, expected in result["expected"].items():
+        torch.testing.assert_close(result["after_first"][name], expected, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(not torch.equal(result["after_first"][k], result["before"][k]) for k in result["before"])
