@@ -479,6 +479,46 @@ def test_a_distillation_step_is_normalized_by_the_assistant_tokens_alone(tmp_pat
         torch.testing.assert_close(before[name] - stepped.student.state_dict()[name], p.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("technique", ["hard-argmax", "hard-generate", "co", "on-policy"])
+def test_every_technique_learns_only_the_assistant_tokens_of_chat_batches(tmp_path, tokenizers, tok, technique):
+    """Hard-label (teacher argmax; generated replies), co-distillation and on-policy on a chat batch: the off-policy
+    ones count exactly the assistant tokens; the generating ones continue each row's prompt (the tokens before its
+    first assistant token) and count only what they generate. One step of each changes the student."""
+    from lit_distill.modules import CoDistillation, HardLabelDistillation, OnPolicyDistillation
+
+    chats = [conversation(0, turns=1), conversation(1, turns=2), conversation(2, turns=1)]
+    data = make(tmp_path, write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in chats]), tokenizers["plain"],
+                batch_size=3)  # fmt: skip
+    batch = data.collate(list(data.train_set))
+    pl.seed_everything(0)
+    common = {
+        "student": tiny(vocab_size=data.vocab_size, max_position_embeddings=128),
+        "teacher": tiny(hidden=48, seed=1, vocab_size=data.vocab_size, max_position_embeddings=128),
+        "loss": DistillationLoss(temperature=2.0, alpha=0.7),
+        "optimizer": adam,
+    }
+    generate = {"max_new_tokens": 5, "do_sample": False}
+    module = {
+        "hard-argmax": lambda: HardLabelDistillation(**common),
+        "hard-generate": lambda: HardLabelDistillation(**common, mode="generate", **generate),
+        "co": lambda: CoDistillation(**common, teacher_ce_weight=0.5),
+        "on-policy": lambda: OnPolicyDistillation(**common, lmbda=1.0, **generate),
+    }[technique]()
+    with torch.no_grad():
+        counted = int(module.compute_loss(batch).num_tokens)
+    answers = [m["content"] for c in chats for m in c if m["role"] == "assistant"]
+    assistant = sum(len(tok(a, add_special_tokens=False)["input_ids"]) + 1 for a in answers)  # + <|end|>
+    if technique in ("hard-argmax", "co"):
+        assert counted == assistant
+    else:  # replies of at most 5 tokens to the 3 prompts, which end at each conversation's first <|assistant|>
+        assert 3 <= counted <= 3 * 5
+        first = batch["prompt_mask"].sum(1) - 1
+        assert (batch["input_ids"][torch.arange(3), first] == tok.convert_tokens_to_ids("<|assistant|>")).all()
+    before = copy.deepcopy(module.student.state_dict())
+    trainer(max_steps=1).fit(module, loader(batch))
+    assert any(not torch.equal(before[k], v) for k, v in module.student.state_dict().items())
+
+
 def test_soft_label_distillation_fits_on_a_chat_jsonl(tmp_path, tokenizers):
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": conversation(i)} for i in range(16)])
     data = ChatDataModule(path, tokenizer=tokenizers["marked"], batch_size=4, val_fraction=0.25, num_proc=2,
