@@ -164,6 +164,24 @@ def test_the_loss_of_a_packed_row_is_the_sum_over_its_conversations(kind):
     torch.testing.assert_close(one.loss, many.loss, rtol=1e-6, atol=TOL)  # measured: 1.9e-6 apart on 20.7
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_packed_rows_under_bf16_autocast_match_the_padded_rows(fused):
+    """precision="bf16-mixed" on a CPU: fp32 weights and mask, bf16 matmuls inside autocast. The packed row's loss
+    stays the padded rows' (measured 1e-5 relative on 24.9; without the block mask the documents leak into each other
+    and it is 5e-4 off)."""
+    gen = torch.Generator().manual_seed(1)
+    docs = [torch.randint(3, 96, (n,), generator=gen).tolist() for n in LENGTHS]
+    rows = [{"input_ids": d, "labels": d} for d in docs]
+    packed, padded = PadCollate(0)(list(PackedRows(rows, LENGTHS, capacity=24))), PadCollate(0)(rows)
+    module = SoftLabelDistillation(
+        tiny(), tiny(hidden=48, seed=1), loss=DistillationLoss(temperature=2.0, alpha=0.7), fused_linear=fused
+    )
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        one, many = module.compute_loss(packed), module.compute_loss(padded)
+    assert torch.isfinite(one.loss) and int(one.num_tokens) == int(many.num_tokens) == sum(LENGTHS) - 3
+    torch.testing.assert_close(one.loss, many.loss, rtol=1e-4, atol=0)
+
+
 # ------------------------------------------------------------------------------------------- through the data
 SPECIAL = ["<|bos|>", "<|end|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
 PLAIN = (
