@@ -165,7 +165,9 @@ class PromptDataModule(MappedDataModule):
 
     def _kept(self, dataset, name: str):
         """(the rows that stay under ``truncation``, {name: counts}); ``keep_end`` cuts in the collate."""
-        lengths = np.asarray([len(ids) for ids in dataset["input_ids"]])
+        import pyarrow.compute as pc  # the lengths from Arrow's offsets, not a Python list per prompt
+
+        lengths = pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_numpy(zero_copy_only=False)
         over = lengths > self.max_prompt_length
         keep = np.flatnonzero(~over) if self.truncation == "drop" else np.arange(len(dataset))
         if len(dataset) and not len(keep):
