@@ -228,7 +228,7 @@ summarize
 
 # 2. The GPU tests, in shards of consecutive test ids (a test function's variants share compiled kernels).
 mapfile -t files < <(grep -lE 'backend_device|pytest\.mark\.gpu|requires_cuda' tests/test_*.py)
-step collect 60 python3 -m pytest --collect-only -q -m gpu -p no:cacheprovider --continue-on-collection-errors "${files[@]}"
+step collect 60 python3 -m pytest -o addopts="" --collect-only -q -m gpu -p no:cacheprovider --continue-on-collection-errors "${files[@]}"
 grep -E '^tests/[^ ]+::' "$out/collect.log" >"$out/gpu-test-ids.txt"
 total=$(wc -l <"$out/gpu-test-ids.txt")
 lim=$(limit 180)
@@ -247,7 +247,7 @@ else
         mapfile -t ids <"$out/tests-$i.ids"
         ((${#ids[@]} == 0)) && continue
         (
-            OMP_NUM_THREADS=2 timeout -k 10 "$lim" python3 -m pytest -v -rfE --tb=short -p no:cacheprovider \
+            OMP_NUM_THREADS=2 timeout -k 10 "$lim" python3 -m pytest -o addopts="" -v -rfE --tb=short -p no:cacheprovider \
                 --junitxml="$out/tests-$i.xml" "${ids[@]}" >"$out/tests-$i.log" 2>&1
             record "tests-$i" $? $((SECONDS - t0)) "$lim"
         ) &

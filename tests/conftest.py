@@ -11,6 +11,9 @@ import sys
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the cores: one torch thread each (and their children)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
