@@ -165,6 +165,44 @@ def test_the_loss_of_a_packed_row_is_the_sum_over_its_conversations(kind):
 
 
 @pytest.mark.parametrize("fused", [False, True])
+def test_offline_distillation_on_a_packed_row_is_the_sum_over_its_conversations(fused):
+    """OfflineDistillation reads position_ids: a packed row with each conversation's cached signal (the teacher run
+    on it alone) has the loss of the same conversations one per padded row; with the mask ignored it differs."""
+    from lit_distill.data.teacher_cache import sparse_signal
+    from lit_distill.modules import OfflineDistillation
+
+    gen = torch.Generator().manual_seed(2)
+    docs = [torch.randint(3, 96, (n,), generator=gen) for n in LENGTHS]
+    teacher = tiny(hidden=48, seed=1).eval()
+    with torch.no_grad():
+        signals = [sparse_signal(teacher(input_ids=d[None]).logits[0] * 20, method="topk", k=6) for d in docs]
+    rows = [
+        {"input_ids": d.tolist(), "labels": d.tolist(), "teacher_ids": ids, "teacher_logprobs": lp}
+        for d, (ids, lp) in zip(docs, signals, strict=True)
+    ]
+
+    def with_signal(batch, groups):  # the rows' signals laid out as the batch's tokens are, empty slots elsewhere
+        ids = torch.full((*batch["input_ids"].shape, 6), -1)
+        logprobs = torch.full((*batch["input_ids"].shape, 6), -torch.inf)
+        for b, group in enumerate(groups):
+            ids[b, : sum(LENGTHS[i] for i in group)] = torch.cat([rows[i]["teacher_ids"] for i in group])
+            logprobs[b, : sum(LENGTHS[i] for i in group)] = torch.cat([rows[i]["teacher_logprobs"] for i in group])
+        return {**batch, "teacher_ids": ids, "teacher_logprobs": logprobs}
+
+    plain = [{k: r[k] for k in ("input_ids", "labels")} for r in rows]
+    packing = PackedRows(plain, LENGTHS, capacity=24)
+    packed = with_signal(PadCollate(0)(list(packing)), packing.rows)
+    padded = with_signal(PadCollate(0)(plain), [[0], [1], [2]])
+    module = OfflineDistillation(tiny(), loss=DistillationLoss(temperature=1.0, alpha=1.0), fused_linear=fused)
+    with torch.no_grad():
+        one, many = module.compute_loss(packed), module.compute_loss(padded)
+        leaky = module.compute_loss({k: v for k, v in packed.items() if k != "position_ids"})
+    assert int(one.num_tokens) == int(many.num_tokens) == sum(LENGTHS) - 3
+    torch.testing.assert_close(one.loss, many.loss, rtol=1e-5, atol=TOL)
+    assert abs(float(leaky.loss - many.loss)) > 1e-3
+
+
+@pytest.mark.parametrize("fused", [False, True])
 def test_packed_rows_under_bf16_autocast_match_the_padded_rows(fused):
     """precision="bf16-mixed" on a CPU: fp32 weights and mask, bf16 matmuls inside autocast. The packed row's loss
     stays the padded rows' (measured 1e-5 relative on 24.9; without the block mask the documents leak into each other

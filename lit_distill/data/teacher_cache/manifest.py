@@ -28,7 +28,6 @@ import torch
 
 FORMAT_VERSION = 1  # caches of fixed-length blocks (text data): what every version reads
 ROWS_FORMAT_VERSION = 2  # caches of chat rows (rows.py): an older lit-distill refuses them by this number
-LAYOUTS = ("blocks", "rows")
 METHODS = ("topk", "sampled")
 MANIFEST = "manifest.json"
 SETTINGS = "settings.json"

@@ -65,15 +65,13 @@ class IndexedPadCollate(PadCollate):
 def kept_signal(prediction: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], row: int) -> dict[str, Any]:
     """Row ``row`` of a teacher pass: its tokens, which are learned, and the signal at its signal positions only."""
     length = int(batch["attention_mask"][row].sum())
-    counted = batch["labels"][row, :length].cpu() != IGNORE_INDEX
+    counted = batch["labels"][row, :length] != IGNORE_INDEX
     positions = signal_positions(counted)
     return {
         "input_ids": prediction["input_ids"][row, :length].cpu(),
-        "counted": counted,
-        "teacher_ids": prediction["teacher_ids"][row, :length][positions.to(prediction["teacher_ids"].device)].cpu(),
-        "teacher_logprobs": prediction["teacher_logprobs"][row, :length][
-            positions.to(prediction["teacher_logprobs"].device)
-        ].cpu(),
+        "counted": counted.cpu(),
+        "teacher_ids": prediction["teacher_ids"][row, :length][positions].cpu(),
+        "teacher_logprobs": prediction["teacher_logprobs"][row, :length][positions].cpu(),
     }
 
 

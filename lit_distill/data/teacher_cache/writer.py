@@ -136,7 +136,7 @@ def cache_teacher(
 
 
 def _layout(data) -> str:
-    """ "rows" for chat data (conversations of any length), "blocks" for text data (fixed-length blocks)."""
+    """The cache's layout for ``data``: "rows" for chat data (conversations of any length), "blocks" for text."""
     if getattr(data, "train_rows", None) is not None:
         return "rows"
     if getattr(data, "train_blocks", None) is not None:
@@ -216,6 +216,15 @@ class _ShardLoader(pl.LightningDataModule):
         return DataLoader(_Sequences(self.rows, indices), batch_size=self.batch_size, shuffle=False)
 
 
+def _blocks_shard(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The tensors of a text shard: ``(S, L)`` ids and ``(S, L, K)`` signal of its sequences, in order."""
+    return {
+        "input_ids": torch.stack([r["input_ids"] for r in rows]).to(ID_DTYPE),
+        "teacher_ids": torch.stack([r["teacher_ids"] for r in rows]).to(ID_DTYPE),
+        "teacher_logprobs": torch.stack([r["teacher_logprobs"] for r in rows]).to(LOGPROB_DTYPE),
+    }
+
+
 class TeacherCacheWriter(BasePredictionWriter):
     """Collects ``TeacherSignal`` predictions per shard and writes each shard when it is complete; process 0
     then writes the manifest with a sha256 per shard. ``key`` picks this cache's prediction from a
@@ -243,15 +252,7 @@ class TeacherCacheWriter(BasePredictionWriter):
 
     def _write_shard(self, shard: int, rows: dict[int, dict[str, torch.Tensor]]) -> None:
         ordered = [rows[i] for i in sorted(rows)]
-        tensors = (
-            rows_shard(ordered)
-            if self.settings.layout == "rows"
-            else {
-                "input_ids": torch.stack([r["input_ids"] for r in ordered]).to(ID_DTYPE),
-                "teacher_ids": torch.stack([r["teacher_ids"] for r in ordered]).to(ID_DTYPE),
-                "teacher_logprobs": torch.stack([r["teacher_logprobs"] for r in ordered]).to(LOGPROB_DTYPE),
-            }
-        )
+        tensors = rows_shard(ordered) if self.settings.layout == "rows" else _blocks_shard(ordered)
         path = self.directory / shard_name(shard)
         tmp = path.with_name(path.name + ".tmp")
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"first_sequence": str(min(rows))})
