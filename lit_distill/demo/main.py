@@ -10,6 +10,9 @@
    the teacher; prints a table, writes TensorBoard logs, a PNG of the validation curves and the table
    (``results.md``, ``results.json``) to ``--out``. ``--techniques`` and ``--student-seed`` run a subset
    of the students with another seed (how docs/experiments.md's seed comparisons were measured).
+
+``--chat`` runs the chat demo instead (``chat.py``): the teacher fine-tuned on dialogues from the plays, and three
+students on their assistant turns.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 
 from .offline import OFFLINE, write_caches
 from .report import QUICK_NOTE, Row, report
-from .training import train_student, train_teacher
+from .training import sizes_of, train_student, train_teacher
 
 PRESETS = {
     # about 10 minutes on 2 CPU cores, about 7 once the teacher and its caches are cached (docs/experiments.md)
@@ -103,6 +106,15 @@ def _parser() -> argparse.ArgumentParser:
         + ")",
     )
     p.add_argument("--retrain-teacher", action="store_true", help="ignore a cached teacher")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="the chat demo instead: fine-tunes the teacher on dialogues from the bundled plays (cached), then "
+        "trains three students on the assistant turns (SFT alone, soft-label, on-policy from the prompts) and "
+        "scores their replies to held-out prompts; about four minutes on 2 CPU cores with the teacher cached. "
+        "--student-*, --batch-size, --val-every and --student-seed apply to its students, the other sizes to the "
+        "teacher it starts from (the main demo's)",
+    )
     for key, value in PRESETS["default"].items():
         if key != "max_train_tokens":
             quick = PRESETS["quick"][key]
@@ -128,13 +140,14 @@ def _techniques(text: str) -> tuple[str, ...]:
 
 def demo_main(argv: list[str] | None = None) -> list[Row]:
     ns = _parser().parse_args(argv)
-    sizes = dict(PRESETS["quick" if ns.quick else "default"])
-    for key in sizes:
-        value = getattr(ns, key, None)
-        if value is not None:
-            if value <= 0:
-                raise SystemExit(f"lit-distill demo: --{key.replace('_', '-')} must be positive")
-            sizes[key] = value
+    if ns.chat:
+        from .chat import CHAT_TECHNIQUES, chat_main
+
+        if ns.techniques != TECHNIQUES:
+            students = ", ".join(CHAT_TECHNIQUES)
+            raise SystemExit(f"lit-distill demo: --techniques picks the main demo's students; --chat trains {students}")
+        return chat_main(ns, PRESETS["quick" if ns.quick else "default"])
+    sizes = sizes_of(ns, PRESETS["quick" if ns.quick else "default"])
     import lightning.pytorch as pl
 
     from ..data import TextDataModule

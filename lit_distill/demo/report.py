@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,24 +32,58 @@ class Row:
     reverse_kl_on_samples: float = math.nan
 
 
-def report(rows: list[Row], curves: dict, sizes: dict, out: Path, quick: bool = False, notes: list[str] = ()) -> None:
+@dataclass
+class WaitRow(Row):
+    """A row that also gives the share of the training time spent waiting for data (``nan``: not trained)."""
+
+    data_wait_fraction: float = math.nan
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What differs between the demos' reports: the verdict, the note under the table, the plot's baseline curve
+    and labels, and whether the table has a ``data wait`` column (of :class:`WaitRow`)."""
+
+    verdict: Callable[[list[Row]], str]
+    sample_note: str = SAMPLE_NOTE
+    baseline: str = "alone"
+    title: str = "lit-distill demo: students of the same size and steps"
+    ylabel: str = "cross-entropy on held-out works (nats/token)"
+    data_wait: bool = False
+
+
+def report(
+    rows: list[Row],
+    curves: dict,
+    sizes: dict,
+    out: Path,
+    quick: bool = False,
+    notes: list[str] = (),
+    layout: Layout | None = None,
+) -> None:
     """Print the table, ``notes`` (the teacher caches) and the verdict; write ``results.md``, ``results.json``
-    and the plot to ``out``."""
+    and the plot to ``out``. ``layout``: the main demo's by default."""
+    layout = layout or MAIN
+    waits = f" {'data wait':>9}" if layout.data_wait else ""
     header = (
         f"{'model':<28} {'val loss':>9} {'val ppl':>9} {'agreement':>10} {'tch NLL':>8} {'rev KL':>7}"
-        f" {'tokens/s':>9} {'wall s':>8}"
+        f" {'tokens/s':>9}{waits} {'wall s':>8}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         agreement = "" if math.isnan(r.agreement) else f"{r.agreement:.3f}"
         speed = "cached" if math.isnan(r.tokens_per_sec) else f"{r.tokens_per_sec:,.0f}"
+        wait = ""
+        if layout.data_wait:
+            fraction = getattr(r, "data_wait_fraction", math.nan)
+            wait = f" {'' if math.isnan(fraction) else f'{fraction:.3f}':>9}"
         lines.append(
             f"{r.model:<28} {r.val_loss:>9.4f} {r.val_ppl:>9.2f} {agreement:>10} {r.teacher_nll_of_samples:>8.3f}"
-            f" {r.reverse_kl_on_samples:>7.3f} {speed:>9} {r.wall_seconds:>8.1f}"
+            f" {r.reverse_kl_on_samples:>7.3f} {speed:>9}{wait} {r.wall_seconds:>8.1f}"
         )
-    table = "\n".join([*lines, *notes, SAMPLE_NOTE])
+    table = "\n".join([*lines, *notes, layout.sample_note])
     print("\n" + table)
-    verdict = _verdict(rows)
+    verdict = layout.verdict(rows)
     if quick:
         verdict += f"\n{QUICK_NOTE}"
     print(verdict)
@@ -56,7 +91,7 @@ def report(rows: list[Row], curves: dict, sizes: dict, out: Path, quick: bool = 
     (out / "results.json").write_text(
         json.dumps({"rows": [asdict(r) for r in rows], "curves": curves, "sizes": sizes}, indent=2)
     )
-    png = _plot(curves, rows, out / "validation_curves.png")
+    png = _plot(curves, rows, out / "validation_curves.png", layout)
     print(
         f"wrote {out / 'results.md'}, {out / 'results.json'}"
         + (f", {png}" if png else "")
@@ -92,10 +127,13 @@ def _verdict(rows: list[Row]) -> str:
     return verdict
 
 
+MAIN = Layout(verdict=_verdict)
+
 # Curves can coincide (soft-label and co-distillation while the co-distilled teacher barely moves, as with
 # --quick): soft-label is a wide translucent band, co-distillation a thin dashed line drawn over it.
 _STYLES = {
     "alone": {"linestyle": "-", "marker": "o", "markersize": 4},
+    "SFT": {"linestyle": "-", "marker": "o", "markersize": 4},  # the chat demo's baseline
     "soft-label": {"linestyle": "-", "linewidth": 5, "alpha": 0.4, "marker": "s", "markersize": 8},
     "hard-label": {"linestyle": ":", "linewidth": 2, "marker": "^", "markersize": 5},
     "co-distillation": {"linestyle": "--", "linewidth": 1.5, "marker": "D", "markersize": 4},
@@ -105,7 +143,7 @@ _STYLES = {
 }
 
 
-def _plot(curves: dict, rows: list[Row], path: Path) -> Path | None:
+def _plot(curves: dict, rows: list[Row], path: Path, layout: Layout | None = None) -> Path | None:
     """Writes the validation curves to ``path``; None when matplotlib cannot be imported."""
     try:
         import matplotlib
@@ -114,20 +152,22 @@ def _plot(curves: dict, rows: list[Row], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig = _figure(curves, rows)
+    fig = _figure(curves, rows, layout)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _figure(curves: dict, rows: list[Row]):
+def _figure(curves: dict, rows: list[Row], layout: Layout | None = None):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    layout = layout or MAIN
     fig, ax = plt.subplots(figsize=(7, 4.5))
     teacher = next(r for r in rows if r.model == "teacher")
-    # Scale to the student trained alone: a curve far above it (hard labels can be) is named, not drawn flat.
-    baseline = [v for _, v in curves.get("alone", [])] or [teacher.val_loss]
+    # Scale to the student trained alone (the chat demo's SFT student): a curve far above it (hard labels can be)
+    # is named, not drawn flat.
+    baseline = [v for _, v in curves.get(layout.baseline, [])] or [teacher.val_loss]
     top = max(baseline) + 0.5
     steps = sorted({step for points in curves.values() for step, _ in points})
     for name, points in curves.items():
@@ -146,8 +186,8 @@ def _figure(curves: dict, rows: list[Row]):
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy on held-out works (nats/token)")
-    ax.set_title("lit-distill demo: students of the same size and steps")
+    ax.set_ylabel(layout.ylabel)
+    ax.set_title(layout.title)
     ax.legend(title="whole held-out split (last point = the table)", title_fontsize="small", fontsize="small")
     fig.tight_layout()
     return fig

@@ -105,8 +105,9 @@ def _trainer(max_steps: int, sizes: dict, out: Path, name: str, callbacks=(), gr
     )
 
 
-def train_teacher(data, sizes: dict, ns, cache: Path, out: Path):
-    """The teacher, from the cache or trained (and cached), in eval mode, and its row of the table."""
+def cached_teacher(data, sizes: dict, ns, cache: Path, out: Path):
+    """``(teacher, tokens/s of its training)``: the teacher from the cache (``nan`` tokens/s), or trained on
+    ``data`` and cached; its ``name_or_path`` is its cache directory."""
     from transformers import AutoModelForCausalLM
 
     from ..modules import LanguageModelTraining
@@ -132,9 +133,16 @@ def train_teacher(data, sizes: dict, ns, cache: Path, out: Path):
         model = module.student
         tokens = sizes["teacher_steps"] * sizes["batch_size"] * sizes["seq_len"]
         tokens_per_sec = tokens / (time.perf_counter() - start)
+    model.name_or_path = str(directory)  # the cache (offline.py) names the teacher by its directory
+    return model, tokens_per_sec
+
+
+def train_teacher(data, sizes: dict, ns, cache: Path, out: Path):
+    """The teacher, from the cache or trained (and cached), in eval mode, and its row of the table."""
+    start = time.perf_counter()
+    model, tokens_per_sec = cached_teacher(data, sizes, ns, cache, out)
     model.eval()
     ce, model.val_argmax = _evaluate(model, data)  # the students' agreement compares with it
-    model.name_or_path = str(directory)  # the cache (offline.py) names the teacher by its directory
     wall = time.perf_counter() - start
     nll, reverse_kl = sample_scores(model, model, data, sizes, student_seed(ns))  # its own samples: KL 0
     return model, Row("teacher", ce, math.exp(ce), math.nan, tokens_per_sec, wall, nll, reverse_kl)
@@ -148,8 +156,9 @@ class _Curve(Callback):
     training is the same with or without this callback.
     """
 
-    def __init__(self, data, max_steps: int) -> None:
+    def __init__(self, data, max_steps: int, evaluate=None) -> None:
         self.data, self.max_steps = data, max_steps
+        self.evaluate = evaluate  # model -> CE; default: the whole held-out split of the text data
         self.points: list[tuple[int, float]] = []
         self.seconds = 0.0  # spent on these evaluations, left out of the students' training time
 
@@ -160,7 +169,10 @@ class _Curve(Callback):
         model = pl_module.student
         training = model.training
         model.eval()
-        ce, _ = _evaluate(model, self.data, batch_size=64)  # larger batches: the same CE, sooner
+        if self.evaluate is not None:
+            ce = self.evaluate(model)
+        else:
+            ce, _ = _evaluate(model, self.data, batch_size=64)  # larger batches: the same CE, sooner
         model.train(training)
         self.points.append((trainer.global_step, ce))
         self.seconds += time.perf_counter() - start
@@ -227,6 +239,18 @@ def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path, cac
     tokens = sizes["student_steps"] * sizes["batch_size"] * sizes["seq_len"]
     row = Row(f"student: {technique}", ce, math.exp(ce), agreement, tokens / seconds, seconds, nll, reverse_kl)
     return row, [*recorder.points, (sizes["student_steps"], ce)]
+
+
+def sizes_of(ns, preset: dict, keys=None) -> dict:
+    """``preset`` with the sizes given on the command line (those of ``keys``, default all) in place."""
+    sizes = dict(preset)
+    for key in sizes if keys is None else keys:
+        value = getattr(ns, key, None)
+        if value is not None:
+            if value <= 0:
+                raise SystemExit(f"lit-distill demo: --{key.replace('_', '-')} must be positive")
+            sizes[key] = value
+    return sizes
 
 
 def student_seed(ns) -> int:
