@@ -130,3 +130,20 @@ def test_verdict_compares_the_on_policy_students_sample_scores(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "on-policy: the teacher's NLL of its samples 3.900 against 4.050 for soft-label" in out
     assert "validation loss +0.1300 nats against training alone" in out
+
+
+def test_the_cached_teacher_is_reused_whatever_the_students_sizes(tmp_path, capsys):
+    """The teacher's cache key leaves the students' sizes out: another --student-steps reuses it."""
+    from lit_distill.data import TextDataModule
+    from lit_distill.demo.main import PRESETS
+    from lit_distill.demo.training import cached_teacher
+
+    sizes = {**PRESETS["quick"], "teacher_steps": 2, "val_every": 2, "max_train_tokens": 4096}
+    data = TextDataModule(vocab_size=sizes["vocab_size"], seq_len=sizes["seq_len"], batch_size=2,
+                          cache_dir=str(tmp_path), max_train_tokens=4096)  # fmt: skip
+    ns = argparse.Namespace(seed=0, retrain_teacher=False)
+    first, _ = cached_teacher(data, sizes, ns, tmp_path, tmp_path / "out")
+    again, _ = cached_teacher(data, {**sizes, "student_steps": 99, "student_hidden": 8}, ns, tmp_path, tmp_path / "out")
+    other, _ = cached_teacher(data, {**sizes, "teacher_steps": 3}, ns, tmp_path, tmp_path / "out")
+    out = capsys.readouterr().out
+    assert out.count("teacher: reusing") == 1 and again.name_or_path == first.name_or_path != other.name_or_path

@@ -159,7 +159,8 @@ def chat_verdict(rows: list[Row]) -> str:
         verdict += (
             f"\non-policy: the teacher's NLL of its replies {on.teacher_nll_of_samples:.3f} against"
             f" {soft.teacher_nll_of_samples:.3f} for soft-label (rev KL {on.reverse_kl_on_samples:.3f} against"
-            f" {soft.reverse_kl_on_samples:.3f}); validation loss {sft.val_loss - on.val_loss:+.4f} nats against SFT"
+            f" {soft.reverse_kl_on_samples:.3f}); validation loss {on.val_loss - sft.val_loss:+.4f} nats against"
+            " SFT's (negative: lower)"
         )
     return verdict
 

@@ -113,9 +113,10 @@ def cached_teacher(data, sizes: dict, ns, cache: Path, out: Path):
     from ..modules import LanguageModelTraining
 
     spec = _llama(sizes, "teacher", data)
-    # The teacher depends on its config, the sizes, the seed and the tokenizer's vocabulary.
+    # The teacher depends on its config, its sizes (not the students'), the seed and the tokenizer's vocabulary.
     vocabulary = sorted(data.tokenizer.get_vocab().items())
-    key = hashlib.sha1(json.dumps([spec.config, sizes, ns.seed, vocabulary], sort_keys=True).encode()).hexdigest()[:12]
+    own = {k: v for k, v in sizes.items() if not k.startswith("student_")}
+    key = hashlib.sha1(json.dumps([spec.config, own, ns.seed, vocabulary], sort_keys=True).encode()).hexdigest()[:12]
     directory = cache / "demo" / f"teacher-{key}"
     start = time.perf_counter()
     if (directory / "config.json").exists() and not ns.retrain_teacher:
@@ -246,10 +247,9 @@ def sizes_of(ns, preset: dict, keys=None) -> dict:
     sizes = dict(preset)
     for key in sizes if keys is None else keys:
         value = getattr(ns, key, None)
-        if value is not None:
-            if value <= 0:
-                raise SystemExit(f"lit-distill demo: --{key.replace('_', '-')} must be positive")
-            sizes[key] = value
+        if value is not None and value <= 0:
+            raise SystemExit(f"lit-distill demo: --{key.replace('_', '-')} must be positive")
+        sizes[key] = sizes[key] if value is None else value
     return sizes
 
 
