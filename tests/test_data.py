@@ -183,3 +183,30 @@ def test_ctrl_c_and_resume_see_the_batches_of_the_uninterrupted_run(tmp_path, ca
     assert first.seen + second.seen == full.seen
     for key, value in uninterrupted.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, msg=key)
+
+
+def test_max_train_tokens_tokenizes_only_the_documents_its_blocks_come_from(tmp_path):
+    """The kept blocks equal the first blocks of the whole split, and the documents after them are never
+    tokenized (a quick run over a large corpus starts at once)."""
+    from helpers import small_text_data
+
+    from lit_distill.data.text import pack
+
+    whole = small_text_data(tmp_path, seq_len=16)
+    everything = pack(whole.train_documents, whole.tokenizer, 16, "training")
+    seen = []
+    for kept in (3, 9):
+        data = TextDataModule(files=whole.files, vocab_size=300, seq_len=16, val_fraction=0.25,
+                              cache_dir=str(tmp_path / "cache"), max_train_tokens=16 * kept + 5)  # fmt: skip
+        call = data.tokenizer.__class__.__call__
+
+        def spy(tokenizer, text, *args, _call=call, **kwargs):
+            seen.extend([text] if isinstance(text, str) else text)
+            return _call(tokenizer, text, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(data.tokenizer.__class__, "__call__", spy)
+            data.setup()
+        assert torch.equal(data.train_blocks, everything[:kept])
+        assert whole.train_documents[-1] not in seen  # 6 training works of about 17 blocks each: one or two read
+        seen.clear()

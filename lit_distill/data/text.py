@@ -31,6 +31,17 @@ def pack(documents: list[str], tokenizer, seq_len: int, what: str) -> torch.Tens
     return torch.tensor(ids[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)
 
 
+def _leading_documents(documents: list[str], tokenizer, tokens: int) -> list[str]:
+    """The first documents that hold ``tokens`` tokens with their EOS (all of them if they do not): ``pack`` of
+    them starts with the same blocks as ``pack`` of all."""
+    total = 0
+    for count, document in enumerate(documents, 1):
+        total += len(tokenizer(document, add_special_tokens=False)["input_ids"]) + 1
+        if total >= tokens:
+            return documents[:count]
+    return documents
+
+
 class TokenBlocks(Dataset):
     """Rows of a ``(sequences, seq_len)`` tensor as ``{"input_ids": row}`` items."""
 
@@ -176,9 +187,13 @@ class TextDataModule(ShuffledDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_blocks is None:
-            self.train_blocks = pack(self.train_documents, self.tokenizer, self.seq_len, "training")
+            documents = self.train_documents
+            if self.max_train_tokens is not None:  # tokenize only the documents the kept blocks come from
+                blocks = max(1, self.max_train_tokens // self.seq_len)
+                documents = _leading_documents(documents, self.tokenizer, blocks * self.seq_len)
+            self.train_blocks = pack(documents, self.tokenizer, self.seq_len, "training")
             if self.max_train_tokens is not None:
-                self.train_blocks = self.train_blocks[: max(1, self.max_train_tokens // self.seq_len)]
+                self.train_blocks = self.train_blocks[:blocks]
             self.val_blocks = pack(self.val_documents, self.tokenizer, self.seq_len, "validation")
 
     def train_dataloader(self) -> DataLoader:
