@@ -151,14 +151,15 @@ def write_chat_dialogues(tokenizer, sizes: dict, cache: Path) -> Path:
     """The directory of ``train.jsonl``, ``val.jsonl`` (``write_dialogues``'s, the first ``*_conversations`` of
     each) and ``tokenizer/`` (a copy of ``tokenizer``), written once under ``cache`` and then reused as they are
     (the tokenized rows are cached by the files' fingerprint)."""
-    from ..data.dialogues import write_dialogues
+    from ..data import dialogues
 
     keep = {name: sizes[f"{name}_conversations"] for name in ("train", "val")}
     vocabulary = hashlib.sha1(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-    key = hashlib.sha1(json.dumps([sizes["max_chars"], keep, vocabulary]).encode()).hexdigest()[:12]
+    code = hashlib.sha1(Path(dialogues.__file__).read_bytes()).hexdigest()  # a new parser writes them again
+    key = hashlib.sha1(json.dumps([sizes["max_chars"], keep, vocabulary, code]).encode()).hexdigest()[:12]
     directory = cache / "demo" / f"dialogues-{key}"
     if not (directory / "tokenizer" / "tokenizer.json").exists():
-        write_dialogues(directory, max_chars=sizes["max_chars"])
+        dialogues.write_dialogues(directory, max_chars=sizes["max_chars"])
         for name, rows in keep.items():
             if rows is not None:
                 path = directory / f"{name}.jsonl"
