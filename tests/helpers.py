@@ -375,3 +375,19 @@ def greedy_by_hand(model, prompt, steps):
         for _ in range(steps):
             ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
     return ids[0, len(prompt) :]
+
+
+def assert_soft_label_fits(data) -> None:
+    """Two soft-label steps on ``data`` (a data module) move the student and validate to a finite loss."""
+    import copy
+
+    from lit_distill.modules import SoftLabelDistillation
+
+    pl.seed_everything(0)
+    student, teacher = tiny(vocab_size=data.vocab_size), tiny(hidden=48, seed=1, vocab_size=data.vocab_size)
+    module = SoftLabelDistillation(student=student, teacher=teacher, optimizer=adam)
+    before = copy.deepcopy(module.student.state_dict())
+    fit = trainer(max_steps=2, limit_val_batches=1, val_check_interval=2)
+    fit.fit(module, datamodule=data)
+    assert fit.global_step == 2 and torch.isfinite(fit.callback_metrics["val/loss"])
+    assert any(not torch.equal(before[k], v) for k, v in module.student.state_dict().items())

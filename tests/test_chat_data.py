@@ -18,7 +18,17 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import CHAT_WORDS, InterruptAt, adam, loader, save_chat_tokenizers, tiny, trainer, write_jsonl
+from helpers import (
+    CHAT_WORDS,
+    InterruptAt,
+    adam,
+    assert_soft_label_fits,
+    loader,
+    save_chat_tokenizers,
+    tiny,
+    trainer,
+    write_jsonl,
+)
 from lightning.pytorch.callbacks import Callback
 
 from lit_distill import distillation_loss
@@ -523,14 +533,7 @@ def test_soft_label_distillation_fits_on_a_chat_jsonl(tmp_path, tokenizers):
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": conversation(i)} for i in range(16)])
     data = ChatDataModule(path, tokenizer=tokenizers["marked"], batch_size=4, val_fraction=0.25, num_proc=2,
                           cache_dir=str(tmp_path / "cache"))  # fmt: skip
-    pl.seed_everything(0)
-    student, teacher = tiny(vocab_size=data.vocab_size), tiny(hidden=48, seed=1, vocab_size=data.vocab_size)
-    module = SoftLabelDistillation(student=student, teacher=teacher, optimizer=adam)
-    before = copy.deepcopy(module.student.state_dict())
-    fit = trainer(max_steps=2, limit_val_batches=1, val_check_interval=2)
-    fit.fit(module, datamodule=data)
-    assert fit.global_step == 2 and torch.isfinite(fit.callback_metrics["val/loss"])
-    assert any(not torch.equal(before[k], v) for k, v in module.student.state_dict().items())
+    assert_soft_label_fits(data)
     assert data.summary["train"]["rows"] == 12 and data.summary["val"]["rows"] == 4
 
 

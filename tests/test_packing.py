@@ -5,14 +5,13 @@ The oracle for the models is the same documents run one by one, unpadded, with n
 give each document the logits it gets alone. The packing functions are checked against hand-computed rows.
 """
 
-import copy
 import itertools
 import json
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import CHAT_WORDS, adam, save_chat_tokenizers, tiny, trainer
+from helpers import CHAT_WORDS, adam, assert_soft_label_fits, save_chat_tokenizers, tiny, trainer
 
 from lit_distill.data import ChatDataModule
 from lit_distill.data.chat import PadCollate
@@ -273,14 +272,7 @@ def test_chat_data_packs_every_training_conversation_once(chats, tmp_path):
 
 def test_soft_label_distillation_fits_on_packed_chat_data(chats, tmp_path):
     data = make(chats, tmp_path, packing=True)
-    pl.seed_everything(0)
-    student, teacher = tiny(vocab_size=data.vocab_size), tiny(hidden=48, seed=1, vocab_size=data.vocab_size)
-    module = SoftLabelDistillation(student=student, teacher=teacher, optimizer=adam)
-    before = copy.deepcopy(module.student.state_dict())
-    fit = trainer(max_steps=2, limit_val_batches=1, val_check_interval=2)
-    fit.fit(module, datamodule=data)
-    assert fit.global_step == 2 and torch.isfinite(fit.callback_metrics["val/loss"])
-    assert any(not torch.equal(before[k], v) for k, v in module.student.state_dict().items())
+    assert_soft_label_fits(data)
 
 
 @pytest.mark.parametrize("technique", [OnPolicyDistillation, HardLabelDistillation])

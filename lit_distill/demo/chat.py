@@ -78,31 +78,13 @@ FINETUNE_LR = 3e-4
 def chat_main(ns, base_sizes: dict) -> list[WaitRow]:
     """Run the chat demo with the parsed options of ``lit-distill demo`` (``--chat``) from the teacher of the main
     demo's ``base_sizes`` (its preset); its rows of the table."""
-    import lightning.pytorch as pl
-
-    from ..data import TextDataModule
-    from ..data.cache_dir import default_cache_dir, writable_dir
-    from ..reporting import quiet
-    from .report import QUICK_NOTE
+    from .start import start, text_data
     from .training import cached_teacher, sizes_of
 
-    mode = "quick" if ns.quick else "default"
     base = sizes_of(ns, base_sizes, TEACHER_KEYS)  # the main demo's sizes: its cached teacher
-    sizes = sizes_of(ns, CHAT_PRESETS[mode], STUDENT_KEYS)
-    quiet()
-    cache = writable_dir(ns.cache_dir or default_cache_dir())
-    out = writable_dir(ns.out)
-    pl.seed_everything(ns.seed, verbose=False)
-    print(f"lit-distill demo --chat ({mode} sizes): {sizes}")
-    if ns.quick:
-        print(QUICK_NOTE)
-    text = TextDataModule(
-        vocab_size=base["vocab_size"],
-        seq_len=base["seq_len"],
-        batch_size=base["batch_size"],
-        cache_dir=str(cache),
-        max_train_tokens=base["max_train_tokens"],
-    )
+    sizes = sizes_of(ns, CHAT_PRESETS["quick" if ns.quick else "default"], STUDENT_KEYS)
+    cache, out = start(ns, "lit-distill demo --chat", sizes)
+    text = text_data(base, cache)
     base_teacher, _ = cached_teacher(text, base, ns, cache, out)
     chat, prompts = chat_data(text.tokenizer, sizes, cache)
     counts, held_out = chat.describe(), prompts.describe()["val"]["prompts"]

@@ -21,7 +21,8 @@ import argparse
 from pathlib import Path
 
 from .offline import OFFLINE, write_caches
-from .report import QUICK_NOTE, Row, report
+from .report import Row, report
+from .start import start, text_data
 from .training import sizes_of, train_student, train_teacher
 
 PRESETS = {
@@ -148,26 +149,8 @@ def demo_main(argv: list[str] | None = None) -> list[Row]:
             raise SystemExit(f"lit-distill demo: --techniques picks the main demo's students; --chat trains {students}")
         return chat_main(ns, PRESETS["quick" if ns.quick else "default"])
     sizes = sizes_of(ns, PRESETS["quick" if ns.quick else "default"])
-    import lightning.pytorch as pl
-
-    from ..data import TextDataModule
-    from ..data.cache_dir import default_cache_dir, writable_dir
-    from ..reporting import quiet
-
-    quiet()  # Lightning's banner and tips for each of the five trainers, Hugging Face's bars
-    cache = writable_dir(ns.cache_dir or default_cache_dir())
-    out = writable_dir(ns.out)
-    pl.seed_everything(ns.seed, verbose=False)
-    print(f"lit-distill demo ({'quick' if ns.quick else 'default'} sizes): {sizes}")
-    if ns.quick:
-        print(QUICK_NOTE)
-    data = TextDataModule(
-        vocab_size=sizes["vocab_size"],
-        seq_len=sizes["seq_len"],
-        batch_size=sizes["batch_size"],
-        cache_dir=str(cache),
-        max_train_tokens=sizes["max_train_tokens"],
-    )
+    cache, out = start(ns, "lit-distill demo", sizes)
+    data = text_data(sizes, cache)
     info = data.describe()
     print(
         f"corpus: {info['train_documents']} works for training ({info['train_tokens']:,} tokens), "
