@@ -95,9 +95,9 @@ def test_cache_holds_the_teachers_signal_for_every_training_sequence(data, tmp_p
     teacher = teacher_for(data).eval()
     shard = load_file(tmp_path / shard_name(1))
     with torch.no_grad():
-        logits = teacher(input_ids=data.train_blocks[5:10]).logits
+        logits = teacher(input_ids=data.train_blocks[5:10].long()).logits
     ids, logprobs = sparse_signal(logits, method="topk", k=8, temperature=2.0)
-    assert torch.equal(shard["input_ids"].long(), data.train_blocks[5:10])
+    assert torch.equal(shard["input_ids"].long(), data.train_blocks[5:10].long())
     assert torch.equal(shard["teacher_ids"].long(), ids)
     # fp16 storage: log-probabilities in [-20, 0] are kept to 2^-6 at worst.
     torch.testing.assert_close(shard["teacher_logprobs"].float(), logprobs, rtol=0, atol=2**-6)
@@ -195,7 +195,7 @@ def test_data_module_serves_the_cached_signal(data, tmp_path):
     batch = next(iter(cached.train_dataloader()))
     assert batch["teacher_ids"].shape == (2, SEQ_LEN, 4)
     cached.setup()
-    assert torch.equal(cached.val_blocks, data.val_blocks)
+    assert torch.equal(cached.val_blocks, data.val_blocks.long())
 
 
 def test_a_damaged_cache_is_refused_naming_what(data, tmp_path):

@@ -5,13 +5,14 @@ lit-distill fit --config configs/<x>.yaml       train any technique from YAML (L
 lit-distill validate|test|predict ...            the other LightningCLI subcommands
 lit-distill kernels                             the loss on random logits, Triton kernels vs PyTorch
 lit-distill cache-teacher --config <x>.yaml     a teacher's sparse signal over a corpus, for offline distillation
+lit-distill prepare --output DIR [--data.* ...]  a corpus or chat data tokenized once, read memory-mapped
 
 ``cli_main`` is the console script (it returns the exit status, 0 on success). It imports nothing heavy
 before it knows the command: ``kernels`` must ask for Triton's CPU interpreter before anything imports
 Triton, and importing Lightning does (through torch). The LightningCLI commands are in ``lightning_cli.py``
 (``run_cli`` runs them from Python and returns the CLI object), the parser in ``parser.py``, the reading
-of jsonargparse's errors in ``errors.py``, the ``kernels`` command in ``kernels_check.py`` and ``cache-teacher``
-in ``cache_teacher.py``; the demo is the ``lit_distill.demo`` package.
+of jsonargparse's errors in ``errors.py``, the ``kernels`` command in ``kernels_check.py``, ``cache-teacher``
+in ``cache_teacher.py`` and ``prepare`` in ``prepare.py``; the demo is the ``lit_distill.demo`` package.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def cli_main(args: list[str] | None = None) -> int:
             from .cache_teacher import cache_teacher_main
 
             cache_teacher_main(argv[1:])
+        elif argv[:1] == ["prepare"]:
+            from .prepare import prepare_main
+
+            prepare_main(argv[1:])
         else:
             run_cli(None if args is None else argv)
     except Exception as err:  # the library's own message instead of a traceback through Lightning's loops

@@ -21,6 +21,7 @@ imported only where data is read, so ``import lit_distill.data`` works without i
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from .chat_formats import detect_format, normalize
 from .chat_template import LOSS_ON, encode, resolve_template
 from .mapped import MappedDataModule
 from .packing import PackedRows
+from .prepared_chat import TOKENIZER_DIR, check_prepared_chat, load_prepared_chat, read_prepared_chat
 
 IGNORE_INDEX = -100
 TRUNCATION = ("keep_start", "drop")
@@ -91,9 +93,11 @@ class ChatDataModule(MappedDataModule):
     what ``loss_on`` names; see docs/data.md.
 
     Args:
-        train: a data file (jsonl/json/parquet/csv/arrow), a ``save_to_disk`` directory, or a Hub name.
+        train: a data file (jsonl/json/parquet/csv/arrow), a ``save_to_disk`` directory, or a Hub name; None with
+            ``prepared``.
         val: the same for validation; None holds out ``val_fraction`` of ``train``'s conversations (seeded).
-        tokenizer: a Hugging Face tokenizer name or directory (the teacher's); required.
+        tokenizer: a Hugging Face tokenizer name or directory (the teacher's); required, but for ``prepared``,
+            whose own tokenizer it defaults to.
         chat_template: a Jinja file overriding the tokenizer's chat template.
         max_seq_length: tokens per row at most.
         loss_on: ``"assistant"`` (every assistant turn), ``"last_assistant"``, ``"completion"`` (prompt/completion
@@ -111,11 +115,16 @@ class ChatDataModule(MappedDataModule):
         packing: pack several training conversations per row (best-fit decreasing, once at setup), with
             ``position_ids``; validation stays one per row. For the off-policy techniques: on-policy distillation
             and ``HardLabelDistillation(mode="generate")`` continue prompts and need packing=False.
+        prepared: a directory ``prepare_chat`` wrote (instead of ``train`` and ``val``): its rows are read
+            memory-mapped, nothing is tokenized; its split, counts and tokenizer are the prepared ones, and the
+            settings above that decide the rows must be those it was prepared with.
 
     Raises:
         ValueError, FileNotFoundError, ConnectionError: bad options at construction; at setup, data in no known
             format, a bad role, a conversation with nothing to learn, a template without a chat template or
-            one that breaks the prefix property, every row dropped, a Hub that cannot be reached.
+            one that breaks the prefix property, every row dropped, a Hub that cannot be reached. With
+            ``prepared``: no or another kind of ``prepared.json``, another tokenizer, setting or template (at
+            construction); a missing or corrupt Arrow file (at setup).
 
     Example:
         >>> data = ChatDataModule("chats.jsonl", tokenizer="artifacts/teacher", max_seq_length=1024)
@@ -127,7 +136,7 @@ class ChatDataModule(MappedDataModule):
 
     def __init__(
         self,
-        train: str,
+        train: str | None = None,
         val: str | None = None,
         tokenizer: str | None = None,
         chat_template: str | None = None,
@@ -143,7 +152,16 @@ class ChatDataModule(MappedDataModule):
         val_split: str = "validation",
         cache_dir: str | None = None,
         packing: bool = False,
+        prepared: str | None = None,
     ) -> None:
+        if (train is None) == (prepared is None) or (prepared is not None and val is not None):
+            raise ValueError(
+                f"ChatDataModule reads train= (and val=) or prepared= (a directory prepare_chat wrote), one of"
+                f" them; got train={train!r}, val={val!r}, prepared={prepared!r}"
+            )
+        self.prepared, self.prepared_meta = prepared, read_prepared_chat(prepared) if prepared else None
+        if prepared is not None and tokenizer is None:
+            tokenizer = str(Path(prepared) / TOKENIZER_DIR)
         if loss_on not in LOSS_ON or truncation not in TRUNCATION:
             raise ValueError(f"loss_on must be one of {LOSS_ON} and truncation one of {TRUNCATION}")
         if max_seq_length < 2:
@@ -154,6 +172,17 @@ class ChatDataModule(MappedDataModule):
         )  # fmt: skip
         self.max_seq_length, self.loss_on, self.truncation, self.packing = max_seq_length, loss_on, truncation, packing
         self.collate = PadCollate(self.pad_id)
+        if prepared is not None:
+            check_prepared_chat(self.prepared_meta, self, prepared)
+
+    def prepare_data(self) -> None:
+        if self.prepared is None:  # a prepared directory has nothing left to make
+            super().prepare_data()
+
+    def _prepare(self):
+        if self.prepared is None:
+            return super()._prepare()
+        return load_prepared_chat(self.prepared, self.prepared_meta)  # memory-mapped and checked: no tokenizing
 
     def _training_rows(self, rows):
         self.train_rows = rows

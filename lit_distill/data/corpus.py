@@ -109,9 +109,71 @@ def split_documents(documents: list[str], val_fraction: float) -> tuple[list[str
         cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction)))
         cut = cut if cut > 0 else int(len(text) * (1 - val_fraction))
         return [text[:cut]], [text[cut:]]
-    n_val = max(1, round(len(documents) * val_fraction))
-    step = len(documents) / n_val
-    val_idx = {int(step * i + step / 2) for i in range(n_val)}
+    val_idx = held_out_indices(len(documents), val_fraction)
     train = [d for i, d in enumerate(documents) if i not in val_idx]
     val = [d for i, d in enumerate(documents) if i in val_idx]
     return train, val
+
+
+def held_out_indices(count: int, val_fraction: float) -> set[int]:
+    """The documents of ``count`` that validation holds out: every k-th, at least one."""
+    held = max(1, round(count * val_fraction))
+    step = count / held
+    return {int(step * i + step / 2) for i in range(held)}
+
+
+def document_splits(files: Sequence[str] | None, text_field: str = "text", val_fraction: float = 0.05):
+    """``({"train": Dataset, "val": Dataset}, sources)``: the documents ``read_documents`` reads, as ``datasets``
+    tables of one ``text`` column split as ``split_documents`` splits, and each source's path and size in bytes.
+
+    jsonl and parquet files are read into memory-mapped Arrow files (``datasets``' cache), so the documents of a
+    large corpus are never all in memory; a text file is one document, read whole.
+    """
+    import datasets
+
+    if not files:
+        train, val = split_documents(split_works(_read_text(BUNDLED_CORPUS)), val_fraction)
+        sources = [{"path": "bundled", "bytes": BUNDLED_CORPUS.stat().st_size}]
+        return _tables(train, val), sources
+    parts, sources = [], []
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"corpus file {path} does not exist")
+        sources.append({"path": str(path.resolve()), "bytes": path.stat().st_size})
+        parts.append(_file_table(path, text_field))
+    documents = datasets.concatenate_datasets(parts).filter(
+        lambda batch: [bool(t.strip()) for t in batch["text"]], batched=True, desc="dropping empty documents"
+    )
+    if not len(documents):
+        raise ValueError(f"the corpus {', '.join(map(str, files))} holds no text")
+    if len(documents) == 1:  # one document is cut once, near the end
+        train, val = split_documents([documents[0]["text"]], val_fraction)
+        return _tables(train, val), sources
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    held = held_out_indices(len(documents), val_fraction)
+    train = [i for i in range(len(documents)) if i not in held]
+    return {"train": documents.select(train), "val": documents.select(sorted(held))}, sources
+
+
+def _file_table(path: Path, text_field: str):
+    """One file's documents as a ``text`` column: a jsonl line or parquet row each, or a text file whole."""
+    import datasets
+
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    kind = suffixes[-1] if suffixes else ".txt"
+    if kind not in (".jsonl", ".parquet"):
+        return datasets.Dataset.from_dict({"text": [_read_text(path)]})
+    builder = "json" if kind == ".jsonl" else "parquet"
+    table = datasets.load_dataset(builder, data_files=str(path), split="train")
+    if text_field not in table.column_names:
+        raise ValueError(f"{path} has no {text_field!r} field (set text_field); fields: {table.column_names}")
+    table = table.select_columns([text_field])
+    return table.rename_column(text_field, "text") if text_field != "text" else table
+
+
+def _tables(train: list[str], val: list[str]):
+    import datasets
+
+    return {"train": datasets.Dataset.from_dict({"text": train}), "val": datasets.Dataset.from_dict({"text": val})}

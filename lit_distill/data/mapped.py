@@ -33,7 +33,7 @@ class MappedDataModule(ShuffledDataModule):
     what = "data"
 
     def __init__(
-        self, train: str, val: str | None, tokenizer: str | None, chat_template: str | None, batch_size: int,
+        self, train: str | None, val: str | None, tokenizer: str | None, chat_template: str | None, batch_size: int,
         num_workers: int, num_proc: int | None, seed: int, val_fraction: float, split: str, val_split: str,
         cache_dir: str | None,
     ) -> None:  # fmt: skip

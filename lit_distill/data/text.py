@@ -1,20 +1,31 @@
-"""Text for distillation as fixed-length packed sequences: the data module, its resumable shuffle, packing.
+"""Text for distillation as fixed-length packed sequences: the data module and packing.
 
-The corpus (``corpus.py``) and the tokenizer (``tokenizers.py``) live beside this file.
+The corpus (``corpus.py``), the tokenizer (``tokenizers.py``), the prepared corpus (``prepared.py``) and the
+resumable shuffle (``shuffle.py``) live beside this file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import hashlib
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from .cache_dir import default_cache_dir
-from .corpus import read_documents, split_documents
+from .cache_dir import default_cache_dir, writable_dir
+from .corpus import BUNDLED_CORPUS, read_documents, split_documents
+from .prepared import (
+    FORMAT_VERSION,
+    META,
+    SPLITS,
+    TOKENIZER_DIR,
+    PreparedRows,
+    PreparedText,
+    open_prepared,
+    prepare_text,
+)
+from .shuffle import EpochShuffle, ShuffledDataModule  # noqa: F401  (their old home)
 from .tokenizers import load_tokenizer, special_token_ids, train_bpe
 
 
@@ -43,7 +54,7 @@ def _leading_documents(documents: list[str], tokenizer, tokens: int) -> list[str
 
 
 class TokenBlocks(Dataset):
-    """Rows of a ``(sequences, seq_len)`` tensor as ``{"input_ids": row}`` items."""
+    """Rows of a ``(sequences, seq_len)`` tensor as ``{"input_ids": row}`` items (int64)."""
 
     def __init__(self, blocks: torch.Tensor) -> None:
         self.blocks = blocks
@@ -52,92 +63,39 @@ class TokenBlocks(Dataset):
         return self.blocks.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.blocks[index]}
-
-
-class EpochShuffle(Sampler[int]):
-    """``RandomSampler``'s order, made resumable in the middle of an epoch.
-
-    The first epoch's seed is drawn from the global RNG as ``RandomSampler`` draws it (so ``seed_everything``
-    decides it and the first epoch's order is the same), epoch ``e`` uses ``seed + e``, and the seed is saved
-    in checkpoints with the data module. After a resume in the middle of an epoch, the batches already
-    trained on (``batches_done()``, from Lightning's progress) are not drawn again: the resumed run sees
-    exactly the batches the uninterrupted run would have.
-    """
-
-    def __init__(self, size: int, batch_size: int, batches_done: Callable[[], int]) -> None:
-        self.size, self.batch_size, self.batches_done = size, batch_size, batches_done
-        self.seed: int | None = None
-        self.epoch = 0
-        self.resuming = False
-
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls it before every epoch
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[int]:
-        if self.seed is None:
-            self.seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        skip = self.batches_done() * self.batch_size if self.resuming else 0
-        self.resuming = False
-        return iter(order[skip:])
-
-
-class ShuffledDataModule(pl.LightningDataModule):
-    """A data module whose training batches come in :class:`EpochShuffle`'s order, resumable mid-epoch: the
-    shuffle seed is saved in checkpoints. Subclasses set ``batch_size`` and ``num_workers``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sampler: EpochShuffle | None = None
-        self._resumed_seed: int | None = None
-
-    def shuffled_loader(self, dataset: Dataset, collate_fn: Callable | None = None) -> DataLoader:
-        """The training DataLoader of ``dataset`` (``collate_fn``: how rows become a batch; default stacking)."""
-        common = {"drop_last": True, "num_workers": self.num_workers, "collate_fn": collate_fn}
-        if self.trainer is not None and self.trainer.world_size > 1:
-            # Lightning swaps in a DistributedSampler (one order per epoch); a resume restarts the epoch.
-            return DataLoader(dataset, self.batch_size, shuffle=True, **common)
-        self.sampler = EpochShuffle(len(dataset), self.batch_size, self._batches_done)
-        if self._resumed_seed is not None:
-            self.sampler.seed, self.sampler.resuming = self._resumed_seed, True
-            self._resumed_seed = None
-        return DataLoader(dataset, self.batch_size, sampler=self.sampler, **common)
-
-    def _batches_done(self) -> int:
-        """Batches of the current epoch the trainer has finished (restored from a checkpoint on resume)."""
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer is not None else 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"shuffle_seed": self.sampler.seed} if self.sampler is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resumed_seed = state_dict.get("shuffle_seed")
+        return {"input_ids": self.blocks[index].long()}
 
 
 class TextDataModule(ShuffledDataModule):
     """Packed fixed-length token sequences for causal-LM training and distillation.
 
+    The corpus is prepared once (tokenized into a prepared directory under ``cache_dir``, keyed by the files'
+    paths, sizes and times, the tokenizer and the settings; see ``prepared.py``) and read memory-mapped: the
+    second run on the same corpus tokenizes nothing, and memory does not grow with the corpus. ``prepared``
+    reads a directory ``lit-distill prepare`` wrote. Quick runs (``max_train_tokens``) tokenize only the leading
+    documents they keep, in memory.
+
     Args:
         files: text files (``.txt``, ``.jsonl``, ``.parquet``, gzipped txt/jsonl); None uses the bundled corpus.
         tokenizer: a Hugging Face tokenizer name or local directory; None trains a byte-level BPE of
-            ``vocab_size`` tokens on the training split (cached under ``cache_dir``).
+            ``vocab_size`` tokens on the training split (cached under ``cache_dir``), or, with ``prepared``,
+            uses the tokenizer saved with it.
         vocab_size: size of the trained BPE (ignored with ``tokenizer``).
         seq_len: tokens per sequence.
         batch_size: sequences per batch.
         val_fraction: fraction of whole documents held out for validation.
         num_workers: DataLoader workers.
         text_field: the text field of jsonl/parquet records.
-        cache_dir: where trained tokenizers are cached (default: see :func:`default_cache_dir`).
+        cache_dir: where trained tokenizers and prepared corpora are cached (default: :func:`default_cache_dir`).
         max_train_tokens: keep only this many training tokens (quick runs); None keeps all.
+        prepared: a prepared directory to read (instead of ``files``); checked against ``tokenizer`` and
+            ``seq_len``.
+        num_proc: processes that tokenize when the corpus is prepared (None: one, with the tokenizer's threads).
 
     Raises:
         FileNotFoundError, ValueError, OSError, PermissionError: missing or empty corpus, text shorter than
-            one sequence, a tokenizer that cannot be found offline, a cache directory that is not writable.
+            one sequence, a tokenizer that cannot be found offline, a cache directory that is not writable, a
+            prepared directory of another tokenizer or ``seq_len`` or with a damaged file.
 
     Example:
         >>> data = TextDataModule(seq_len=128, batch_size=16)   # bundled Shakespeare, BPE of 4096 tokens
@@ -157,22 +115,66 @@ class TextDataModule(ShuffledDataModule):
         text_field: str = "text",
         cache_dir: str | None = None,
         max_train_tokens: int | None = None,
+        prepared: str | None = None,
+        num_proc: int | None = None,
     ) -> None:
         super().__init__()
         if seq_len < 2 or batch_size < 1 or vocab_size < 258:
             raise ValueError(
                 f"need seq_len >= 2, batch_size >= 1 and vocab_size >= 258; got {seq_len}, {batch_size}, {vocab_size}"
             )
+        if prepared and files:
+            raise ValueError(f"pass files or prepared, not both (got files={files}, prepared={prepared!r})")
         self.files, self.tokenizer_name, self.bpe_size = files, tokenizer, vocab_size
         self.seq_len, self.batch_size, self.val_fraction = seq_len, batch_size, val_fraction
         self.num_workers, self.text_field, self.max_train_tokens = num_workers, text_field, max_train_tokens
+        self.num_proc = num_proc
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        self.train_documents, self.val_documents = split_documents(read_documents(files, text_field), val_fraction)
-        self.tokenizer = (
-            load_tokenizer(tokenizer) if tokenizer else train_bpe(self.train_documents, vocab_size, self.cache_dir)
-        )
-        self.train_blocks: torch.Tensor | None = None
-        self.val_blocks: torch.Tensor | None = None
+        self._documents: tuple[list[str], list[str]] | None = None
+        self.meta: PreparedText | None = None
+        self.train_set = self.val_set = self._blocks = None
+        for name in files or []:  # a bad option now, not when training starts
+            if not Path(name).is_file():
+                raise FileNotFoundError(f"corpus file {name} does not exist")
+        if prepared:
+            self.prepared_dir = Path(prepared)
+            PreparedText.read(self.prepared_dir)  # a clear error now for a directory that is not one
+        elif max_train_tokens is None:
+            self.prepared_dir = self.cache_dir / "prepared" / self._prepared_key()
+        else:
+            self.prepared_dir = None  # a quick run: packed in memory
+        saved = self.prepared_dir / TOKENIZER_DIR if self.prepared_dir else None
+        if tokenizer:
+            self.tokenizer = load_tokenizer(tokenizer)
+        elif saved is not None and (self.prepared_dir / META).exists():
+            self.tokenizer = load_tokenizer(str(saved))
+        else:
+            self.tokenizer = train_bpe(self.train_documents, vocab_size, self.cache_dir)
+
+    def _prepared_key(self) -> str:
+        """The cache key of this corpus prepared with these settings: the files by path, size and time (the
+        second run reads nothing to find it), the tokenizer as named, seq_len, the split and the format."""
+        key = hashlib.sha256(f"{FORMAT_VERSION}\0{self.seq_len}\0{self.val_fraction}\0{self.text_field}".encode())
+        key.update(f"\0{self.tokenizer_name or f'bpe-{self.bpe_size}'}".encode())
+        for name in self.files or [str(BUNDLED_CORPUS)]:
+            path = Path(name)
+            stat = path.stat()
+            key.update(f"\0{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+        return key.hexdigest()[:32]
+
+    @property
+    def train_documents(self) -> list[str]:
+        """The training documents, read on demand (a prepared corpus does not need them)."""
+        return self._split_documents()[0]
+
+    @property
+    def val_documents(self) -> list[str]:
+        return self._split_documents()[1]
+
+    def _split_documents(self) -> tuple[list[str], list[str]]:
+        if self._documents is None:
+            self._documents = split_documents(read_documents(self.files, self.text_field), self.val_fraction)
+        return self._documents
 
     @property
     def vocab_size(self) -> int:
@@ -185,31 +187,65 @@ class TextDataModule(ShuffledDataModule):
         configs of models built for it (the command line links them to ``model.init_args.special_tokens``)."""
         return special_token_ids(self.tokenizer)
 
+    @property
+    def fingerprint(self) -> str:
+        """What the training rows are (the prepared directory's fingerprint; "" for a quick in-memory run)."""
+        self.setup()
+        return self.meta.fingerprint if self.meta is not None else ""
+
+    def prepare_data(self) -> None:
+        """Prepare the corpus into the cache once (Lightning calls it on one process per machine first)."""
+        if self.prepared_dir is not None and not (self.prepared_dir / META).exists():
+            writable_dir(self.prepared_dir.parent)
+            prepare_text(
+                self.files, self.tokenizer, self.prepared_dir, seq_len=self.seq_len, val_fraction=self.val_fraction,
+                text_field=self.text_field, num_proc=self.num_proc,
+            )  # fmt: skip
+
     def setup(self, stage: str | None = None) -> None:
-        if self.train_blocks is None:
-            documents = self.train_documents
-            if self.max_train_tokens is not None:  # tokenize only the documents the kept blocks come from
-                blocks = max(1, self.max_train_tokens // self.seq_len)
-                documents = _leading_documents(documents, self.tokenizer, blocks * self.seq_len)
-            self.train_blocks = pack(documents, self.tokenizer, self.seq_len, "training")
-            if self.max_train_tokens is not None:
-                self.train_blocks = self.train_blocks[:blocks]
-            self.val_blocks = pack(self.val_documents, self.tokenizer, self.seq_len, "validation")
+        if self.train_set is not None:
+            return
+        if self.prepared_dir is None:
+            self._pack_in_memory()
+            return
+        self.prepare_data()
+        self.meta = open_prepared(self.prepared_dir, self.tokenizer, self.seq_len)
+        self.train_set, self.val_set = (PreparedRows(self.prepared_dir, split, self.meta) for split in SPLITS)
+
+    def _pack_in_memory(self) -> None:
+        blocks = max(1, self.max_train_tokens // self.seq_len)
+        documents = _leading_documents(self.train_documents, self.tokenizer, blocks * self.seq_len)
+        train = pack(documents, self.tokenizer, self.seq_len, "training")[:blocks]
+        val = pack(self.val_documents, self.tokenizer, self.seq_len, "validation")
+        self.train_set, self.val_set = TokenBlocks(train), TokenBlocks(val)
+
+    @property
+    def train_blocks(self) -> torch.Tensor:
+        """The training rows as a ``(sequences, seq_len)`` tensor (memory-mapped ``uint16``/``uint32`` when
+        prepared: index it, then ``.long()`` the rows you read)."""
+        self.setup()
+        return self.train_set.blocks
+
+    @property
+    def val_blocks(self) -> torch.Tensor:
+        self.setup()
+        return self.val_set.blocks
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self.shuffled_loader(TokenBlocks(self.train_blocks))
+        return self.shuffled_loader(self.train_set)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(TokenBlocks(self.val_blocks), batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def describe(self) -> dict[str, Any]:
         """Sizes of the splits, for logs and tables."""
         self.setup()
+        counts = self.meta.documents if self.meta is not None else None
         return {
-            "train_documents": len(self.train_documents),
-            "val_documents": len(self.val_documents),
+            "train_documents": counts["train"] if counts else len(self.train_documents),
+            "val_documents": counts["val"] if counts else len(self.val_documents),
             "train_tokens": self.train_blocks.numel(),
             "val_tokens": self.val_blocks.numel(),
             "vocab_size": self.vocab_size,

@@ -268,7 +268,7 @@ def sample_scores(model, teacher, data, sizes: dict, seed: int) -> tuple[float, 
     from ..callbacks.sample_quality import score_samples
 
     data.setup()
-    prompts = data.val_blocks[:SAMPLE_PROMPTS]
+    prompts = data.val_blocks[:SAMPLE_PROMPTS].long()
     half = sizes["seq_len"] // 2
     lengths = torch.full((len(prompts),), half)
     scores = score_samples(model, teacher, prompts, lengths, max_new_tokens=half, seed=seed)
@@ -287,7 +287,7 @@ def _evaluate(model, data, batch_size: int | None = None) -> tuple[float, torch.
     data.setup()
     # The validation loader's batches in its order, without a DataLoader (whose iterator draws from the RNG).
     for batch in data.val_blocks.split(batch_size or data.batch_size):
-        ids = batch.to(device)
+        ids = batch.to(device).long()
         logits = model(input_ids=ids).logits[:, :-1].float()
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
         tokens += ids[:, 1:].numel()

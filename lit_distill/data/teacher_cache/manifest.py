@@ -63,7 +63,8 @@ class CacheSettings:
     seed: int  # of the draws ("sampled")
     format_version: int = FORMAT_VERSION
     layout: str = "blocks"  # "blocks": (sequences, seq_len) text blocks; "rows": chat rows, the signal where learned
-    data_fingerprint: str = ""  # "rows": the chat rows' fingerprint (data, tokenizer, template, loss_on, length)
+    data_fingerprint: str = ""  # the rows': a prepared corpus's fingerprint, or the chat rows' (data, tokenizer,
+    # template, loss_on, length); "" for text packed in memory
 
     @property
     def num_shards(self) -> int:

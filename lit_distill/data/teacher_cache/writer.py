@@ -163,7 +163,7 @@ def _settings(signal: TeacherSignal, data, rows, shard_sequences: int, layout: s
         seed=signal.seed,
         layout=layout,
         format_version=ROWS_FORMAT_VERSION if layout == "rows" else FORMAT_VERSION,
-        data_fingerprint=rows._fingerprint if layout == "rows" else "",
+        data_fingerprint=rows._fingerprint if layout == "rows" else getattr(data, "fingerprint", ""),
     )
 
 
@@ -192,7 +192,7 @@ class _Sequences(Dataset):
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         index = self.indices[position]
-        return {"index": index, "input_ids": self.blocks[index]}
+        return {"index": index, "input_ids": self.blocks[index].long()}  # a memory-mapped uint16 row, prepared
 
 
 class _ShardLoader(pl.LightningDataModule):

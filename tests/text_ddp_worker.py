@@ -1,0 +1,49 @@
+"""One epoch of a prepared TextDataModule on two DDP processes (gloo, CPU); saves the rows each process read.
+
+Run by ``test_prepared.py`` as ``python tests/text_ddp_worker.py <prepared dir> <out.pt>``; Lightning's DDP launcher
+starts the second process by running this script again. Process 0 saves every process's batches and the shuffle
+seed the processes shared.
+"""
+
+import sys
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from helpers import finish_worker, tiny
+
+from lit_distill.data import TextDataModule
+from lit_distill.modules import LanguageModelTraining
+
+warnings.filterwarnings("ignore")
+
+
+class Record(Callback):
+    def __init__(self) -> None:
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(batch["input_ids"].tolist())
+
+
+def main(prepared: str, out: str) -> None:
+    data = TextDataModule(prepared=prepared, seq_len=16, batch_size=2)
+    module = LanguageModelTraining(tiny(hidden=32, seed=4, vocab_size=data.vocab_size), vocab_size=data.vocab_size)
+    record = Record()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, callbacks=[record], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    seen = [None, None]
+    torch.distributed.all_gather_object(seen, record.batches)
+    if trainer.global_rank == 0:
+        torch.save({"seen": seen, "seed": data.sampler.seed}, out)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
+    finish_worker()
