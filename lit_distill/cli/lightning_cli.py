@@ -176,16 +176,18 @@ def default_tokenizer(config: Namespace) -> str | None:
 
 
 def _is_text_data(class_path: Any) -> bool:
-    """Whether a data class path names TextDataModule, ChatDataModule or PromptDataModule, whose tokenizer defaults
-    to the teacher's (jsonargparse may shorten the path, as in ``lit_distill.TextDataModule``)."""
+    """Whether a data class path names TextDataModule, StreamingTextDataModule, ChatDataModule or PromptDataModule,
+    whose tokenizer defaults to the teacher's (jsonargparse may shorten the path, as in
+    ``lit_distill.TextDataModule``)."""
     import importlib
 
-    from ..data import ChatDataModule, PromptDataModule, TextDataModule
+    from ..data import ChatDataModule, PromptDataModule, StreamingTextDataModule, TextDataModule
 
     module, _, name = str(class_path).rpartition(".")
     try:
         return getattr(importlib.import_module(module), name, None) in (
             TextDataModule,
+            StreamingTextDataModule,
             ChatDataModule,
             PromptDataModule,
         )

@@ -1,5 +1,7 @@
 """Data for distillation: text packed into fixed-length rows (``text.py``), read from a corpus (``corpus.py``)
-with the teacher's or a trained tokenizer (``tokenizers.py``), chat data through the tokenizer's chat template
+with the teacher's or a trained tokenizer (``tokenizers.py``), prepared once into memory-mapped token files
+(``prepared.py``; chat data: ``prepared_chat.py``) and shuffled resumably over processes (``shuffle.py``), or streamed
+when too big to prepare (``streaming.py``), chat data through the tokenizer's chat template
 (``chat.py``, ``chat_formats.py``, ``chat_template.py``; ``datasets`` is imported only where they read data), with
 a plain chat template for tokenizers without one (``BUNDLED_CHAT_TEMPLATE``) and conversations from the bundled plays
 (``dialogues.py``, ``python -m lit_distill.data.dialogues DIR``), prompt
@@ -15,7 +17,10 @@ from .cache_dir import default_cache_dir, writable_dir
 from .chat import ChatDataModule
 from .chat_template import BUNDLED_CHAT_TEMPLATE
 from .corpus import BUNDLED_CORPUS, CORPUS_CREDIT, read_documents, split_documents, split_works
+from .prepared import PreparedText, open_prepared, prepare_text
+from .prepared_chat import prepare_chat
 from .prompts import PromptDataModule
+from .streaming import StreamingTextDataModule
 from .teacher_cache import TeacherCacheDataModule
 from .text import EpochShuffle, ShuffledDataModule, TextDataModule, TokenBlocks, pack
 from .tokenizers import (
@@ -40,15 +45,20 @@ __all__ = [
     "TOKENIZER_FILES",
     "ChatDataModule",
     "EpochShuffle",
+    "PreparedText",
     "PromptDataModule",
     "ShuffledDataModule",
+    "StreamingTextDataModule",
     "TeacherCacheDataModule",
     "TextDataModule",
     "TokenBlocks",
     "check_tokenizer",
     "default_cache_dir",
     "load_tokenizer",
+    "open_prepared",
     "pack",
+    "prepare_chat",
+    "prepare_text",
     "read_documents",
     "saved_tokenizer_dir",
     "special_token_ids",

@@ -1,0 +1,53 @@
+"""One epoch of StreamingTextDataModule batches on two DDP processes (gloo, CPU); saves what each process saw.
+
+Run by ``test_streaming.py`` as ``python tests/streaming_ddp_worker.py <corpus.jsonl> <tokenizer> <out.pt>``;
+Lightning's DDP launcher starts the second process by running this script again. The corpus gives the two
+processes different numbers of rows; process 0 saves every batch each process trained on and the steps each ran.
+"""
+
+import sys
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from helpers import adam, finish_worker, tiny
+
+from lit_distill.data.streaming import StreamingTextDataModule
+from lit_distill.modules import LanguageModelTraining
+
+warnings.filterwarnings("ignore")
+
+
+class Record(Callback):
+    """Every training batch's rows, as lists."""
+
+    def __init__(self) -> None:
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(batch["input_ids"].tolist())
+
+
+def main(corpus: str, tokenizer: str, out: str) -> None:
+    data = StreamingTextDataModule([corpus], tokenizer=tokenizer, seq_len=8, batch_size=2, val_fraction=0.2,
+                                   shuffle_buffer=4)  # fmt: skip
+    module = LanguageModelTraining(student=tiny(vocab_size=data.vocab_size), optimizer=adam)
+    record = Record()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, callbacks=[record], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    seen, steps = [None, None], [None, None]
+    torch.distributed.all_gather_object(seen, record.batches)
+    torch.distributed.all_gather_object(steps, trainer.global_step)
+    if trainer.global_rank == 0:
+        torch.save({"seen": seen, "steps": steps}, out)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
+    finish_worker()
