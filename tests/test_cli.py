@@ -584,3 +584,25 @@ def test_checkpoints_are_verified_with_any_plugins():
         _checkpoint_io = torch_io
 
     assert with_verified_checkpoints([], Strategy()) == []  # set on a strategy object: Lightning refuses a second
+
+
+def test_prepare_then_fit_on_the_prepared_text_and_chat_data(workdir, monkeypatch, capsys):
+    """docs/corpora.md's commands: prepare the bundled corpus and the dialogues with the teacher's tokenizer, then
+    the soft-label configs train on the prepared directories (no tokenizing: the data module reads rows)."""
+    chat_workdir(workdir, monkeypatch)
+    text, chat = workdir / "artifacts" / "corpus-prepared", workdir / "artifacts" / "dialogues-prepared"
+    assert cli_main(["prepare", "--data.tokenizer", "artifacts/teacher", "--output", str(text)]) == 0
+    assert cli_main(
+        ["prepare", "--data", "lit_distill.data.ChatDataModule", "--data.train", "artifacts/dialogues/train-head.jsonl",
+         "--data.tokenizer", "artifacts/teacher", "--data.chat_template", "bundled", "--data.max_seq_length", "256",
+         "--output", str(chat)]
+    ) == 0  # fmt: skip
+    assert "Train on it with --data.prepared" in capsys.readouterr().out
+    cli = run_cli(["fit", "--config", str(CONFIGS / "soft_label.yaml"), *QUICK, "--data.prepared", str(text)])
+    assert cli.trainer.global_step == 2 and cli.datamodule.prepared_dir == text
+    assert len(cli.datamodule.train_set) == 4096 // 128  # max_train_tokens keeps the first rows
+    chat_options = ["--data.train", "null", "--data.val", "null", "--data.prepared", str(chat)]
+    cli = run_cli(
+        ["fit", "--config", str(CONFIGS / "chat_soft_label.yaml"), *without(CHAT_QUICK, "--data.train"), *chat_options]
+    )
+    assert cli.trainer.global_step == 2 and cli.datamodule.describe()["train"]["conversations"] == 190

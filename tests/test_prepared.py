@@ -173,6 +173,8 @@ def test_preparing_refuses_bad_settings_and_leaves_nothing_half_written(small, t
         prepare_text(small.files, small.tokenizer, tmp_path / "short", seq_len=100_000, val_fraction=0.25)
     with pytest.raises(ValueError, match=r"num_proc must lie in \[1, \d+\] \(this machine's CPUs\)"):
         prepare_text(small.files, small.tokenizer, tmp_path / "many", seq_len=16, num_proc=(os.cpu_count() or 1) + 1)
+    with pytest.raises(ValueError, match=r"num_proc must lie in \[1, \d+\]"):  # at once, not when training starts
+        same_module(small, num_proc=(os.cpu_count() or 1) + 1)
     with pytest.raises(FileExistsError, match="exists: prepare into a new directory"):
         prepare_text(small.files, small.tokenizer, tmp_path, seq_len=16)
     real = prepared._write_tokens

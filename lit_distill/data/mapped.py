@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from .cache_dir import default_cache_dir, writable_dir
 from .chat_formats import load_source
 from .chat_template import stop_ids
+from .prepared import check_num_proc
 from .text import ShuffledDataModule
 from .tokenizers import load_tokenizer, special_token_ids
 
@@ -40,6 +41,7 @@ class MappedDataModule(ShuffledDataModule):
         super().__init__()
         if batch_size < 1 or not 0 <= val_fraction < 1:
             raise ValueError(f"need batch_size >= 1 and 0 <= val_fraction < 1; got {batch_size}, {val_fraction}")
+        check_num_proc(num_proc)
         if tokenizer is None:
             raise ValueError(
                 f"{type(self).__name__} needs tokenizer= (a name or directory): the teacher's, whose chat template"

@@ -133,6 +133,13 @@ def open_prepared(directory: str | Path, tokenizer=None, seq_len: int | None = N
     return meta
 
 
+def check_num_proc(num_proc: int | None) -> None:
+    """Raise when ``num_proc`` (processes that tokenize) is not between 1 and this machine's CPUs."""
+    cpus = os.cpu_count() or 1
+    if num_proc is not None and not 1 <= num_proc <= cpus:
+        raise ValueError(f"num_proc must lie in [1, {cpus}] (this machine's CPUs), got {num_proc}")
+
+
 def token_file(directory: str | Path, split: str) -> Path:
     return Path(directory) / f"{split}.bin"
 
@@ -164,9 +171,7 @@ def prepare_text(
         raise FileExistsError(f"{directory} exists: prepare into a new directory, or delete it first")
     if seq_len < 2:
         raise ValueError(f"need seq_len >= 2, got {seq_len}")
-    cpus = os.cpu_count() or 1
-    if num_proc is not None and not 1 <= num_proc <= cpus:
-        raise ValueError(f"num_proc must lie in [1, {cpus}] (this machine's CPUs), got {num_proc}")
+    check_num_proc(num_proc)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token, which ends every document")
@@ -268,21 +273,23 @@ def mapped_blocks(directory: str | Path, split: str, meta: PreparedText):
 
 
 class PreparedRows:
-    """One split of a prepared directory as ``{"input_ids": row}`` items (int64), mapped on first use in each
-    process: a DataLoader worker, forked or spawned, maps the file itself instead of receiving a copy."""
+    """One split of a prepared directory as ``{"input_ids": row}`` items (int64), its first ``limit`` rows when
+    given, mapped on first use in each process: a DataLoader worker, forked or spawned, maps the file itself
+    instead of receiving a copy."""
 
-    def __init__(self, directory: str | Path, split: str, meta: PreparedText) -> None:
+    def __init__(self, directory: str | Path, split: str, meta: PreparedText, limit: int | None = None) -> None:
         self.directory, self.split, self.meta = Path(directory), split, meta
+        self.size = meta.rows(split) if limit is None else min(limit, meta.rows(split))
         self._blocks = None
 
     @property
     def blocks(self):
         if self._blocks is None:
-            self._blocks = mapped_blocks(self.directory, self.split, self.meta)
+            self._blocks = mapped_blocks(self.directory, self.split, self.meta)[: self.size]
         return self._blocks
 
     def __len__(self) -> int:
-        return self.meta.rows(self.split)
+        return self.size
 
     def __getitem__(self, index: int):
         return {"input_ids": self.blocks[index].long()}

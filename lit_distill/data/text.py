@@ -18,10 +18,10 @@ from .corpus import BUNDLED_CORPUS, read_documents, split_documents
 from .prepared import (
     FORMAT_VERSION,
     META,
-    SPLITS,
     TOKENIZER_DIR,
     PreparedRows,
     PreparedText,
+    check_num_proc,
     open_prepared,
     prepare_text,
 )
@@ -73,7 +73,7 @@ class TextDataModule(ShuffledDataModule):
     paths, sizes and times, the tokenizer and the settings; see ``prepared.py``) and read memory-mapped: the
     second run on the same corpus tokenizes nothing, and memory does not grow with the corpus. ``prepared``
     reads a directory ``lit-distill prepare`` wrote. Quick runs (``max_train_tokens``) tokenize only the leading
-    documents they keep, in memory.
+    documents they keep, in memory (or, with ``prepared``, read its first rows).
 
     Args:
         files: text files (``.txt``, ``.jsonl``, ``.parquet``, gzipped txt/jsonl); None uses the bundled corpus.
@@ -123,6 +123,7 @@ class TextDataModule(ShuffledDataModule):
             raise ValueError(
                 f"need seq_len >= 2, batch_size >= 1 and vocab_size >= 258; got {seq_len}, {batch_size}, {vocab_size}"
             )
+        check_num_proc(num_proc)
         if prepared and files:
             raise ValueError(f"pass files or prepared, not both (got files={files}, prepared={prepared!r})")
         self.files, self.tokenizer_name, self.bpe_size = files, tokenizer, vocab_size
@@ -210,7 +211,9 @@ class TextDataModule(ShuffledDataModule):
             return
         self.prepare_data()
         self.meta = open_prepared(self.prepared_dir, self.tokenizer, self.seq_len)
-        self.train_set, self.val_set = (PreparedRows(self.prepared_dir, split, self.meta) for split in SPLITS)
+        kept = max(1, self.max_train_tokens // self.seq_len) if self.max_train_tokens is not None else None
+        self.train_set = PreparedRows(self.prepared_dir, "train", self.meta, limit=kept)
+        self.val_set = PreparedRows(self.prepared_dir, "val", self.meta)
 
     def _pack_in_memory(self) -> None:
         blocks = max(1, self.max_train_tokens // self.seq_len)
