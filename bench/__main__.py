@@ -10,6 +10,8 @@ and the run goes on (exit status 1 at the end).
 Related: ``python3 -m bench.sweep`` times the Triton kernels' block sizes and warps (bench/sweep.py), and
 ``bash bench/gpu_check.sh`` runs the GPU tests, that sweep and these benchmarks in one time-boxed call.
 ``python -m bench.chat_data`` times preparing chat data (rendering, masking, tokenizing) cold and from the cache.
+``python -m bench.data_loading`` measures corpora larger than memory: training's peak RSS on a large and a small
+prepared corpus, preparing and reading speed, and ``lit-distill fit``'s start-up with and without a prepared corpus.
 """
 
 from __future__ import annotations
