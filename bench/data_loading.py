@@ -12,7 +12,7 @@ Four measurements on a synthetic jsonl corpus (documents of a few KB of seeded r
   documents encoded by the tokenizer in one process (``tokenizer(texts)`` a thousand at a time, only the calls
   timed); the token counts must agree;
 - reading: rows and tokens per second of ``train_dataloader()`` without a model, for the prepared corpus
-  (memory-mapped) and for ``StreamingTextDataModule`` on the jsonl, against the demo's soft-label student's
+  (read row by row) and for ``StreamingTextDataModule`` on the jsonl, against the demo's soft-label student's
   training speed. Bar: reading at least 20x faster;
 - start-up: ``lit-distill fit --config configs/teacher.yaml --trainer.max_steps 1`` (no validation, no progress
   bar) on the bundled corpus with a fresh ``LIT_DISTILL_CACHE``, twice: the first run trains the BPE and prepares,
@@ -167,6 +167,17 @@ def tokenizer_dir(work: Path, source: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------ measurements
+def peak_rss_kib() -> int:
+    """This process's peak resident memory in KiB: ``VmHWM`` of its own address space. Not ``ru_maxrss``, which
+    Linux carries over from the parent at fork and across exec (a child of a large parent reports the parent's)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; bytes on macOS
+
+
 def prepare(path: Path, tokenizer, out: Path, num_proc: int | None = NUM_PROC) -> dict:
     """``prepare_text`` of ``path`` into ``out`` with ``num_proc`` processes: seconds and counts."""
     from lit_distill.data import prepare_text
@@ -224,7 +235,7 @@ def _train_child(spec: dict) -> None:
     trainer.fit(module, datamodule=data)
     fit_seconds = time.perf_counter() - fit_start
     result = {
-        "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,  # KiB on Linux
+        "peak_rss_kib": peak_rss_kib(),
         "steps": trainer.global_step,
         "train_rows": len(data.train_set),
         "fit_seconds": fit_seconds,
@@ -331,7 +342,7 @@ def reading_section(ns, tokenizer, tokenizer_path: str, big: Path, run: Path) ->
     start = time.perf_counter()
     loader = data.train_dataloader()  # sets up: checks the token files' sha256
     setup = time.perf_counter() - start
-    rows.append({"source": "prepared (memory-mapped)", "setup_s": round(setup, 2), **read_batches(loader, ns.batches)})
+    rows.append({"source": "prepared (row by row)", "setup_s": round(setup, 2), **read_batches(loader, ns.batches)})
     start = time.perf_counter()
     streamed = StreamingTextDataModule(files=[str(big)], tokenizer=tokenizer_path, seq_len=SEQ_LEN,
                                        batch_size=BATCH_SIZE)  # fmt: skip

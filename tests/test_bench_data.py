@@ -69,7 +69,7 @@ def test_data_loading_bench_counts_what_the_corpus_encodes_to_and_trains_reads_a
         ratio = float(row["tokens_per_s"]) / float(plain_row["tokens_per_s"])
         assert float(row["vs_plain"]) == pytest.approx(ratio, abs=0.01) and plain_row["vs_plain"] == "1.0"
 
-    assert [r["source"] for r in tables["reading"]] == ["prepared (memory-mapped)", "streamed jsonl"]
+    assert [r["source"] for r in tables["reading"]] == ["prepared (row by row)", "streamed jsonl"]
     for row in tables["reading"]:
         assert (int(row["batches"]), int(row["rows"])) == (QUICK_BATCHES, QUICK_BATCHES * BATCH)
         assert int(row["tokens"]) == QUICK_BATCHES * BATCH * SEQ_LEN

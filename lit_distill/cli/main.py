@@ -5,7 +5,7 @@ lit-distill fit --config configs/<x>.yaml       train any technique from YAML (L
 lit-distill validate|test|predict ...            the other LightningCLI subcommands
 lit-distill kernels                             the loss on random logits, Triton kernels vs PyTorch
 lit-distill cache-teacher --config <x>.yaml     a teacher's sparse signal over a corpus, for offline distillation
-lit-distill prepare --output DIR [--data.* ...]  a corpus or chat data tokenized once, read memory-mapped
+lit-distill prepare --output DIR [--data.* ...]  a corpus or chat data tokenized once, read row by row
 
 ``cli_main`` is the console script (it returns the exit status, 0 on success). It imports nothing heavy
 before it knows the command: ``kernels`` must ask for Triton's CPU interpreter before anything imports

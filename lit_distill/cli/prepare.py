@@ -1,12 +1,12 @@
 """``lit-distill prepare``: tokenize a corpus (or chat data) once into a prepared directory.
 
-    lit-distill prepare --data.files corpus.jsonl --data.tokenizer artifacts/teacher --data.seq_len 2048 \\
+    lit-distill prepare --data.files '[corpus.jsonl]' --data.tokenizer artifacts/teacher --data.seq_len 2048 \\
         --data.num_proc 8 --output prepared/corpus
-    lit-distill prepare --config configs/prepare_chat.yaml
+    lit-distill prepare --config prepare.yaml    # a YAML file of data: (with its class_path) and output:
 
 ``--data.*`` are :class:`~lit_distill.data.TextDataModule`'s options (the default) or, with ``--data
 lit_distill.data.ChatDataModule`` (a ``class_path`` in the config), the chat data's. Training then reads the
-directory memory-mapped: ``--data.prepared DIR`` on ``lit-distill fit``. ``TextDataModule`` also prepares by
+directory row by row: ``--data.prepared DIR`` on ``lit-distill fit``. ``TextDataModule`` also prepares by
 itself into its cache directory; this command is for corpora prepared ahead of time, once, for many runs.
 """
 

@@ -1,5 +1,5 @@
 """Data for distillation: text packed into fixed-length rows (``text.py``), read from a corpus (``corpus.py``)
-with the teacher's or a trained tokenizer (``tokenizers.py``), prepared once into memory-mapped token files
+with the teacher's or a trained tokenizer (``tokenizers.py``), prepared once into flat token files read row by row
 (``prepared.py``; chat data: ``prepared_chat.py``) and shuffled resumably over processes (``shuffle.py``), or streamed
 when too big to prepare (``streaming.py``), chat data through the tokenizer's chat template
 (``chat.py``, ``chat_formats.py``, ``chat_template.py``; ``datasets`` is imported only where they read data), with

@@ -5,6 +5,7 @@ The cache holds what lit-distill trains once and reuses: the BPE tokenizers and 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -30,3 +31,12 @@ def writable_dir(path: str | Path) -> Path:
             " --cache-dir) or set LIT_DISTILL_CACHE"
         ) from err
     return path
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file, read a MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

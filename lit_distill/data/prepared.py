@@ -1,4 +1,4 @@
-"""A text corpus tokenized once into a prepared directory, read memory-mapped (``lit-distill prepare``).
+"""A text corpus tokenized once into a prepared directory, read a row at a time (``lit-distill prepare``).
 
 A prepared directory::
 
@@ -10,7 +10,7 @@ A prepared directory::
     tokenizer/      the tokenizer the ids belong to
 
 The token files are flat little-endian arrays (uint16 when every id fits, else uint32), as nanoGPT's: row ``i`` of
-``seq_len`` tokens is the slice ``[i * seq_len, (i + 1) * seq_len)``, read through ``numpy.memmap`` without
+``seq_len`` tokens is the slice ``[i * seq_len, (i + 1) * seq_len)``, read on its own (``prepared_rows.py``) without
 reading the rest, so a training process's memory does not grow with the corpus. Two bytes a token, where the
 ``datasets`` Arrow form of the same ids (a list of int64 per row) takes eight, and a row is a slice, not a record.
 The rows are exactly those ``TextDataModule`` packs in memory (the same documents, split the same way, the same EOS
@@ -37,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from .cache_dir import sha256_file
 from .corpus import document_splits
+from .tokenizers import tokenizer_hash
 
 FORMAT_VERSION = 1
 META = "prepared.json"
@@ -106,8 +108,6 @@ def open_prepared(directory: str | Path, tokenizer=None, seq_len: int | None = N
         FileNotFoundError, ValueError: no or a damaged ``prepared.json``, another tokenizer or ``seq_len`` (the
             message names both), a missing, truncated or corrupt token file.
     """
-    from .teacher_cache.manifest import sha256_file, tokenizer_hash
-
     meta = PreparedText.read(directory)
     if seq_len is not None and seq_len != meta.seq_len:
         raise ValueError(
@@ -163,8 +163,6 @@ def prepare_text(
             ``num_proc`` larger than this machine's CPUs.
     """
     from tqdm.auto import tqdm
-
-    from .teacher_cache.manifest import tokenizer_hash
 
     directory = Path(directory)
     if directory.exists():  # before any work
@@ -260,39 +258,3 @@ def _write_tokens(batches, path: Path, bar, itemsize: int) -> tuple[int, str]:
             total += len(data)
             bar.update(documents)
     return total // itemsize, digest.hexdigest()
-
-
-def mapped_blocks(directory: str | Path, split: str, meta: PreparedText):
-    """The split's rows as a ``(rows, seq_len)`` tensor of the stored dtype over the memory-mapped token file: no
-    row is read until it is indexed (copy-on-write: the file is never written)."""
-    import torch
-
-    rows = meta.rows(split)
-    tokens = np.memmap(token_file(directory, split), dtype=meta.dtype, mode="c", shape=(rows * meta.seq_len,))
-    return torch.from_numpy(tokens.reshape(rows, meta.seq_len))
-
-
-class PreparedRows:
-    """One split of a prepared directory as ``{"input_ids": row}`` items (int64), its first ``limit`` rows when
-    given, mapped on first use in each process: a DataLoader worker, forked or spawned, maps the file itself
-    instead of receiving a copy."""
-
-    def __init__(self, directory: str | Path, split: str, meta: PreparedText, limit: int | None = None) -> None:
-        self.directory, self.split, self.meta = Path(directory), split, meta
-        self.size = meta.rows(split) if limit is None else min(limit, meta.rows(split))
-        self._blocks = None
-
-    @property
-    def blocks(self):
-        if self._blocks is None:
-            self._blocks = mapped_blocks(self.directory, self.split, self.meta)[: self.size]
-        return self._blocks
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int):
-        return {"input_ids": self.blocks[index].long()}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_blocks": None}

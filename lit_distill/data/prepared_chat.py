@@ -14,9 +14,6 @@ The rows are exactly those ``ChatDataModule`` trains on (its own ``_prepare``: t
 drops), one conversation per row: packing happens when they are read, so one directory serves packed and padded
 training. The directory is written under a temporary name and renamed when complete: an interrupted run leaves
 nothing that reads as whole.
-
-``teacher_cache.manifest`` is imported inside the functions: the teacher cache imports ``chat.py``, which
-imports this file.
 """
 
 from __future__ import annotations
@@ -28,9 +25,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .cache_dir import sha256_file
 from .chat_template import resolve_template
 from .prepared import META, SPLITS, TOKENIZER_DIR, whole_directory
-from .tokenizers import special_token_ids
+from .tokenizers import special_token_ids, tokenizer_hash
 
 KIND = "chat"
 FORMAT_VERSION = 1
@@ -49,8 +47,6 @@ def prepare_chat(data, directory: str | os.PathLike) -> dict[str, Any]:
     Example:
         >>> prepare_chat(ChatDataModule("chats.jsonl", tokenizer="artifacts/teacher"), "prepared/chats")
     """
-    from .teacher_cache.manifest import sha256_file, tokenizer_hash
-
     directory = Path(directory)
     if directory.exists():  # before any work
         raise FileExistsError(f"{directory} exists: prepare into a new directory, or delete it first")
@@ -115,8 +111,6 @@ def check_prepared_chat(meta: dict[str, Any], data, directory: str | os.PathLike
     Raises:
         ValueError: naming both values (hashes by their first 12 characters).
     """
-    from .teacher_cache.manifest import tokenizer_hash
-
     ours = tokenizer_hash(data.tokenizer)
     if ours != meta["tokenizer_hash"]:
         raise ValueError(
@@ -147,8 +141,6 @@ def load_prepared_chat(directory: str | os.PathLike, meta: dict[str, Any]):
         ValueError: an Arrow file missing, or other than the one prepared (truncated or corrupt).
     """
     import datasets
-
-    from .teacher_cache.manifest import sha256_file
 
     directory = Path(directory)
     for name, digest in meta["sha256"].items():

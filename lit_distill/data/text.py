@@ -19,14 +19,14 @@ from .prepared import (
     FORMAT_VERSION,
     META,
     TOKENIZER_DIR,
-    PreparedRows,
     PreparedText,
     check_num_proc,
     open_prepared,
     prepare_text,
 )
+from .prepared_rows import PreparedRows
 from .shuffle import EpochShuffle, ShuffledDataModule  # noqa: F401  (their old home)
-from .tokenizers import load_tokenizer, special_token_ids, train_bpe
+from .tokenizers import load_tokenizer, special_token_ids, tokenizer_hash, train_bpe
 
 
 def pack(documents: list[str], tokenizer, seq_len: int, what: str) -> torch.Tensor:
@@ -70,7 +70,7 @@ class TextDataModule(ShuffledDataModule):
     """Packed fixed-length token sequences for causal-LM training and distillation.
 
     The corpus is prepared once (tokenized into a prepared directory under ``cache_dir``, keyed by the files'
-    paths, sizes and times, the tokenizer and the settings; see ``prepared.py``) and read memory-mapped: the
+    paths, sizes and times, the tokenizer and the settings; see ``prepared.py``) and read a row at a time: the
     second run on the same corpus tokenizes nothing, and memory does not grow with the corpus. ``prepared``
     reads a directory ``lit-distill prepare`` wrote. Quick runs (``max_train_tokens``) tokenize only the leading
     documents they keep, in memory (or, with ``prepared``, read its first rows).
@@ -133,10 +133,11 @@ class TextDataModule(ShuffledDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self._documents: tuple[list[str], list[str]] | None = None
         self.meta: PreparedText | None = None
-        self.train_set = self.val_set = self._blocks = None
+        self.train_set = self.val_set = None
         for name in files or []:  # a bad option now, not when training starts
             if not Path(name).is_file():
                 raise FileNotFoundError(f"corpus file {name} does not exist")
+        self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
         if prepared:
             self.prepared_dir = Path(prepared)
             PreparedText.read(self.prepared_dir)  # a clear error now for a directory that is not one
@@ -144,19 +145,17 @@ class TextDataModule(ShuffledDataModule):
             self.prepared_dir = self.cache_dir / "prepared" / self._prepared_key()
         else:
             self.prepared_dir = None  # a quick run: packed in memory
-        saved = self.prepared_dir / TOKENIZER_DIR if self.prepared_dir else None
-        if tokenizer:
-            self.tokenizer = load_tokenizer(tokenizer)
-        elif saved is not None and (self.prepared_dir / META).exists():
-            self.tokenizer = load_tokenizer(str(saved))
-        else:
+        if self.tokenizer is None and self.prepared_dir is not None and (self.prepared_dir / META).exists():
+            self.tokenizer = load_tokenizer(str(self.prepared_dir / TOKENIZER_DIR))  # the BPE saved with the rows
+        elif self.tokenizer is None:
             self.tokenizer = train_bpe(self.train_documents, vocab_size, self.cache_dir)
 
     def _prepared_key(self) -> str:
         """The cache key of this corpus prepared with these settings: the files by path, size and time (the
-        second run reads nothing to find it), the tokenizer as named, seq_len, the split and the format."""
+        second run reads nothing to find it), the tokenizer (by hash; a BPE trained on the corpus by its size),
+        seq_len, the split and the format."""
         key = hashlib.sha256(f"{FORMAT_VERSION}\0{self.seq_len}\0{self.val_fraction}\0{self.text_field}".encode())
-        key.update(f"\0{self.tokenizer_name or f'bpe-{self.bpe_size}'}".encode())
+        key.update(f"\0{tokenizer_hash(self.tokenizer) if self.tokenizer else f'bpe-{self.bpe_size}'}".encode())
         for name in self.files or [str(BUNDLED_CORPUS)]:
             path = Path(name)
             stat = path.stat()

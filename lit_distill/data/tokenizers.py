@@ -6,6 +6,7 @@ Also their special tokens, and the check that the data's tokenizer is the one sa
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -45,6 +46,12 @@ def load_tokenizer(name_or_path: str):
     if tokenizer.eos_token is None:
         tokenizer.add_special_tokens({"eos_token": EOS})
     return tokenizer
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary (token to id), the same for equal vocabularies."""
+    vocabulary = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocabulary).encode()).hexdigest()
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")

@@ -26,6 +26,9 @@ from typing import Any
 
 import torch
 
+from ..cache_dir import sha256_file  # noqa: F401  (imported from here by the cache's readers)
+from ..tokenizers import tokenizer_hash  # noqa: F401
+
 FORMAT_VERSION = 1  # caches of fixed-length blocks (text data): what every version reads
 ROWS_FORMAT_VERSION = 2  # caches of chat rows (rows.py): an older lit-distill refuses them by this number
 METHODS = ("topk", "sampled")
@@ -138,20 +141,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the tokenizer's vocabulary (token to id), the same for equal vocabularies."""
-    vocabulary = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(vocabulary).encode()).hexdigest()
 
 
 def model_hash(model: torch.nn.Module) -> str:
