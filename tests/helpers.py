@@ -391,3 +391,25 @@ def assert_soft_label_fits(data) -> None:
     fit.fit(module, datamodule=data)
     assert fit.global_step == 2 and torch.isfinite(fit.callback_metrics["val/loss"])
     assert any(not torch.equal(before[k], v) for k, v in module.student.state_dict().items())
+
+
+# Chat test material shared by test_chat_data.py and test_prepared_chat.py: special tokens, two templates
+# (PLAIN renders, MARKED has {% generation %} markers) and a conversation of `turns` exchanges.
+CHAT_SPECIAL = ["<|bos|>", "<|end|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
+CHAT_PLAIN = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CHAT_MARKED = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}"
+    "{{ m['content'] }}<|end|>{% endgeneration %}{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def chat_conversation(i, turns=2, system="be nice"):
+    messages = [{"role": "system", "content": system}]
+    for t in range(turns):
+        messages.append({"role": "user", "content": f"question {i} {t} how are you"})
+        messages.append({"role": "assistant", "content": f"answer {i} {t} fine thanks"})
+    return messages

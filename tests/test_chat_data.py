@@ -19,6 +19,15 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import (
+    CHAT_MARKED as MARKED,
+)
+from helpers import (
+    CHAT_PLAIN as PLAIN,
+)
+from helpers import (
+    CHAT_SPECIAL as SPECIAL,
+)
+from helpers import (
     CHAT_WORDS,
     InterruptAt,
     adam,
@@ -28,6 +37,9 @@ from helpers import (
     tiny,
     trainer,
     write_jsonl,
+)
+from helpers import (
+    chat_conversation as conversation,
 )
 from lightning.pytorch.callbacks import Callback
 
@@ -42,16 +54,6 @@ from lit_distill.modules import LanguageModelTraining, SoftLabelDistillation
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
-SPECIAL = ["<|bos|>", "<|end|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
-PLAIN = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-MARKED = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}"
-    "{{ m['content'] }}<|end|>{% endgeneration %}{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 # Plain text headers: the generation prompt ends in a space that BPE merges with the answer's first word.
 SPACED = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -71,14 +73,6 @@ RUN_ON_MARKED = RUN_ON.replace(
     "assistant: {{ m['content'] }} ", "assistant: {% generation %}{{ m['content'] }} {% endgeneration %}"
 )
 WORDS = CHAT_WORDS
-
-
-def conversation(i, turns=2, system="be nice"):
-    messages = [{"role": "system", "content": system}]
-    for t in range(turns):
-        messages.append({"role": "user", "content": f"question {i} {t} how are you"})
-        messages.append({"role": "assistant", "content": f"answer {i} {t} fine thanks"})
-    return messages
 
 
 @pytest.fixture(scope="module")

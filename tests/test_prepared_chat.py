@@ -14,12 +14,22 @@ import datasets
 import pytest
 import torch
 import transformers
-from helpers import permuted_tokenizer, write_jsonl
-from test_chat_data import MARKED, PLAIN, conversation, tokenizers  # noqa: F401  (tokenizers: the fixture)
+from helpers import CHAT_MARKED as MARKED
+from helpers import CHAT_PLAIN as PLAIN
+from helpers import CHAT_SPECIAL, permuted_tokenizer, save_chat_tokenizers, write_jsonl
+from helpers import chat_conversation as conversation
 
 from lit_distill.data import ChatDataModule
 from lit_distill.data.prepared_chat import prepare_chat
 from lit_distill.data.teacher_cache.manifest import tokenizer_hash
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    """test_chat_data.py's tokenizers: one byte-level BPE adding BOS, with the PLAIN template, MARKED, and none."""
+    templates = {"plain": PLAIN, "marked": MARKED, "bare": None}
+    return save_chat_tokenizers(tmp_path_factory.mktemp("tokenizers"), CHAT_SPECIAL, templates)
+
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -36,7 +46,7 @@ def source(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, tokenizers, source):  # noqa: F811
+def prepared(tmp_path_factory, tokenizers, source):
     root = tmp_path_factory.mktemp("prepared")
     data = ChatDataModule(source, tokenizer=tokenizers["plain"], cache_dir=str(root / "cache"), **SETTINGS)
     prepare_chat(data, root / "chats")
@@ -66,7 +76,7 @@ def collated(data, rows, n=None):
 
 
 # ------------------------------------------------------------------------------------------- the same rows
-def test_prepared_batches_equal_those_of_the_raw_module(tmp_path, tokenizers, source, prepared):  # noqa: F811
+def test_prepared_batches_equal_those_of_the_raw_module(tmp_path, tokenizers, source, prepared):
     reference = raw(tmp_path, source, tokenizers["plain"])
     assert reference.summary["train"]["truncated"] and reference.summary["train"]["dropped"] == 1, "cut and drop"
     data = opened(prepared)
@@ -83,7 +93,7 @@ def test_prepared_batches_equal_those_of_the_raw_module(tmp_path, tokenizers, so
     assert data.tokenizer.get_vocab() == tok.get_vocab() and data.tokenizer.chat_template == PLAIN
 
 
-def test_prepared_json_says_what_was_prepared(tokenizers, source, prepared):  # noqa: F811
+def test_prepared_json_says_what_was_prepared(tokenizers, source, prepared):
     meta = json.loads((Path(prepared) / "prepared.json").read_text())
     tok = transformers.AutoTokenizer.from_pretrained(tokenizers["plain"])
     vocabulary = json.dumps(sorted(tok.get_vocab().items())).encode()
@@ -105,7 +115,7 @@ def test_prepared_json_says_what_was_prepared(tokenizers, source, prepared):  # 
     assert meta["summary"]["train"]["rows"] + meta["summary"]["val"]["rows"] == 12
 
 
-def test_reading_a_prepared_directory_tokenizes_nothing(tmp_path, tokenizers, source, prepared, monkeypatch):  # noqa: F811
+def test_reading_a_prepared_directory_tokenizes_nothing(tmp_path, tokenizers, source, prepared, monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("tokenized")
 
@@ -121,7 +131,7 @@ def test_reading_a_prepared_directory_tokenizes_nothing(tmp_path, tokenizers, so
     assert batch["input_ids"].shape[0] == val["input_ids"].shape[0] == 3
 
 
-def test_packing_a_prepared_directory_equals_packing_the_raw_data(tmp_path, tokenizers, source, prepared):  # noqa: F811
+def test_packing_a_prepared_directory_equals_packing_the_raw_data(tmp_path, tokenizers, source, prepared):
     reference = raw(tmp_path, source, tokenizers["plain"], packing=True)
     data = opened(prepared, packing=True)
     packed = len(reference.train_set)
@@ -132,7 +142,7 @@ def test_packing_a_prepared_directory_equals_packing_the_raw_data(tmp_path, toke
     assert_same_batches(collated(data, data.val_set), collated(reference, reference.val_set))
 
 
-def test_a_template_file_travels_with_the_prepared_tokenizer(tmp_path, tokenizers, source):  # noqa: F811
+def test_a_template_file_travels_with_the_prepared_tokenizer(tmp_path, tokenizers, source):
     """Prepared with chat_template= a file and no validation, read with neither: the same rows and stop ids."""
     (tmp_path / "t.jinja").write_text(MARKED)
     reference = raw(tmp_path, source, tokenizers["bare"], chat_template=str(tmp_path / "t.jinja"), val_fraction=0.0)
@@ -164,7 +174,7 @@ def test_train_and_prepared_are_one_or_the_other(source, prepared):
             ChatDataModule(**options)
 
 
-def test_another_tokenizer_names_both_hashes(tmp_path, tokenizers, prepared):  # noqa: F811
+def test_another_tokenizer_names_both_hashes(tmp_path, tokenizers, prepared):
     other = permuted_tokenizer(Path(tokenizers["plain"]), tmp_path / "other")
     ours = tokenizer_hash(transformers.AutoTokenizer.from_pretrained(other))
     theirs = json.loads((Path(prepared) / "prepared.json").read_text())["tokenizer_hash"]
@@ -184,7 +194,7 @@ def test_another_tokenizer_names_both_hashes(tmp_path, tokenizers, prepared):  #
         ({"chat_template": "bundled"}, r"another chat template"),
     ],
 )
-def test_other_settings_name_both_values(tokenizers, prepared, options, message):  # noqa: F811
+def test_other_settings_name_both_values(tokenizers, prepared, options, message):
     if "tokenizer" in options:  # the same vocabulary, another template
         options = {"tokenizer": tokenizers[options["tokenizer"]]}
     with pytest.raises(ValueError, match=message):
@@ -206,7 +216,7 @@ def test_a_corrupt_or_missing_arrow_file(tmp_path, prepared):
         opened(str(missing))
 
 
-def test_prepare_refuses_an_existing_directory(tmp_path, tokenizers, source):  # noqa: F811
+def test_prepare_refuses_an_existing_directory(tmp_path, tokenizers, source):
     (tmp_path / "out").mkdir()
     data = ChatDataModule(source, tokenizer=tokenizers["plain"], cache_dir=str(tmp_path / "cache"), **SETTINGS)
     with pytest.raises(FileExistsError, match=r"out exists: prepare into a new directory, or delete it first"):
@@ -214,7 +224,7 @@ def test_prepare_refuses_an_existing_directory(tmp_path, tokenizers, source):  #
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_an_interrupted_prepare_leaves_nothing(tmp_path, tokenizers, source, monkeypatch):  # noqa: F811
+def test_an_interrupted_prepare_leaves_nothing(tmp_path, tokenizers, source, monkeypatch):
     real, saved = datasets.Dataset.save_to_disk, []
 
     def disk_full(self, path, *args, **kwargs):
