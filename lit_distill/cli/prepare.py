@@ -26,7 +26,8 @@ from .parser import LitDistillParser
 DESCRIPTION = (
     "Tokenize the data's corpus (TextDataModule: packed rows of seq_len; ChatDataModule: conversations with their"
     " label masks) once into --output, with a metadata file that training checks. Train on it with"
-    " `lit-distill fit ... --data.prepared DIR`."
+    " `lit-distill fit ... --data.prepared DIR`. The data's options: --data.help TextDataModule (or"
+    " ChatDataModule)."
 )
 
 
