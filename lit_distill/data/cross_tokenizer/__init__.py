@@ -1,0 +1,24 @@
+"""Cross-tokenizer distillation, the data side: each token's bytes (``token_bytes.py``), byte-aligned groups
+between two tokenizations of the same text (``align.py``), and the vocabulary map between the two tokenizers
+(``vocab_map.py``).
+
+The bytes and the alignment are numpy and plain Python, so that they run in DataLoader workers; the vocabulary
+map bins probabilities with torch. Nothing here imports ``modules``, ``callbacks``, ``demo`` or ``cli``.
+"""
+
+from .align import Alignment, align, byte_offsets
+from .token_bytes import added_prefix, byte_lengths, bytes_to_unicode, text_bytes_of, token_bytes
+from .vocab_map import VocabularyMap, build_vocabulary_map
+
+__all__ = [
+    "Alignment",
+    "VocabularyMap",
+    "added_prefix",
+    "align",
+    "build_vocabulary_map",
+    "byte_lengths",
+    "byte_offsets",
+    "bytes_to_unicode",
+    "text_bytes_of",
+    "token_bytes",
+]
