@@ -24,6 +24,7 @@ from ..losses import DistillationLoss
 from ..models import CausalLM, build, vocab_size
 from ..reporting.throughput import TokensPerSecond
 from .attention import attention_inputs
+from .bits_per_byte import BitsPerByte
 from .normalization import TokenNormalizer
 
 #: LightningCLI's module builder, which ``load_from_checkpoint`` trusts to rebuild a module from a config
@@ -84,8 +85,7 @@ class CausalLMModule(pl.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.check_tokenizer_fits("student", self.student, vocab_size)
-        self.val_loss = MeanMetric()
-        self.val_student_ce = MeanMetric()
+        self.val_loss, self.val_student_ce, self.val_bits_per_byte = MeanMetric(), MeanMetric(), BitsPerByte()
 
     def _save_rebuildable_hyperparameters(self, frame: FrameType) -> None:
         """Hyperparameters as plain data from which ``load_from_checkpoint`` rebuilds the module.
@@ -197,11 +197,17 @@ class CausalLMModule(pl.LightningModule):
 
     # ----------------------------------------------------------- validation
     @override
+    def on_validation_start(self) -> None:
+        self.val_bits_per_byte.find_lengths(self.trainer, self.device)
+
+    @override
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         out = self.validation_output(batch)
         tokens = out.num_tokens.clamp(min=1).float()
         self.val_loss.update(out.loss / tokens, weight=tokens)
         self.val_student_ce.update(out.hard, weight=tokens)
+        targets = self.shifted_inputs(batch)[2]
+        self.val_bits_per_byte.update(out.hard * tokens, targets, out.num_tokens, self.loss.ignore_index)
 
     def validation_output(self, batch: Mapping[str, torch.Tensor]) -> DistillationOutput:
         """The validation loss summed over counted tokens, with the student's cross-entropy as ``hard``."""
@@ -216,6 +222,7 @@ class CausalLMModule(pl.LightningModule):
         self.log("val/student_ppl", torch.exp(student_ce))
         self.val_loss.reset()
         self.val_student_ce.reset()
+        self.val_bits_per_byte.log_to(self)
 
     # ---------------------------------------------------------- checkpoints
     @override
