@@ -34,6 +34,9 @@ def same_module(small, **changes):
 def test_prepared_rows_are_the_rows_packed_in_memory(small):
     """Reference: ``pack`` of the held-out split's documents, as every run packed them before preparing."""
     assert small.meta is not None and small.train_blocks.dtype == torch.uint16
+    meta = json.loads((small.prepared_dir / META).read_text())
+    assert meta["row_counts"] == {"train": len(small.train_blocks), "val": len(small.val_blocks)}
+    assert meta["special_token_ids"]["eos_token_id"] == small.tokenizer.eos_token_id == meta["eos_token_id"]
     for blocks, documents in ((small.train_blocks, small.train_documents), (small.val_blocks, small.val_documents)):
         assert torch.equal(blocks.long(), pack(documents, small.tokenizer, 16, "split"))
     batch = next(iter(small.train_dataloader()))["input_ids"]

@@ -2,9 +2,9 @@
 
 A prepared directory::
 
-    prepared.json   what was prepared and how: the tokenizer's hash, seq_len, EOS id, the sources and their
-                    sizes, counts, a sha256 per token file, the format version (written last: the directory is
-                    whole when it is there)
+    prepared.json   what was prepared and how: the tokenizer's hash and special token ids, seq_len, the sources
+                    and their sizes, documents, tokens and rows per split, a sha256 per token file, the format
+                    version (written last: the directory is whole when it is there)
     train.bin       the training documents' token ids, each document followed by EOS, one after another
     val.bin         the same for the held-out documents
     tokenizer/      the tokenizer the ids belong to
@@ -39,7 +39,7 @@ import numpy as np
 
 from .cache_dir import sha256_file
 from .corpus import document_splits
-from .tokenizers import tokenizer_hash
+from .tokenizers import special_token_ids, tokenizer_hash
 
 FORMAT_VERSION = 1
 META = "prepared.json"
@@ -64,6 +64,8 @@ class PreparedText:
     sha256: dict[str, str] = field(default_factory=dict)  # per token file
     format_version: int = FORMAT_VERSION
     kind: str = "text"  # a prepared chat directory says "chat" (prepared_chat.py)
+    special_token_ids: dict[str, int] = field(default_factory=dict)  # bos/eos/pad, those the tokenizer has
+    row_counts: dict[str, int] = field(default_factory=dict)  # rows of seq_len per split, for people reading it
 
     def rows(self, split: str) -> int:
         return self.tokens[split] // self.seq_len
@@ -190,7 +192,8 @@ def prepare_text(
         meta = PreparedText(
             tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=len(tokenizer), eos_token_id=eos, seq_len=seq_len,
             val_fraction=val_fraction, text_field=text_field, sources=sources, dtype=np.dtype(dtype).name,
-            documents=documents, tokens=tokens, sha256=digests,
+            documents=documents, tokens=tokens, sha256=digests, special_token_ids=special_token_ids(tokenizer),
+            row_counts={split: n // seq_len for split, n in tokens.items()},
         )  # fmt: skip
         tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         meta.write(tmp)
