@@ -413,3 +413,13 @@ def chat_conversation(i, turns=2, system="be nice"):
         messages.append({"role": "user", "content": f"question {i} {t} how are you"})
         messages.append({"role": "assistant", "content": f"answer {i} {t} fine thanks"})
     return messages
+
+
+class RecordInputIds(Callback):
+    """Every training batch's ``input_ids``, as lists (the DDP workers gather them from every process)."""
+
+    def __init__(self) -> None:
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(batch["input_ids"].tolist())

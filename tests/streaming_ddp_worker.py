@@ -10,10 +10,9 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from helpers import adam, finish_worker, tiny
+from helpers import RecordInputIds, adam, finish_worker, tiny
 
 from lit_distill.data.streaming import StreamingTextDataModule
 from lit_distill.modules import LanguageModelTraining
@@ -21,21 +20,11 @@ from lit_distill.modules import LanguageModelTraining
 warnings.filterwarnings("ignore")
 
 
-class Record(Callback):
-    """Every training batch's rows, as lists."""
-
-    def __init__(self) -> None:
-        self.batches = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches.append(batch["input_ids"].tolist())
-
-
 def main(corpus: str, tokenizer: str, out: str) -> None:
     data = StreamingTextDataModule([corpus], tokenizer=tokenizer, seq_len=8, batch_size=2, val_fraction=0.2,
                                    shuffle_buffer=4)  # fmt: skip
     module = LanguageModelTraining(student=tiny(vocab_size=data.vocab_size), optimizer=adam)
-    record = Record()
+    record = RecordInputIds()
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, callbacks=[record], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,

@@ -10,10 +10,9 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from helpers import finish_worker, tiny
+from helpers import RecordInputIds, finish_worker, tiny
 
 from lit_distill.data import TextDataModule
 from lit_distill.modules import LanguageModelTraining
@@ -21,18 +20,10 @@ from lit_distill.modules import LanguageModelTraining
 warnings.filterwarnings("ignore")
 
 
-class Record(Callback):
-    def __init__(self) -> None:
-        self.batches = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches.append(batch["input_ids"].tolist())
-
-
 def main(prepared: str, out: str) -> None:
     data = TextDataModule(prepared=prepared, seq_len=16, batch_size=2)
     module = LanguageModelTraining(tiny(hidden=32, seed=4, vocab_size=data.vocab_size), vocab_size=data.vocab_size)
-    record = Record()
+    record = RecordInputIds()
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, callbacks=[record], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,

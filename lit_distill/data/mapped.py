@@ -20,13 +20,13 @@ from .chat_formats import load_source
 from .chat_template import stop_ids
 from .prepared import check_num_proc
 from .text import ShuffledDataModule
-from .tokenizers import load_tokenizer, special_token_ids
+from .tokenizers import TokenizerProperties, load_tokenizer
 
 #: the files whose code decides the rows: part of every cache key (new code, new rows)
 _CODE = ("mapped.py", "chat.py", "prompts.py", "chat_formats.py", "chat_template.py")
 
 
-class MappedDataModule(ShuffledDataModule):
+class MappedDataModule(TokenizerProperties, ShuffledDataModule):
     """The shared part of :class:`~lit_distill.data.ChatDataModule` and :class:`~lit_distill.data.PromptDataModule`
     (see them for the arguments)."""
 
@@ -57,16 +57,6 @@ class MappedDataModule(ShuffledDataModule):
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.train_set = self.val_set = None
         self.summary: dict[str, dict[str, int]] = {}
-
-    @property
-    def vocab_size(self) -> int:
-        """Token ids the models must cover (the tokenizer's size, special tokens included)."""
-        return len(self.tokenizer)
-
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        """The tokenizer's ``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` (those it has)."""
-        return special_token_ids(self.tokenizer)
 
     @property
     def stop_token_ids(self) -> list[int]:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .tokenizers import load_tokenizer, special_token_ids
+from .tokenizers import TokenizerProperties, load_tokenizer
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
@@ -204,7 +204,7 @@ class EqualBatches:
             yield batch
 
 
-class StreamingTextDataModule(pl.LightningDataModule):
+class StreamingTextDataModule(TokenizerProperties, pl.LightningDataModule):
     """Packed fixed-length token sequences streamed from files or the Hub, tokenized on the fly, resumable.
 
     Batches are ``{"input_ids": LongTensor[batch_size, seq_len]}``, not shifted (the modules shift). See the module
@@ -267,16 +267,6 @@ class StreamingTextDataModule(pl.LightningDataModule):
         self.val_rows, self.shuffle_buffer, self.seed = val_rows, shuffle_buffer, seed
         every = max(2, round(1 / val_fraction))  # at least 2: training keeps every other document
         self.stream = DocumentStream(self.sources, text_field, self.tokenizer, seq_len, every, tokenize_batch)
-
-    @property
-    def vocab_size(self) -> int:
-        """Token ids the models must cover (the tokenizer's size, special tokens included)."""
-        return len(self.tokenizer)
-
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        """The tokenizer's ``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` (those it has), for model configs."""
-        return special_token_ids(self.tokenizer)
 
     def train_dataloader(self) -> EqualBatches:
         return EqualBatches(self)  # re-iterable: each epoch's DataLoader is made when Lightning starts the epoch

@@ -26,7 +26,7 @@ from .prepared import (
 )
 from .prepared_rows import PreparedRows
 from .shuffle import EpochShuffle, ShuffledDataModule  # noqa: F401  (their old home)
-from .tokenizers import load_tokenizer, special_token_ids, tokenizer_hash, train_bpe
+from .tokenizers import TokenizerProperties, load_tokenizer, tokenizer_hash, train_bpe
 
 
 def pack(documents: list[str], tokenizer, seq_len: int, what: str) -> torch.Tensor:
@@ -66,7 +66,7 @@ class TokenBlocks(Dataset):
         return {"input_ids": self.blocks[index].long()}
 
 
-class TextDataModule(ShuffledDataModule):
+class TextDataModule(TokenizerProperties, ShuffledDataModule):
     """Packed fixed-length token sequences for causal-LM training and distillation.
 
     The corpus is prepared once (tokenized into a prepared directory under ``cache_dir``, keyed by the files'
@@ -175,17 +175,6 @@ class TextDataModule(ShuffledDataModule):
         if self._documents is None:
             self._documents = split_documents(read_documents(self.files, self.text_field), self.val_fraction)
         return self._documents
-
-    @property
-    def vocab_size(self) -> int:
-        """Token ids the models must cover (the tokenizer's size, special tokens included)."""
-        return len(self.tokenizer)
-
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        """The tokenizer's ``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` (those it has), for the
-        configs of models built for it (the command line links them to ``model.init_args.special_tokens``)."""
-        return special_token_ids(self.tokenizer)
 
     @property
     def fingerprint(self) -> str:

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from .cache_dir import writable_dir
 
@@ -52,6 +53,24 @@ def tokenizer_hash(tokenizer) -> str:
     """sha256 of the tokenizer's vocabulary (token to id), the same for equal vocabularies."""
     vocabulary = sorted(tokenizer.get_vocab().items())
     return hashlib.sha256(json.dumps(vocabulary).encode()).hexdigest()
+
+
+class TokenizerProperties:
+    """What a data module with a ``tokenizer`` tells the models built for it (the command line links both into
+    the model's config): the token ids they must cover, and the special tokens' ids."""
+
+    tokenizer: Any
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the models must cover (the tokenizer's size, special tokens included)."""
+        return len(self.tokenizer)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """The tokenizer's ``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` (those it has), for the
+        configs of models built for it (the command line links them to ``model.init_args.special_tokens``)."""
+        return special_token_ids(self.tokenizer)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
