@@ -206,3 +206,19 @@ def test_teacher_cache_reads_the_prepared_rows_and_records_their_fingerprint(sma
     manifest = cache_teacher(signal, small, tmp_path / "cache", max_sequences=6, trainer=trainer())
     assert manifest.settings.data_fingerprint == small.fingerprint == small.meta.fingerprint
     assert len(small.fingerprint) == 32 and manifest.settings.sequences == 6
+
+
+def test_a_corpus_another_process_just_prepared_is_read_not_refused(small, tmp_path, monkeypatch):
+    """Two processes preparing one corpus into one cache: the later one finds the directory whole and reads it."""
+    import lit_distill.data.text as text
+
+    data = same_module(small, cache_dir=str(tmp_path))
+    real = text.prepare_text
+
+    def others_first(files, tokenizer, directory, **options):
+        real(files, tokenizer, directory, **options)  # the other process wins the race
+        return real(files, tokenizer, directory, **options)  # this one then finds the directory there
+
+    monkeypatch.setattr(text, "prepare_text", others_first)
+    data.setup()
+    assert torch.equal(data.train_blocks, small.train_blocks)

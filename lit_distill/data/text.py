@@ -184,12 +184,17 @@ class TextDataModule(TokenizerProperties, ShuffledDataModule):
 
     def prepare_data(self) -> None:
         """Prepare the corpus into the cache once (Lightning calls it on one process per machine first)."""
-        if self.prepared_dir is not None and not (self.prepared_dir / META).exists():
-            writable_dir(self.prepared_dir.parent)
+        if self.prepared_dir is None or (self.prepared_dir / META).exists():
+            return
+        writable_dir(self.prepared_dir.parent)
+        try:
             prepare_text(
                 self.files, self.tokenizer, self.prepared_dir, seq_len=self.seq_len, val_fraction=self.val_fraction,
                 text_field=self.text_field, num_proc=self.num_proc,
             )  # fmt: skip
+        except FileExistsError:  # another process (a rank, a test worker) prepared the same corpus a moment ago
+            if not (self.prepared_dir / META).exists():
+                raise
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
