@@ -10,12 +10,11 @@ the first step, and the first step's weights computed by hand in one process fro
 import sys
 import warnings
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from helpers import finish_worker, tiny
+from helpers import ddp_trainer, finish_worker, tiny
 
 from lit_distill.data import ChatDataModule
 from lit_distill.modules import LanguageModelTraining
@@ -52,10 +51,7 @@ def main(train: str, tokenizer: str, cache: str, out: str) -> None:
     module = LanguageModelTraining(student, vocab_size=data.vocab_size, optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
     before = {k: v.clone() for k, v in module.student.state_dict().items()}
     record = Record()
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, callbacks=[record], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-    )  # fmt: skip
+    trainer = ddp_trainer([record])
     trainer.fit(module, datamodule=data)
     seen = [None, None]
     torch.distributed.all_gather_object(seen, record.batches)

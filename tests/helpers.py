@@ -423,3 +423,11 @@ class RecordInputIds(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.batches.append(batch["input_ids"].tolist())
+
+
+def ddp_trainer(callbacks: list) -> pl.Trainer:
+    """The DDP workers' trainer: two CPU processes on gloo, one epoch, no validation, logging or checkpoints."""
+    return pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, callbacks=callbacks, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip

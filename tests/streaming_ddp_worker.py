@@ -8,11 +8,10 @@ processes different numbers of rows; process 0 saves every batch each process tr
 import sys
 import warnings
 
-import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from helpers import RecordInputIds, adam, finish_worker, tiny
+from helpers import RecordInputIds, adam, ddp_trainer, finish_worker, tiny
 
 from lit_distill.data.streaming import StreamingTextDataModule
 from lit_distill.modules import LanguageModelTraining
@@ -25,10 +24,7 @@ def main(corpus: str, tokenizer: str, out: str) -> None:
                                    shuffle_buffer=4)  # fmt: skip
     module = LanguageModelTraining(student=tiny(vocab_size=data.vocab_size), optimizer=adam)
     record = RecordInputIds()
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, callbacks=[record], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-    )  # fmt: skip
+    trainer = ddp_trainer([record])
     trainer.fit(module, datamodule=data)
     seen, steps = [None, None], [None, None]
     torch.distributed.all_gather_object(seen, record.batches)

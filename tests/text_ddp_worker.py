@@ -8,11 +8,10 @@ seed the processes shared.
 import sys
 import warnings
 
-import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from helpers import RecordInputIds, finish_worker, tiny
+from helpers import RecordInputIds, ddp_trainer, finish_worker, tiny
 
 from lit_distill.data import TextDataModule
 from lit_distill.modules import LanguageModelTraining
@@ -24,10 +23,7 @@ def main(prepared: str, out: str) -> None:
     data = TextDataModule(prepared=prepared, seq_len=16, batch_size=2)
     module = LanguageModelTraining(tiny(hidden=32, seed=4, vocab_size=data.vocab_size), vocab_size=data.vocab_size)
     record = RecordInputIds()
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, callbacks=[record], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-    )  # fmt: skip
+    trainer = ddp_trainer([record])
     trainer.fit(module, datamodule=data)
     seen = [None, None]
     torch.distributed.all_gather_object(seen, record.batches)
