@@ -431,3 +431,47 @@ def ddp_trainer(callbacks: list) -> pl.Trainer:
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, callbacks=callbacks, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ cross-tokenizer batches
+def cross_tokenizer_text_batch(rows, student_tokenizer, teacher_tokenizer) -> dict[str, torch.Tensor]:
+    """The cross-tokenizer batch of issue 26's spec for text rows (``{"input_ids"}`` items of one length), built
+    by hand: the teacher's ids are its tokenizer's encoding of each run of the student's text, a student special
+    token (EOS between documents) becomes the teacher's EOS; the boundary pairs are ``align()``'s groups whose
+    student target token exists. No ``student_chunk`` / ``teacher_chunk`` (a cache reads only the boundaries)."""
+    from lit_distill.data.cross_tokenizer import align, token_bytes
+
+    s_table, t_table = token_bytes(student_tokenizer), token_bytes(teacher_tokenizer)
+    pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else 0
+    student_ids = torch.stack([torch.as_tensor(r["input_ids"]).long() for r in rows])
+    teacher_rows, pairs = [], []
+    for ids in student_ids.tolist():
+        teacher, run = [], []
+        for i in ids:
+            if s_table[i]:
+                run.append(s_table[i])
+                continue
+            teacher += teacher_tokenizer(b"".join(run).decode(), add_special_tokens=False).input_ids
+            teacher.append(teacher_tokenizer.eos_token_id)
+            run = []
+        teacher += teacher_tokenizer(b"".join(run).decode(), add_special_tokens=False).input_ids
+        groups = align(ids, teacher, s_table, t_table)
+        kept = groups.student_last + 1 < len(ids)
+        pairs.append((groups.student_last[kept], groups.teacher_last[kept]))
+        teacher_rows.append(teacher)
+    width, count = max(map(len, teacher_rows)), max(len(s) for s, _ in pairs)
+    batch = {
+        "input_ids": student_ids,
+        "attention_mask": torch.ones_like(student_ids),
+        "labels": student_ids.clone(),
+        "teacher_input_ids": torch.full((len(rows), width), pad),
+        "teacher_attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
+        "boundary_student": torch.full((len(rows), count), -1),
+        "boundary_teacher": torch.full((len(rows), count), -1),
+    }
+    for row, (teacher, (s, t)) in enumerate(zip(teacher_rows, pairs, strict=True)):
+        batch["teacher_input_ids"][row, : len(teacher)] = torch.tensor(teacher)
+        batch["teacher_attention_mask"][row, : len(teacher)] = 1
+        batch["boundary_student"][row, : len(s)] = torch.from_numpy(s)
+        batch["boundary_teacher"][row, : len(t)] = torch.from_numpy(t)
+    return batch

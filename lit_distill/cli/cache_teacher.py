@@ -9,6 +9,12 @@ temperature, seed), ``--data.*`` the :class:`~lit_distill.data.TextDataModule`'s
 with ``--data lit_distill.data.ChatDataModule`` (a ``class_path`` in the config), the chat data's (its training
 conversations are cached, the signal only at the positions that predict a learned token), ``--trainer.*``
 Lightning's (several devices write their shards in parallel).
+
+Across tokenizers, ``--student_tokenizer NAME`` stores the signal in that student's ids: the data is read with the
+student's tokenizer, ``--data.tokenizer`` is the teacher's (passed on as the data module's ``teacher_tokenizer``),
+the teacher reads its own tokenization of every row, and its signal is binned into the student's vocabulary at
+the positions where both have read the same bytes (``--data.teacher_tokenizer`` with ``--data.tokenizer`` set to
+the student's does the same).
 """
 
 from __future__ import annotations
@@ -39,11 +45,38 @@ class CacheTeacherCLI(LightningCLI):
         parser.add_argument("--cache_dir", type=str, required=True, help="the cache directory to write (or resume)")
         parser.add_argument("--shard_sequences", type=int, default=1024, help="sequences per shard file")
         parser.add_argument("--max_sequences", type=int | None, default=None, help="cache only the first ones")
+        parser.add_argument(
+            "--student_tokenizer",
+            type=str | None,
+            default=None,
+            help="store the signal in this student tokenizer's ids (--data.tokenizer is then the teacher's)",
+        )
         # A `data:` section without class_path holds TextDataModule's arguments, as in `lit-distill fit`.
         parser.set_defaults({"data": {"class_path": DEFAULT_DATA}})
-        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
-        parser.link_arguments("data.special_tokens", "model.special_tokens", apply_on="instantiate")
+        # The teacher's vocabulary and special tokens: the data's teacher_tokenizer's where it has one.
+        parser.link_arguments("data", "model.vocab_size", compute_fn=_teacher_vocab_size, apply_on="instantiate")
+        parser.link_arguments("data", "model.special_tokens", compute_fn=_teacher_specials, apply_on="instantiate")
         shorten_help(parser, lambda dest: dest.startswith("trainer."))
+
+    def before_instantiate_classes(self) -> None:
+        student = self.config.get("student_tokenizer")
+        if not student:
+            return
+        data = self.config.data
+        init = data.get("init_args")
+        if init is None or "teacher_tokenizer" not in init:
+            self.parser.error(
+                f"--student_tokenizer needs data that reads two tokenizers (a teacher_tokenizer argument);"
+                f" {data.get('class_path')} has none"
+            )
+        if init.get("teacher_tokenizer"):
+            self.parser.error(
+                "--student_tokenizer makes --data.tokenizer the teacher's; give --data.teacher_tokenizer or"
+                " --student_tokenizer, not both"
+            )
+        if not init.get("tokenizer"):
+            self.parser.error("--student_tokenizer needs --data.tokenizer: the teacher's tokenizer")
+        init.teacher_tokenizer, init.tokenizer = init.tokenizer, student
 
     def instantiate_classes(self) -> None:
         try:
@@ -53,6 +86,22 @@ class CacheTeacherCLI(LightningCLI):
             if message is None or debug_requested():
                 raise
             self.parser.error(message, hint="set JSONARGPARSE_DEBUG=true to see the traceback")
+
+
+def _teacher_tokenizer(data):
+    return getattr(data, "teacher_tokenizer", None)
+
+
+def _teacher_vocab_size(data) -> int:
+    teacher = _teacher_tokenizer(data)
+    return data.vocab_size if teacher is None else len(teacher)
+
+
+def _teacher_specials(data) -> dict[str, int]:
+    from ..data.tokenizers import special_token_ids
+
+    teacher = _teacher_tokenizer(data)
+    return data.special_tokens if teacher is None else special_token_ids(teacher)
 
 
 def cache_teacher_main(argv: list[str]) -> Any:
@@ -91,9 +140,18 @@ def cache_teacher_main(argv: list[str]) -> Any:
     learned = ""
     if settings.layout == "rows":  # chat data: the signal only where a token is learned
         learned = f", {manifest.signal_positions:,} learned ({size / max(manifest.signal_positions, 1):.0f} bytes each)"
+    mapped = ""
+    if manifest.cross_tokenizer:  # the signal only at the boundaries of the two tokenizations
+        names = manifest.tokenizers
+        share = manifest.mapped_positions / max(manifest.signal_positions, 1)
+        mapped = (
+            f"; in the ids of student tokenizer {names.get('student', '?')} from teacher tokenizer"
+            f" {names.get('teacher', '?')}: {manifest.mapped_positions:,} positions carry a signal"
+            f" ({share:.0%} of the {'learned' if learned else 'student'} positions)"
+        )
     rank_zero_info(
         f"teacher cache {config.cache_dir}: {settings.sequences} sequences, {manifest.tokens:,} tokens{learned},"
         f" {settings.method} with {settings.k} slots at T={settings.temperature}, {len(manifest.shards)} shards,"
-        f" {size / 2**20:.1f} MiB ({size / manifest.tokens:.0f} bytes per token)"
+        f" {size / 2**20:.1f} MiB ({size / manifest.tokens:.0f} bytes per token){mapped}"
     )
     return manifest

@@ -29,9 +29,10 @@ import torch
 
 from .chat_formats import detect_format, normalize
 from .chat_template import LOSS_ON, encode, resolve_template
-from .mapped import MappedDataModule
+from .mapped import MappedDataModule, _tokenizer_identity
 from .packing import PackedRows
 from .prepared_chat import TOKENIZER_DIR, check_prepared_chat, load_prepared_chat, read_prepared_chat
+from .tokenizers import load_tokenizer, tokenizer_hash
 
 IGNORE_INDEX = -100
 TRUNCATION = ("keep_start", "drop")
@@ -88,6 +89,18 @@ class _Encoder:
         return out
 
 
+class _PairEncoder:
+    """Both sides of a cross-tokenizer row: the student's ``_Encoder`` columns, and the teacher's rendering (its own
+    chat template, the same masking rules) as ``teacher_input_ids``, ``teacher_labels`` and ``teacher_length``."""
+
+    def __init__(self, student: _Encoder, teacher: _Encoder) -> None:
+        self.student, self.teacher = student, teacher
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out, teacher = self.student(batch, indices), self.teacher(batch, indices)
+        return {**out, **{f"teacher_{k}": teacher[k] for k in ("input_ids", "labels", "length")}}
+
+
 class ChatDataModule(MappedDataModule):
     """Conversations (or prompt/completion pairs, or plain text) as right-padded batches whose labels count only
     what ``loss_on`` names; see docs/data.md.
@@ -118,6 +131,12 @@ class ChatDataModule(MappedDataModule):
         prepared: a directory ``prepare_chat`` wrote (instead of ``train`` and ``val``): its rows are read
             memory-mapped, nothing is tokenized; its split, counts and tokenizer are the prepared ones, and the
             settings above that decide the rows must be those it was prepared with.
+        teacher_tokenizer: the teacher's tokenizer (name or directory) when it is not the student's: ``tokenizer``
+            is then the student's, each conversation is also rendered with the teacher's chat template (the same
+            ``loss_on`` and cut) and the batches gain the teacher's tokens, pairs and chunks
+            (:class:`~lit_distill.data.cross_tokenizer.CrossTokenizerCollator`). Not with ``packing`` or
+            ``prepared`` (yet).
+        teacher_chat_template: a Jinja file overriding the teacher tokenizer's chat template.
 
     Raises:
         ValueError, FileNotFoundError, ConnectionError: bad options at construction; at setup, data in no known
@@ -153,7 +172,14 @@ class ChatDataModule(MappedDataModule):
         cache_dir: str | None = None,
         packing: bool = False,
         prepared: str | None = None,
+        teacher_tokenizer: str | None = None,
+        teacher_chat_template: str | None = None,
     ) -> None:
+        if teacher_tokenizer is not None and (packing or prepared is not None):
+            raise ValueError(
+                "ChatDataModule with teacher_tokenizer= (cross-tokenizer rows) does not support packing=True or"
+                f" prepared= yet; got packing={packing}, prepared={prepared!r}"
+            )
         if (train is None) == (prepared is None) or (prepared is not None and val is not None):
             raise ValueError(
                 f"ChatDataModule reads train= (and val=) or prepared= (a directory prepare_chat wrote), one of"
@@ -172,6 +198,14 @@ class ChatDataModule(MappedDataModule):
         )  # fmt: skip
         self.max_seq_length, self.loss_on, self.truncation, self.packing = max_seq_length, loss_on, truncation, packing
         self.collate = PadCollate(self.pad_id)
+        self.teacher_tokenizer, self.teacher_chat_template = None, teacher_chat_template
+        if teacher_tokenizer is not None:
+            from .cross_tokenizer.collate import CrossTokenizerCollator
+
+            self.teacher_tokenizer = (
+                load_tokenizer(teacher_tokenizer) if isinstance(teacher_tokenizer, str) else teacher_tokenizer
+            )
+            self.collate = CrossTokenizerCollator(self.tokenizer, self.teacher_tokenizer, self.collate)
         if prepared is not None:
             check_prepared_chat(self.prepared_meta, self, prepared)
 
@@ -201,6 +235,12 @@ class ChatDataModule(MappedDataModule):
         template = None if fmt == "text" else resolve_template(self.tokenizer, self.chat_template)
         encoder = _Encoder(self.tokenizer, template, fmt, self.loss_on, self.max_seq_length, source)
         key = (fmt, template or "", self.loss_on, str(self.max_seq_length))
+        if self.teacher_tokenizer is not None:
+            teacher = self.teacher_tokenizer
+            t_template = None if fmt == "text" else resolve_template(teacher, self.teacher_chat_template)
+            t_encoder = _Encoder(teacher, t_template, fmt, self.loss_on, self.max_seq_length, source)
+            encoder = _PairEncoder(encoder, t_encoder)
+            key = (*key, "teacher", t_template or "", _tokenizer_identity(teacher).decode("utf-8", "replace"))
         return self._mapped(dataset, source, encoder, key, "chat")
 
     def _kept(self, dataset, name: str):
@@ -227,4 +267,13 @@ class ChatDataModule(MappedDataModule):
             "merged boundaries": int(np.asarray(dataset["merged"])[keep].sum()),
         }
         kept = dataset if len(keep) == len(dataset) else dataset.select(keep)
-        return kept.with_format("numpy", columns=["input_ids", "labels"]), {name: counts}
+        columns = ["input_ids", "labels"]
+        if self.teacher_tokenizer is not None:  # the collator reads the lengths to know which side was cut
+            columns += ["length", "teacher_input_ids", "teacher_labels", "teacher_length"]
+        return kept.with_format("numpy", columns=columns), {name: counts}
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        if self.teacher_tokenizer is not None:
+            described["teacher_tokenizer"] = tokenizer_hash(self.teacher_tokenizer)
+        return described

@@ -91,6 +91,10 @@ class TextDataModule(TokenizerProperties, ShuffledDataModule):
         prepared: a prepared directory to read (instead of ``files``); checked against ``tokenizer`` and
             ``seq_len``.
         num_proc: processes that tokenize when the corpus is prepared (None: one, with the tokenizer's threads).
+        teacher_tokenizer: the teacher's tokenizer (a name or directory, or a tokenizer) when it is not the
+            student's: ``tokenizer`` is then the student's, and the loaders' ``collate_fn`` is a
+            :class:`~lit_distill.data.cross_tokenizer.CrossTokenizerCollator` that adds the teacher's tokens of
+            each row's text, the byte-aligned pairs and chunks (in the DataLoader workers).
 
     Raises:
         FileNotFoundError, ValueError, OSError, PermissionError: missing or empty corpus, text shorter than
@@ -117,6 +121,7 @@ class TextDataModule(TokenizerProperties, ShuffledDataModule):
         max_train_tokens: int | None = None,
         prepared: str | None = None,
         num_proc: int | None = None,
+        teacher_tokenizer: str | None = None,
     ) -> None:
         super().__init__()
         if seq_len < 2 or batch_size < 1 or vocab_size < 258:
@@ -149,6 +154,14 @@ class TextDataModule(TokenizerProperties, ShuffledDataModule):
             self.tokenizer = load_tokenizer(str(self.prepared_dir / TOKENIZER_DIR))  # the BPE saved with the rows
         elif self.tokenizer is None:
             self.tokenizer = train_bpe(self.train_documents, vocab_size, self.cache_dir)
+        self.teacher_tokenizer = self.collate = None
+        if teacher_tokenizer is not None:
+            from .cross_tokenizer.collate import CrossTokenizerCollator
+
+            self.teacher_tokenizer = (
+                load_tokenizer(teacher_tokenizer) if isinstance(teacher_tokenizer, str) else teacher_tokenizer
+            )
+            self.collate = CrossTokenizerCollator(self.tokenizer, self.teacher_tokenizer)
 
     def _prepared_key(self) -> str:
         """The cache key of this corpus prepared with these settings: the files by path, size and time (the
@@ -180,7 +193,11 @@ class TextDataModule(TokenizerProperties, ShuffledDataModule):
     def fingerprint(self) -> str:
         """What the training rows are (the prepared directory's fingerprint; "" for a quick in-memory run)."""
         self.setup()
-        return self.meta.fingerprint if self.meta is not None else ""
+        rows = self.meta.fingerprint if self.meta is not None else ""
+        if self.teacher_tokenizer is None:
+            return rows
+        # the batches hold the teacher's tokens too: a teacher cache of them is another pair's with another teacher
+        return hashlib.sha256(f"{rows}\0{tokenizer_hash(self.teacher_tokenizer)}".encode()).hexdigest()[:32]
 
     def prepare_data(self) -> None:
         """Prepare the corpus into the cache once (Lightning calls it on one process per machine first)."""
@@ -229,20 +246,24 @@ class TextDataModule(TokenizerProperties, ShuffledDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self.shuffled_loader(self.train_set)
+        return self.shuffled_loader(self.train_set, collate_fn=self.collate)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(
+            self.val_set, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate
+        )
 
     def describe(self) -> dict[str, Any]:
         """Sizes of the splits, for logs and tables."""
         self.setup()
         counts = self.meta.documents if self.meta is not None else None
+        teacher = {"teacher_tokenizer": tokenizer_hash(self.teacher_tokenizer)} if self.teacher_tokenizer else {}
         return {
             "train_documents": counts["train"] if counts else len(self.train_documents),
             "val_documents": counts["val"] if counts else len(self.val_documents),
             "train_tokens": self.train_blocks.numel(),
             "val_tokens": self.val_blocks.numel(),
             "vocab_size": self.vocab_size,
+            **teacher,
         }

@@ -10,6 +10,8 @@ normalization (normalization.py), validation, export and checkpoint checks. ``Di
 
 from .causal_lm import CausalLMModule
 from .co_distillation import CoDistillation
+from .cross_tokenizer import CrossTokenizerDistillation
+from .cross_tokenizer_on_policy import CrossTokenizerOnPolicy
 from .distillation import DistillationModule
 from .hard_label import HardLabelDistillation
 from .language_model import LanguageModelTraining
@@ -20,6 +22,8 @@ from .soft_label import SoftLabelDistillation
 __all__ = [
     "CausalLMModule",
     "CoDistillation",
+    "CrossTokenizerDistillation",
+    "CrossTokenizerOnPolicy",
     "DistillationModule",
     "HardLabelDistillation",
     "LanguageModelTraining",

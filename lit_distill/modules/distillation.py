@@ -86,7 +86,6 @@ class DistillationModule(CausalLMModule):
         self.teacher = build(teacher, self.tokenizer_size, self.special_tokens)
         self.fused_linear = fused_linear
         self.chunk_size = chunk_size
-        self.check_tokenizer_fits("teacher", self.teacher, self.tokenizer_size)
         self._check_vocabularies()
         if self.frozen_teacher:
             self.teacher.requires_grad_(False)
@@ -100,6 +99,7 @@ class DistillationModule(CausalLMModule):
         return not self.teacher_trains
 
     def _check_vocabularies(self) -> None:
+        self.check_tokenizer_fits("teacher", self.teacher, self.tokenizer_size)
         v_s, v_t = vocab_size(self.student), vocab_size(self.teacher)
         declared = self.loss.vocab_size
         if v_s is None or v_t is None:
@@ -121,16 +121,20 @@ class DistillationModule(CausalLMModule):
             # Lightning warns at every fit that modules are in eval mode: a frozen teacher is, on purpose.
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", module="lightning")
         datamodule = getattr(self.trainer, "datamodule", None)
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        if tokenizer is not None:
-            from ..data import check_tokenizer
-
-            check_tokenizer(self.teacher, tokenizer)
+        self._check_data_tokenizer(datamodule)
         if getattr(datamodule, "packing", False) and self.generates_from_prompts():
             raise ValueError(
                 f"{type(self).__name__} continues prompts, and packed rows (packing=True) hold several"
                 " conversations and no prompt_mask: use the data module with packing=False"
             )
+
+    def _check_data_tokenizer(self, datamodule: Any) -> None:
+        """The data's tokenizer must be the one saved with the teacher (one tokenizer on both sides)."""
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None:
+            from ..data import check_tokenizer
+
+            check_tokenizer(self.teacher, tokenizer)
 
     def generates_from_prompts(self) -> bool:
         """Whether training continues the batches' prompts (on-policy distillation, hard labels by generation)."""

@@ -115,11 +115,23 @@ class TeacherCacheDataModule(ShuffledDataModule):
             raise ValueError(
                 f"teacher cache {self.directory}: its tokenizer/ does not match the manifest's tokenizer_hash"
             )
-        if expected is not None and tokenizer_hash(load_tokenizer(expected)) != stored.tokenizer_hash:
+        if expected is None:
+            return
+        given = tokenizer_hash(load_tokenizer(expected))
+        if given == stored.tokenizer_hash:
+            return
+        if self.manifest.cross_tokenizer:  # the ids are a student's: name the student it was written for
+            student = self.manifest.tokenizers.get("student", self.tokenizer.name_or_path)
             raise ValueError(
-                f"teacher cache {self.directory} was written with another tokenizer (tokenizer_hash differs from"
-                f" {expected}'s): the teacher ids would mean other tokens; write a cache with this tokenizer"
+                f"teacher cache {self.directory} holds its teacher's signal in the ids of the student tokenizer"
+                f" {student} (tokenizer_hash {stored.tokenizer_hash[:12]}), not of {expected} ({given[:12]}):"
+                " the ids would mean other tokens; write a cache for this student with"
+                " `lit-distill cache-teacher --student_tokenizer`"
             )
+        raise ValueError(
+            f"teacher cache {self.directory} was written with another tokenizer (tokenizer_hash differs from"
+            f" {expected}'s): the teacher ids would mean other tokens; write a cache with this tokenizer"
+        )
 
     def _check_shards(self) -> None:
         for shard in self.manifest.shards:

@@ -7,6 +7,9 @@ A cache directory::
                                   (chat data: rows of any length, the signal only where learned; ``rows.py``)
     validation.safetensors        the held-out input_ids (validation measures the student's cross-entropy)
     tokenizer/                    the tokenizer the ids belong to
+    teacher_tokenizer/, vocab_map.npz   across tokenizers only: the teacher's tokenizer and the map its signal
+                                  was binned into the student's vocabulary with (teacher_ids are student ids;
+                                  positions that are no boundary hold empty slots, -1 and -inf)
     manifest.json                 the settings, counts and a sha256 per shard (written last: the cache is done)
 
 Dtypes: ids are int32 (vocabularies pass 65,536 tokens; int64 would double them for nothing). The
@@ -68,6 +71,9 @@ class CacheSettings:
     layout: str = "blocks"  # "blocks": (sequences, seq_len) text blocks; "rows": chat rows, the signal where learned
     data_fingerprint: str = ""  # the rows': a prepared corpus's fingerprint, or the chat rows' (data, tokenizer,
     # template, loss_on, length); "" for text packed in memory
+    # Across tokenizers (the signal binned into the student's ids; tokenizer_hash and vocab_size are the student's):
+    teacher_tokenizer_hash: str = ""  # the teacher's tokenizer (saved in teacher_tokenizer/); "" for one tokenizer
+    vocabulary_map_hash: str = ""  # sha256 of the teacher -> student ids the signal was binned with (vocab_map.npz)
 
     @property
     def num_shards(self) -> int:
@@ -88,6 +94,14 @@ class CacheManifest:
     shards: list[dict[str, Any]] = field(default_factory=list)  # {"file", "sequences", "sha256"} per shard
     validation_sequences: int = 0
     signal_positions: int = 0  # positions with a stored signal ("blocks": every token)
+    mapped_positions: int = 0  # of those, the ones whose slots are not empty (across tokenizers: the boundaries)
+    tokenizers: dict[str, str] = field(default_factory=dict)  # across tokenizers: "student"/"teacher" -> the names
+    # the tokenizers were loaded from (for messages; the hashes in the settings identify them)
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Whether the signal is a teacher's of another tokenizer, binned into the student's ids."""
+        return bool(self.settings.teacher_tokenizer_hash)
 
     def write(self, directory: Path) -> None:
         _write_json(directory / MANIFEST, {**asdict(self.settings), **_counts(self)})
@@ -111,7 +125,9 @@ class CacheManifest:
             names = {f.name for f in fields(CacheSettings)}
             settings = CacheSettings(**{k: v for k, v in raw.items() if k in names})
             positions = raw.get("signal_positions", raw["tokens"])
-            return cls(settings, raw["tokens"], raw["shards"], raw.get("validation_sequences", 0), positions)
+            mapped = raw.get("mapped_positions", positions)
+            counts = raw.get("validation_sequences", 0), positions, mapped, raw.get("tokenizers", {})
+            return cls(settings, raw["tokens"], raw["shards"], *counts)
         except (KeyError, TypeError, json.JSONDecodeError) as err:
             raise ValueError(
                 f"teacher cache {directory}: {MANIFEST} is damaged ({err!r}); write the cache again"
@@ -124,6 +140,8 @@ def _counts(manifest: CacheManifest) -> dict[str, Any]:
         "shards": manifest.shards,
         "validation_sequences": manifest.validation_sequences,
         "signal_positions": manifest.signal_positions,
+        "mapped_positions": manifest.mapped_positions,
+        **({"tokenizers": manifest.tokenizers} if manifest.tokenizers else {}),
     }
 
 

@@ -2,7 +2,9 @@
 
 ``sparse_signal`` is the math; ``TeacherSignal`` runs a teacher over batches of sequences under
 ``Trainer.predict`` and returns the signal of every position, which ``TeacherCacheWriter`` stores;
-``SharedTeacherPass`` draws several signals from one teacher forward.
+``SharedTeacherPass`` draws several signals from one teacher forward. ``CrossTokenizerPass`` runs the teacher
+on its own tokenization of the rows (the cross-tokenizer batch keys) and stores its signal, binned into the
+student's vocabulary, at the student's boundary positions (:meth:`TeacherSignal.mapped_signal_of`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ import torch
 from torch import nn
 
 from ...models import CausalLM, build
+from ..cross_tokenizer.vocab_map import VocabularyMap
 from .manifest import METHODS
+
+#: the keys a batch of a cross-tokenizer data module carries beside the student's (the spec of issue 26)
+CROSS_TOKENIZER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "boundary_student", "boundary_teacher")
 
 
 def sparse_signal(
@@ -114,6 +120,44 @@ class TeacherSignal(pl.LightningModule):
             logits = logits[..., : self.tokenizer_size]  # padding columns of the head are no tokens
         return logits
 
+    def mapped_signal_of(
+        self, logits: torch.Tensor, batch: dict[str, Any], vocabulary_map: VocabularyMap
+    ) -> dict[str, torch.Tensor]:
+        """This signal in the student's ids, from the teacher's ``logits`` ``[B, Tt, Vt]`` of
+        ``batch["teacher_input_ids"]``: at each pair of ``boundary_student`` / ``boundary_teacher`` (prediction
+        positions where both models have read the same bytes) the teacher's log-probabilities at the temperature
+        are binned into the student's vocabulary (``vocabulary_map``) and their top-k (``"topk"``), or k draws
+        from the binned distribution (``"sampled"``), stored at the student's position. Every other student
+        position holds empty slots (id -1, log-probability -inf): the loss gives it no soft term there.
+
+        Returns:
+            ``index``, the student's ``input_ids`` ``[B, Ts]``, ``teacher_ids`` ``[B, Ts, K]`` (student ids) and
+            ``teacher_logprobs`` ``[B, Ts, K]``, as :meth:`signal_of` returns them.
+        """
+        rows, length = batch["input_ids"].shape
+        ids = torch.full((rows, length, self.slots), -1, dtype=torch.long, device=logits.device)
+        logprobs = torch.full((rows, length, self.slots), -math.inf, device=logits.device)
+        pairs = zip(batch["boundary_student"], batch["boundary_teacher"], batch["index"].tolist(), strict=True)
+        for row, (student_at, teacher_at, index) in enumerate(pairs):
+            kept = student_at >= 0
+            student_at, teacher_at = student_at[kept], teacher_at[kept]
+            if not len(student_at):
+                continue
+            teacher = torch.log_softmax(logits[row, teacher_at].float() / self.temperature, dim=-1)
+            if self.method == "topk":
+                i, lp = vocabulary_map.binned_topk(teacher, self.slots)
+            else:  # draws from the binned distribution: the teacher's draws, each mapped to its student id
+                generator = torch.Generator(logits.device).manual_seed(self.seed + index)
+                binned = vocabulary_map.bin_probs(teacher.exp()).log()
+                i, lp = sparse_signal(binned, method="sampled", k=self.slots, generator=generator)
+            ids[row, student_at], logprobs[row, student_at] = i, lp.float()
+        return {
+            "index": batch["index"],
+            "input_ids": batch["input_ids"],
+            "teacher_ids": ids,
+            "teacher_logprobs": logprobs,
+        }
+
     def signal_of(self, logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """This signal of every position of ``batch``, from the teacher's ``logits`` of it."""
         ids, logprobs = [], []
@@ -150,3 +194,33 @@ class SharedTeacherPass(pl.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> list[dict[str, torch.Tensor]]:
         logits = self.signals[0].teacher_logits(batch)
         return [signal.signal_of(logits, batch) for signal in self.signals]
+
+
+class CrossTokenizerPass(pl.LightningModule):
+    """The teacher's signal of several :class:`TeacherSignal` s of one teacher (or one), in a student's ids.
+
+    ``predict_step`` runs the teacher once per batch on ``teacher_input_ids`` / ``teacher_attention_mask``
+    (the teacher's own tokenization of the rows, from a data module built with ``teacher_tokenizer=``), keeps the
+    logits of the teacher tokenizer's ``teacher_tokens`` ids (a padded head's extra columns are no tokens) and
+    returns each signal's :meth:`TeacherSignal.mapped_signal_of` (a list when ``several``).
+    """
+
+    def __init__(self, signals: list[TeacherSignal], vocabulary_map: VocabularyMap, several: bool = False) -> None:
+        super().__init__()
+        if any(s.teacher is not signals[0].teacher for s in signals):
+            raise ValueError("signals written in one teacher pass must share one teacher (the same model object)")
+        self.signals, self.vocabulary_map, self.several = nn.ModuleList(signals), vocabulary_map, several
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> Any:
+        missing = [key for key in (*CROSS_TOKENIZER_KEYS, "input_ids", "index") if key not in batch]
+        if missing:
+            raise ValueError(
+                f"a teacher cache in the student's ids needs cross-tokenizer batches; this one lacks {missing}"
+                " (build the data module with teacher_tokenizer=)"
+            )
+        teacher = self.signals[0].teacher
+        logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
+        logits = logits[..., : self.vocabulary_map.teacher_vocab_size]
+        predictions = [signal.mapped_signal_of(logits, batch, self.vocabulary_map) for signal in self.signals]
+        return predictions if self.several else predictions[0]

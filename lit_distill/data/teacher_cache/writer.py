@@ -3,10 +3,16 @@
 ``cache_teacher(signal, data, cache_dir)`` (or lists of signals and directories: one teacher pass for several
 caches) plans the shards (shard ``i`` holds training sequences ``[i * S, (i + 1) * S)``: text blocks, or chat
 conversations with the signal only where a token is learned, ``rows.py``), skips those an earlier
-run finished, gives process ``r`` of ``W`` the remaining shards ``i`` with ``i % W == r`` and runs
-``Trainer.predict``; :class:`TeacherCacheWriter` stores each shard when its last sequence arrives (written to a
+run finished, gives process ``r`` of ``W`` the remaining shards ``i`` with ``i % W == r`` (``loader.py``) and
+runs ``Trainer.predict``; :class:`TeacherCacheWriter` stores each shard when its last sequence arrives (written to a
 temporary name, then renamed: a shard file is whole or absent), and process 0 writes ``manifest.json`` once
 all are there. Memory stays at a shard or two.
+
+Across tokenizers (a data module built with ``teacher_tokenizer=``: its ``tokenizer`` is the student's), the rows
+are the student's and the teacher reads its own tokenization of them (the batch keys of issue 26); the signal is
+binned into the student's vocabulary and stored at the student's boundary positions, empty slots elsewhere
+(``CrossTokenizerPass``; the map and the teacher's tokenizer beside the cache: ``cross_tokenizer.py``). The
+cache then reads like any other, in the student's ids.
 """
 
 from __future__ import annotations
@@ -14,15 +20,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset
 
+from ..cross_tokenizer.vocab_map import VocabularyMap
+from .cross_tokenizer import checked_vocabulary_map, cross_tokenizer_settings, save_cross_tokenizer, tokenizer_names
+from .loader import ShardLoader, finished_shards
 from .manifest import (
     FORMAT_VERSION,
     ID_DTYPE,
@@ -40,8 +47,8 @@ from .manifest import (
     tokenizer_hash,
     write_settings,
 )
-from .rows import ConversationRows, IndexedPadCollate, kept_signal, rows_shard, validation_tensors
-from .signal import SharedTeacherPass, TeacherSignal
+from .rows import kept_signal, rows_shard, validation_tensors
+from .signal import CrossTokenizerPass, SharedTeacherPass, TeacherSignal
 
 
 def cache_teacher(
@@ -53,6 +60,7 @@ def cache_teacher(
     batch_size: int | None = None,
     max_sequences: int | None = None,
     trainer: pl.Trainer | None = None,
+    vocabulary_map: VocabularyMap | None = None,
 ) -> CacheManifest | list[CacheManifest]:
     """Run the teacher over ``data``'s training split and write its sparse signal to ``cache_dir``.
 
@@ -70,6 +78,11 @@ def cache_teacher(
         max_sequences: cache only the first ones (None: all).
         trainer: runs the prediction (default: one device, no logger). It must be built with
             ``use_distributed_sampler=False``: each process reads its own shards.
+        vocabulary_map: for ``data`` built with a ``teacher_tokenizer`` (its ``tokenizer`` is the student's): the
+            map from the teacher's ids to the student's (default: ``build_vocabulary_map`` of the two, cached on
+            disk). The teacher then runs on its own tokenization of the rows, and its signal is stored binned into
+            the student's vocabulary at the positions where both sides have read the same bytes, empty slots
+            elsewhere; the cache's ids are the student's (``OfflineDistillation`` trains the student on it).
 
     Returns:
         The manifest of the finished cache (also in ``cache_dir/manifest.json``); a list of them for a list.
@@ -77,7 +90,8 @@ def cache_teacher(
     Raises:
         ValueError: when ``cache_dir`` holds an unfinished cache of other settings, on bad sizes, or for
             lists of signals and directories of different lengths, a directory named twice, or signals of
-            different teachers.
+            different teachers; a ``vocabulary_map`` of other tokenizers than the data's, or without a
+            ``teacher_tokenizer`` in ``data``.
     """
     several = not isinstance(signal, TeacherSignal)
     signals = list(signal) if several else [signal]
@@ -87,15 +101,22 @@ def cache_teacher(
             f"cache_teacher needs one distinct directory per signal, got {len(signals)} signal(s) and"
             f" {[str(d) for d in directories]}"
         )
-    predictor = SharedTeacherPass(signals) if several else signal
     if shard_sequences < 1 or (max_sequences is not None and max_sequences < 1):
         raise ValueError(f"shard_sequences and max_sequences must be positive, got {shard_sequences}, {max_sequences}")
+    vocabulary_map = checked_vocabulary_map(data, vocabulary_map, signals)
+    if vocabulary_map is not None:
+        predictor = CrossTokenizerPass(signals, vocabulary_map, several)
+    else:
+        predictor = SharedTeacherPass(signals) if several else signal
     data.setup()
     layout = _layout(data)
     rows = data.train_blocks if layout == "blocks" else data.train_rows
     if max_sequences is not None and max_sequences < len(rows):
         rows = rows[:max_sequences] if layout == "blocks" else rows.select(range(max_sequences))
-    plans = [(d, _settings(s, data, rows, shard_sequences, layout)) for s, d in zip(signals, directories, strict=True)]
+    plans = [
+        (d, _settings(s, data, rows, shard_sequences, layout, vocabulary_map))
+        for s, d in zip(signals, directories, strict=True)
+    ]
     for directory, settings in plans:  # every cache checked before any is touched
         _check_resumable(directory, settings)
     for directory, _ in plans:
@@ -117,7 +138,10 @@ def cache_teacher(
                 held_out = validation_tensors(data.val_set)
             save_file({k: v.contiguous() for k, v in held_out.items()}, directory / VALIDATION)
             data.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
-    writers = [TeacherCacheWriter(d, s, key=i if several else None) for i, (d, s) in enumerate(plans)]
+            if vocabulary_map is not None:
+                save_cross_tokenizer(directory, data, vocabulary_map)
+    names = tokenizer_names(data, vocabulary_map)
+    writers = [TeacherCacheWriter(d, s, key=i if several else None, tokenizers=names) for i, (d, s) in enumerate(plans)]
     if all(len(finished_shards(d, s)) == s.num_shards for d, s in plans):  # nothing left to predict
         for writer in writers:
             if trainer.is_global_zero and not (writer.directory / MANIFEST).exists():
@@ -126,7 +150,9 @@ def cache_teacher(
     else:
         trainer.callbacks.extend(writers)
         try:
-            loader = _ShardLoader(rows, plans, batch_size or data.batch_size, getattr(data, "pad_id", None))
+            collate = data.train_dataloader().collate_fn if vocabulary_map is not None else None
+            pad_id = getattr(data, "pad_id", None)
+            loader = ShardLoader(rows, plans, batch_size or data.batch_size, pad_id, collate)
             trainer.predict(predictor, datamodule=loader, return_predictions=False)
         finally:
             for writer in writers:
@@ -147,7 +173,9 @@ def _layout(data) -> str:
     )
 
 
-def _settings(signal: TeacherSignal, data, rows, shard_sequences: int, layout: str) -> CacheSettings:
+def _settings(
+    signal: TeacherSignal, data, rows, shard_sequences: int, layout: str, vocabulary_map: VocabularyMap | None = None
+) -> CacheSettings:
     return CacheSettings(
         teacher_source=str(signal.source),
         teacher_hash=model_hash(signal.teacher),
@@ -164,6 +192,7 @@ def _settings(signal: TeacherSignal, data, rows, shard_sequences: int, layout: s
         layout=layout,
         format_version=ROWS_FORMAT_VERSION if layout == "rows" else FORMAT_VERSION,
         data_fingerprint=rows._fingerprint if layout == "rows" else getattr(data, "fingerprint", ""),
+        **cross_tokenizer_settings(vocabulary_map),
     )
 
 
@@ -176,44 +205,6 @@ def _check_resumable(directory: Path, settings: CacheSettings) -> None:
         f"{directory} holds a teacher cache of other settings ({', '.join(different)} differ); use another"
         " directory or delete it"
     )
-
-
-def finished_shards(directory: Path, settings: CacheSettings) -> set[int]:
-    """Shards whose file exists (a file only appears whole, by rename)."""
-    return {i for i in range(settings.num_shards) if (directory / shard_name(i)).exists()}
-
-
-class _Sequences(Dataset):
-    def __init__(self, blocks: torch.Tensor, indices: list[int]) -> None:
-        self.blocks, self.indices = blocks, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        index = self.indices[position]
-        return {"index": index, "input_ids": self.blocks[index].long()}  # a memory-mapped uint16 row, prepared
-
-
-class _ShardLoader(pl.LightningDataModule):
-    """The sequences of this process's shards that some cache of ``plans`` (directory, settings) lacks, in
-    order (rank ``r`` of ``W`` takes shards ``i % W == r``; the caches share one shard plan): text blocks, or
-    chat rows right-padded with ``pad_id``."""
-
-    def __init__(self, rows, plans: list[tuple[Path, CacheSettings]], batch_size: int, pad_id: int | None) -> None:
-        super().__init__()
-        self.rows, self.plans, self.batch_size, self.pad_id = rows, plans, batch_size, pad_id
-
-    def predict_dataloader(self) -> DataLoader:
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        settings = self.plans[0][1]
-        done = set.intersection(*(finished_shards(d, s) for d, s in self.plans))
-        mine = [i for i in range(settings.num_shards) if i % world == rank and i not in done]
-        indices = [j for i in mine for j in range(*settings.shard_range(i))]
-        if settings.layout == "rows":
-            dataset, collate = ConversationRows(self.rows, indices), IndexedPadCollate(self.pad_id)
-            return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate)
-        return DataLoader(_Sequences(self.rows, indices), batch_size=self.batch_size, shuffle=False)
 
 
 def _blocks_shard(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -230,9 +221,16 @@ class TeacherCacheWriter(BasePredictionWriter):
     then writes the manifest with a sha256 per shard. ``key`` picks this cache's prediction from a
     ``SharedTeacherPass``'s list; a shard already in ``directory`` is left as it is."""
 
-    def __init__(self, directory: str | Path, settings: CacheSettings, key: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        settings: CacheSettings,
+        key: int | None = None,
+        tokenizers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(write_interval="batch")
         self.directory, self.settings, self.key = Path(directory), settings, key
+        self.tokenizers = dict(tokenizers or {})  # the manifest's names of the two tokenizers, across tokenizers
         self.pending: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # shard -> sequence -> its signal
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
@@ -271,19 +269,24 @@ class TeacherCacheWriter(BasePredictionWriter):
         missing = [i for i in range(settings.num_shards) if not (self.directory / shard_name(i)).exists()]
         if missing:
             raise RuntimeError(f"teacher cache {self.directory}: shards {missing[:5]} were not written")
-        shards, tokens, positions = [], 0, 0
+        shards, tokens, positions, mapped = [], 0, 0, 0
+        cross = bool(settings.teacher_tokenizer_hash)
         for i in range(settings.num_shards):
             start, stop = settings.shard_range(i)
             path = self.directory / shard_name(i)
             shards.append({"file": path.name, "sequences": stop - start, "sha256": sha256_file(path)})
-            if settings.layout == "rows":
+            if settings.layout == "rows" or cross:
                 with safe_open(path, "pt") as f:
-                    tokens += int(f.get_tensor("lengths").sum())
-                    positions += int(f.get_tensor("signals").sum())
+                    if settings.layout == "rows":
+                        tokens += int(f.get_tensor("lengths").sum())
+                        positions += int(f.get_tensor("signals").sum())
+                    if cross:  # the positions that carry a signal: the boundaries (a first slot that is not empty)
+                        mapped += int((f.get_tensor("teacher_ids")[..., 0] >= 0).sum())
         if settings.layout == "blocks":
             tokens = positions = settings.sequences * settings.seq_len
         with safe_open(self.directory / VALIDATION, "pt") as f:
             validation = f.get_slice("lengths" if settings.layout == "rows" else "input_ids").get_shape()[0]
-        manifest = CacheManifest(settings, tokens, shards, validation, positions)
+        mapped = mapped if cross else positions
+        manifest = CacheManifest(settings, tokens, shards, validation, positions, mapped, self.tokenizers)
         manifest.write(self.directory)
         return manifest

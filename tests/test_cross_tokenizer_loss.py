@@ -1,0 +1,244 @@
+"""The cross-tokenizer loss: equal to soft-label distillation with one tokenizer on both sides, and against a float64
+reference of its own definition (written out with loops, sharing no code with the package) for two tokenizers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import divergence as oracle_divergence
+from oracle import sparse_oracle
+
+from lit_distill.data.cross_tokenizer.binning import binned_logits
+from lit_distill.data.cross_tokenizer.loss import Pairs, cross_tokenizer_loss
+from lit_distill.data.cross_tokenizer.vocab_map import VocabularyMap
+from lit_distill.kernels import distillation_loss
+from lit_distill.kernels.sparse import sparse_distillation_loss
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "tvd")
+
+
+def _map(teacher_to_student, student_size: int, teacher_tokens: int | None = None) -> VocabularyMap:
+    ids = np.asarray(teacher_to_student, dtype=np.int64)
+    return VocabularyMap(ids, ids >= 0, student_size, teacher_tokens or len(ids), "t", "s")
+
+
+def _identity_case(seed=0, b=2, length=9, vocab=37):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(b, length, vocab, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(b, length, vocab, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(vocab, (b, length), generator=g)
+    labels[0, :3] = -100  # a prompt
+    labels[1, -2:] = -100  # padding
+    positions = torch.arange(length).expand(b, length)
+    chunks = torch.where(labels != -100, positions, -1)  # one token per chunk: every position is a boundary
+    pairs = Pairs(chunks.clone(), chunks.clone(), chunks.clone(), chunks.clone())
+    return s.requires_grad_(), t, labels, pairs
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize(("alpha", "temperature"), [(1.0, 1.0), (0.3, 2.0)])
+def test_same_tokenizer_is_soft_label_distillation(divergence, alpha, temperature):
+    """Identity map, every position a boundary, dense binning: the loss and gradient are soft-label's."""
+    s, t, labels, pairs = _identity_case()
+    keywords = dict(divergence=divergence, temperature=temperature, alpha=alpha, reduction="sum", backend="torch")
+    ours = cross_tokenizer_loss(s, t, labels, labels, pairs, _map(np.arange(37), 37), top_k=None, **keywords)
+    (grad,) = torch.autograd.grad(ours.loss, s)
+    reference = distillation_loss(s, t, labels, **keywords)
+    (expected,) = torch.autograd.grad(reference.loss, s)
+    torch.testing.assert_close(ours.loss, reference.loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.soft, reference.soft, rtol=1e-12, atol=0)
+    assert ours.agreement == reference.agreement and ours.num_tokens == reference.num_tokens
+    assert ours.boundaries == reference.num_tokens
+
+
+@pytest.mark.parametrize("divergence", ("forward_kl", "reverse_kl", "tvd"))
+def test_same_tokenizer_top_k_is_the_sparse_loss_on_the_teachers_top_k(divergence):
+    s, t, labels, pairs = _identity_case(seed=1)
+    keywords = dict(divergence=divergence, temperature=2.0, alpha=0.5, reduction="sum", backend="torch")
+    ours = cross_tokenizer_loss(s, t, labels, labels, pairs, _map(np.arange(37), 37), top_k=5, **keywords)
+    values, ids = torch.log_softmax(t / 2.0, -1).topk(5, -1)
+    reference = sparse_distillation_loss(s, ids, values, labels, tail=True, **keywords)
+    torch.testing.assert_close(ours.loss, reference.loss, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(*(torch.autograd.grad(x.loss, s)[0] for x in (ours, reference)), rtol=1e-9, atol=1e-12)
+
+
+def test_binned_logits_bin_the_tempered_distribution():
+    """softmax(m / T) equals the teacher's tempered probabilities summed per student token; empty bins are -inf."""
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(3, 10, generator=g, dtype=torch.float64) * 3
+    t[0, 4] = -math.inf  # a banned token
+    mapping = [0, 0, 1, 3, 3, 3, 2, -1, 1, 0]
+    m = binned_logits(t, _map(mapping, 5), 1.7, 6)
+    p = torch.softmax(t / 1.7, -1)
+    expected = torch.zeros(3, 6, dtype=torch.float64)
+    for i, j in enumerate(mapping):
+        if j >= 0:
+            expected[:, j] += p[:, i]
+    expected /= expected.sum(-1, keepdim=True)  # the DROP token's mass leaves the distribution
+    torch.testing.assert_close(torch.softmax(m / 1.7, -1), expected, rtol=1e-12, atol=1e-15)
+    assert torch.isinf(m[:, 4:]).all()
+
+
+# ------------------------------------------------------------------- two tokenizers, float64 reference
+def _cross_case(seed=3):
+    """A batch of 2 rows: student width 32 (30 real), teacher width 40 (36 real, 4 padded), a binning map with
+    collisions, boundary pairs and chunks (group sizes 1-3 on each side), a prompt and padding."""
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    b, s_len, t_len, vs, vt = 2, 12, 14, 32, 40
+    mapping = np.concatenate([rng.integers(0, 30, 36), np.full(4, -1)])
+    s = (torch.randn(b, s_len, vs, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    t = torch.randn(b, t_len, vt, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(30, (b, s_len), generator=g)
+    teacher_targets = torch.randint(36, (b, t_len), generator=g)
+    labels[1, :2] = -100
+    labels[0, -1] = -100
+    ps, pt = torch.full((b, 8), -1), torch.full((b, 8), -1)
+    sc, tc = torch.full((b, s_len), -1), torch.full((b, t_len), -1)
+    for row in range(b):
+        i = j = 0
+        for chunk in range(8):
+            di, dj = int(rng.integers(1, 3)), int(rng.integers(1, 4))
+            if i + di > s_len or j + dj > t_len:
+                break
+            sc[row, i : i + di], tc[row, j : j + dj] = chunk, chunk
+            i, j = i + di, j + dj
+            ps[row, chunk], pt[row, chunk] = i - 1, j - 1  # the chunk's last prediction positions close a group
+    sc = torch.where(labels != -100, sc, -1)  # a chunk with an uncounted target is not listed
+    ps = torch.where((ps >= 0) & (labels.gather(1, ps.clamp(min=0)) != -100), ps, -1)
+    pairs = Pairs(ps, torch.where(ps >= 0, pt, -1), sc, tc)
+    return s, t, labels, teacher_targets, pairs, _map(mapping, 30, teacher_tokens=36)
+
+
+def _reference(s, t, labels, teacher_targets, pairs, vmap, *, divergence, temperature, alpha, weights, uld_k):
+    """The definition in plain loops, float64."""
+    w_b, w_c, w_u = weights
+    T = temperature
+    soft = chunk = uld = 0.0
+    hard = 0.0
+    for row in range(s.shape[0]):
+        for p in range(s.shape[1]):
+            if labels[row, p] != -100:
+                hard = hard - F.log_softmax(s[row, p, :30], -1)[labels[row, p]]
+        for k in range(pairs.student.shape[1]):
+            ps, pt = int(pairs.student[row, k]), int(pairs.teacher[row, k])
+            if ps < 0:
+                continue
+            p_t = torch.softmax(t[row, pt, :36] / T, -1)
+            binned = torch.zeros(30, dtype=torch.float64)
+            for i in range(36):
+                binned[vmap.teacher_to_student[i]] += p_t[i]
+            soft = soft + oracle_divergence(divergence, s[row, ps, :30] / T, binned.log()) * T**2
+            q = torch.softmax(s[row, ps, :30] / T, -1)
+            uld = (
+                uld
+                + (q.sort(descending=True).values[:uld_k] - p_t.sort(descending=True).values[:uld_k]).abs().sum() * T**2
+            )
+        for c in range(int(pairs.student_chunk[row].max()) + 1):
+            s_pos = [p for p in range(s.shape[1]) if pairs.student_chunk[row, p] == c]
+            t_pos = [p for p in range(t.shape[1]) if pairs.teacher_chunk[row, p] == c]
+            if not s_pos or not t_pos:
+                continue
+            ls = sum(F.log_softmax(s[row, p, :30], -1)[labels[row, p]] for p in s_pos)
+            lt = sum(F.log_softmax(t[row, p, :36], -1)[teacher_targets[row, p]] for p in t_pos)
+            a, bb = torch.exp(lt.clamp(max=-1e-6)), torch.exp(ls.clamp(max=-1e-6))
+            chunk = chunk + a * torch.log(a / bb) + (1 - a) * torch.log((1 - a) / (1 - bb))
+    soft_sum = w_b * soft + w_c * chunk + w_u * uld
+    return alpha * soft_sum + (1 - alpha) * hard if alpha < 1 else soft_sum
+
+
+@pytest.mark.parametrize("divergence", ("forward_kl", "skew_reverse_kl", "jsd"))
+@pytest.mark.parametrize(
+    ("alpha", "temperature", "weights"), [(1.0, 1.0, (1.0, 0.0, 0.0)), (0.4, 2.0, (1.0, 0.5, 0.3))]
+)
+def test_two_tokenizers_match_a_float64_reference(divergence, alpha, temperature, weights):
+    s, t, labels, targets, pairs, vmap = _cross_case()
+    out = cross_tokenizer_loss(
+        s, t, labels, targets, pairs, vmap, top_k=None, boundary_weight=weights[0], chunk_weight=weights[1],
+        uld_weight=weights[2], uld_top_k=6, divergence=divergence, temperature=temperature, alpha=alpha,
+        vocab_size=30, backend="torch",
+    )  # fmt: skip
+    expected = _reference(
+        s, t, labels, targets, pairs, vmap, divergence=divergence, temperature=temperature, alpha=alpha,
+        weights=weights, uld_k=6,
+    )  # fmt: skip
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-10, atol=1e-12)
+    (grad,) = torch.autograd.grad(out.loss, s)
+    (ref_grad,) = torch.autograd.grad(expected, s)
+    assert (grad - ref_grad).norm() / ref_grad.norm() < 1e-10
+    assert grad[..., 30:].abs().max() == 0  # the student head's padding learns nothing
+    assert out.num_tokens == (labels != -100).sum() and out.boundaries == (pairs.student >= 0).sum()
+
+
+@pytest.mark.parametrize("divergence", ("forward_kl", "reverse_kl", "tvd"))
+def test_two_tokenizers_top_k_matches_the_sparse_oracle_on_independently_binned_slots(divergence):
+    s, t, labels, targets, pairs, vmap = _cross_case(seed=4)
+    out = cross_tokenizer_loss(
+        s, t, labels, targets, pairs, vmap, top_k=4, divergence=divergence, temperature=1.5, alpha=1.0,
+        vocab_size=30, backend="torch",
+    )  # fmt: skip
+    rows, ks = torch.nonzero(pairs.student >= 0, as_tuple=True)
+    p = torch.softmax(t[rows, pairs.teacher[rows, ks], :36] / 1.5, -1).numpy()
+    binned = np.zeros((len(rows), 30))
+    np.add.at(binned, (np.arange(len(rows))[:, None], vmap.teacher_to_student[None, :36]), p)
+    ids = np.argsort(-binned, -1, kind="stable")[:, :4]
+    logprobs = np.log(np.take_along_axis(binned, ids, -1))
+    student = s[rows, pairs.student[rows, ks]]
+    expected, _ = sparse_oracle(
+        student, torch.from_numpy(ids), torch.from_numpy(logprobs), labels[rows, pairs.student[rows, ks]], tail=True,
+        divergence_name=divergence, temperature=1.5, vocab_size=30, reduction="sum",
+    )  # fmt: skip
+    torch.testing.assert_close(out.loss, expected, rtol=1e-10, atol=1e-12)
+    (grad,) = torch.autograd.grad(out.loss, s)
+    (ref_grad,) = torch.autograd.grad(expected, s)
+    assert (grad - ref_grad).norm() / ref_grad.norm() < 1e-10
+
+
+def test_dense_reverse_kl_with_empty_bins_is_refused():
+    s, t, labels, targets, pairs, vmap = _cross_case()
+    with pytest.raises(ValueError, match=r"leaves .* of the student's 30 tokens empty"):
+        cross_tokenizer_loss(s, t, labels, targets, pairs, vmap, top_k=None, divergence="reverse_kl", vocab_size=30)
+
+
+def test_chunk_term_vanishes_when_the_chunk_likelihoods_agree():
+    """A student whose chunk likelihoods equal the teacher's has a chunk term of 0; moving one changes it."""
+    s, t, labels, targets, pairs, vmap = _cross_case(seed=5)
+    keywords = dict(top_k=None, boundary_weight=0.0, chunk_weight=1.0, vocab_size=30, backend="torch")
+    out = cross_tokenizer_loss(s, t, labels, targets, pairs, vmap, **keywords)
+    assert out.chunk > 0
+    # one token per chunk, identical sides: the same log-likelihoods give a binary KL of 0
+    same = Pairs(pairs.student, pairs.student, pairs.student_chunk, pairs.student_chunk)
+    wide = torch.cat([s.detach(), torch.full((*s.shape[:-1], 8), -1e9, dtype=s.dtype)], -1)
+    out = cross_tokenizer_loss(
+        s, wide, labels, labels.clamp(min=0), same, _map(np.r_[np.arange(30), [-1] * 10], 30, 30), **keywords
+    )
+    assert out.loss.abs() < 1e-9
+
+
+def test_nothing_counted_gives_zero_loss_and_gradient():
+    s, t, labels, targets, pairs, vmap = _cross_case()
+    labels = torch.full_like(labels, -100)
+    out = cross_tokenizer_loss(
+        s, t, labels, targets, Pairs(*(torch.full_like(x, -1) for x in pairs)), vmap, top_k=4, chunk_weight=1.0,
+        uld_weight=1.0, alpha=0.5, vocab_size=30, reduction="mean", backend="torch",
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(out.loss, s)
+    assert out.loss == 0 and grad.abs().max() == 0 and not torch.isnan(grad).any()
+
+
+def test_bad_arguments_are_named():
+    s, t, labels, targets, pairs, vmap = _cross_case()
+    with pytest.raises(ValueError, match="top_k=0"):
+        cross_tokenizer_loss(s, t, labels, targets, pairs, vmap, top_k=0)
+    with pytest.raises(ValueError, match="chunk_weight=-1"):
+        cross_tokenizer_loss(s, t, labels, targets, pairs, vmap, chunk_weight=-1)
+    with pytest.raises(ValueError, match="the vocabulary map's student has 30 tokens, the student's logits 20"):
+        cross_tokenizer_loss(s[..., :20], t, labels.clamp(max=19), targets, pairs, vmap)
+    with pytest.raises(ValueError, match="teacher_vocab_size"):
+        cross_tokenizer_loss(s, t[..., :39], labels, targets, pairs, vmap)
