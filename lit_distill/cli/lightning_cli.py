@@ -124,12 +124,10 @@ class LitDistillCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-            teacher = getattr(self.model, "teacher", None)
-            tokenizer = getattr(self.datamodule, "tokenizer", None)
-            if teacher is not None and tokenizer is not None:
-                from ..data import check_tokenizer
-
-                check_tokenizer(teacher, tokenizer)
+            # the data's tokenizer must be the one the model reads (the teacher's; the student's across tokenizers)
+            check = getattr(self.model, "check_data_tokenizer", None)
+            if callable(check) and self.datamodule is not None:
+                check(self.datamodule)
             link_stop_token_ids(self.model, self.datamodule)
         except Exception as err:
             message = configuration_error(err)

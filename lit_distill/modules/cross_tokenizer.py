@@ -10,6 +10,7 @@ from torch import nn
 from typing_extensions import override
 
 from ..data.cross_tokenizer.loss import KEYWORDS, CrossTokenizerOutput, Pairs, cross_tokenizer_loss
+from ..data.cross_tokenizer.token_bytes import byte_lengths
 from ..data.cross_tokenizer.vocab_map import VocabularyMap, build_vocabulary_map
 from ..data.tokenizers import load_tokenizer, special_token_ids, tokenizer_hash
 from ..models import CausalLM, build, vocab_size
@@ -98,7 +99,7 @@ class CrossTokenizerDistillation(DistillationModule):
         self.check_tokenizer_fits("teacher", self.teacher, len(self.teacher_tokenizer))
 
     @override
-    def _check_data_tokenizer(self, datamodule: Any) -> None:
+    def check_data_tokenizer(self, datamodule: Any) -> None:
         for side, mine in (("tokenizer", self.student_tokenizer), ("teacher_tokenizer", self.teacher_tokenizer)):
             theirs = getattr(datamodule, side, None)
             if theirs is not None and tokenizer_hash(theirs) != tokenizer_hash(mine):
@@ -128,8 +129,16 @@ class CrossTokenizerDistillation(DistillationModule):
         keywords = {name: getattr(self.loss, name) for name in KEYWORDS}
         return cross_tokenizer_loss(
             student_logits, teacher_logits, labels, _next_tokens(teacher_ids), Pairs.of(batch), self.vocab_map,
-            reduction="sum", teacher_ce=not self.training, **self.cross_options, **keywords,
+            reduction="sum", teacher_ce=not self.training, byte_lengths=self.token_byte_lengths(input_ids.device),
+            **self.cross_options, **keywords,
         )  # fmt: skip
+
+    def token_byte_lengths(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student, teacher) bytes of each token id, on ``device`` (read from the tokenizers once)."""
+        if getattr(self, "_byte_lengths", None) is None or self._byte_lengths[0].device != device:
+            tables = (byte_lengths(self.student_tokenizer), byte_lengths(self.teacher_tokenizer))
+            self._byte_lengths = tuple(torch.tensor(t.tolist(), dtype=torch.long, device=device) for t in tables)
+        return self._byte_lengths
 
     @override
     def validation_output(self, batch: Mapping[str, torch.Tensor]) -> CrossTokenizerOutput:

@@ -121,14 +121,14 @@ class DistillationModule(CausalLMModule):
             # Lightning warns at every fit that modules are in eval mode: a frozen teacher is, on purpose.
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", module="lightning")
         datamodule = getattr(self.trainer, "datamodule", None)
-        self._check_data_tokenizer(datamodule)
+        self.check_data_tokenizer(datamodule)
         if getattr(datamodule, "packing", False) and self.generates_from_prompts():
             raise ValueError(
                 f"{type(self).__name__} continues prompts, and packed rows (packing=True) hold several"
                 " conversations and no prompt_mask: use the data module with packing=False"
             )
 
-    def _check_data_tokenizer(self, datamodule: Any) -> None:
+    def check_data_tokenizer(self, datamodule: Any) -> None:
         """The data's tokenizer must be the one saved with the teacher (one tokenizer on both sides)."""
         tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is not None:

@@ -27,7 +27,7 @@ def binned_logits(teacher_logits: torch.Tensor, vocab_map: VocabularyMap, temper
     sends no two teacher tokens to one student token copies the logits instead (exact, no rounding).
     """
     source = wide(teacher_logits)
-    index = _sink_targets(vocab_map, source.device, width).expand(source.shape)
+    index = sink_targets(vocab_map, source.device, width).expand(source.shape)
     out = source.new_full((*source.shape[:-1], width + 1), -math.inf)
     if _bin_sizes(vocab_map).max(initial=0) <= 1:  # injective: the dropped ids all land in the sink, cut off
         return out.scatter(-1, index, source)[..., :width]
@@ -38,17 +38,22 @@ def binned_logits(teacher_logits: torch.Tensor, vocab_map: VocabularyMap, temper
     return (temperature * (safe_top + sums.log()))[..., :width]
 
 
-def binned_top_k(teacher_probs: torch.Tensor, vocab_map: VocabularyMap, k: int, width: int):
-    """``(ids, logprobs)`` ``[..., k]``, the ``k`` likeliest bins of ``[..., Vt]`` probabilities (-1 and -inf for
-    empty slots): :meth:`VocabularyMap.binned_topk` by one scatter into a sink column, without gathering kept ids."""
-    index = _sink_targets(vocab_map, teacher_probs.device, width).expand(teacher_probs.shape)
+def binned_probs(teacher_probs: torch.Tensor, vocab_map: VocabularyMap, width: int) -> torch.Tensor:
+    """``[..., Vt]`` probabilities summed into ``[..., width]`` student bins (dropped ids' mass is lost):
+    :meth:`VocabularyMap.bin_probs` by one scatter into a sink column, without gathering the kept ids."""
+    index = sink_targets(vocab_map, teacher_probs.device, width).expand(teacher_probs.shape)
     binned = teacher_probs.new_zeros((*teacher_probs.shape[:-1], width + 1)).scatter_add_(-1, index, teacher_probs)
-    values, ids = binned[..., :width].topk(k, dim=-1)
+    return binned[..., :width]
+
+
+def top_k_slots(binned: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, logprobs)`` ``[..., k]`` of the ``k`` likeliest bins, -1 and -inf for empty slots."""
+    values, ids = binned.topk(k, dim=-1)
     empty = values <= 0
     return ids.masked_fill(empty, -1), values.log().masked_fill(empty, -math.inf)
 
 
-def _sink_targets(vocab_map: VocabularyMap, device: torch.device, width: int) -> torch.Tensor:
+def sink_targets(vocab_map: VocabularyMap, device: torch.device, width: int) -> torch.Tensor:
     """``int64 [Vt]``: each teacher id's student id, dropped ids sent to column ``width`` (sliced off after binning);
     on ``device`` once per map and width."""
     key = ("sink", device, width)

@@ -11,11 +11,14 @@ student row of ``S`` predictions and a teacher row of ``U`` (one text, two token
 
 With student logits ``s``, teacher logits ``t``, temperature ``T`` and counted student positions ``N``:
 
-- **boundary** (per pair): ``D(bin(softmax(t/T)) ‖ softmax(s/T))``, any divergence of DESIGN.md, times T² with
-  ``t2_scaling``. ``top_k=None`` bins the whole distribution and calls the dense loss with the binned logits
-  ``m = T·log Σ_bin exp(t/T)`` (``softmax(m/T)`` is the binned distribution; a map that bins no two teacher tokens
-  together copies the logits, so the same tokenizer on both sides is soft-label distillation exactly);
-  ``top_k=K`` keeps the K likeliest binned tokens and a tail bucket for the rest (the sparse loss, ``tail=True``).
+- **boundary** (per pair): ``D(p ‖ softmax(s/T))`` for any divergence of DESIGN.md, times T² with ``t2_scaling``,
+  where ``p ∝ b^(1/T)`` and ``b = bin(softmax(t))`` is the teacher's distribution binned into the student's
+  vocabulary at T=1 (with the label's mass moved onto it where binning misses it, ``longer_labels.py``): tempered
+  in the student's space, so that a bin of many small teacher tokens is not inflated by flattening them one by
+  one. ``top_k=None`` calls the dense loss with the binned logits ``log Σ_bin exp(t)`` (a map that bins no two
+  teacher tokens together copies the logits, so the same tokenizer on both sides is soft-label distillation
+  exactly, at any T); ``top_k=K`` keeps the K likeliest tokens of ``p`` and a tail bucket for the rest (the sparse
+  loss, ``tail=True``).
 - **chunk** (per chunk, ALM-style, at T=1): with ``a = exp(ℓ_teacher)``, ``b = exp(ℓ_student)`` the chunk's
   likelihoods, the binary KL ``a log(a/b) + (1−a) log((1−a)/(1−b))`` (``ℓ`` clamped to ``≤ -1e-6``).
 - **uld** (per pair): ``Σ_{i<k} |sort(softmax(s/T))_i − sort(softmax(t/T))_i|`` over the k largest probabilities
@@ -36,7 +39,8 @@ import torch.nn.functional as F
 
 from ...kernels import distillation_loss
 from ...kernels.sparse import sparse_distillation_loss
-from .binning import binned_logits, binned_top_k, covered, wide
+from .binning import binned_logits, binned_probs, covered, top_k_slots, wide
+from .longer_labels import label_moves, moved
 from .vocab_map import VocabularyMap
 
 _MAX_LOG_LIKELIHOOD = -1e-6  # a chunk of probability 1 has no binary complement: keep log(1 - b) finite
@@ -108,6 +112,7 @@ def cross_tokenizer_loss(
     uld_weight: float = 0.0,
     uld_top_k: int = 64,
     teacher_ce: bool = True,
+    byte_lengths: tuple[torch.Tensor, torch.Tensor] | None = None,
     divergence: str = "forward_kl",
     beta: float = 0.5,
     skew: float = 0.1,
@@ -137,6 +142,8 @@ def cross_tokenizer_loss(
         divergence, beta, skew, temperature, t2_scaling, alpha, vocab_size, ignore_index, backend: as in
             :func:`lit_distill.kernels.distillation_loss` (the sparse loss takes neither skew divergences nor
             ``skew``).
+        byte_lengths: ``(student [Vs], teacher [Vt])`` bytes of each token id; with them, where binning misses the
+            student's label, the teacher's probability of its bytes moves onto it (``longer_labels.py``).
         reduction: ``"sum"`` over counted positions or their ``"mean"``.
 
     Raises:
@@ -193,12 +200,21 @@ def cross_tokenizer_loss(
         divergence=divergence, beta=beta, temperature=temperature, t2_scaling=t2_scaling, alpha=1.0,
         vocab_size=vocab_size, ignore_index=ignore_index, reduction="sum", backend=backend,
     )  # fmt: skip
+    # the teacher binned at T=1 (its distribution over the student's next token), then tempered in that space
+    width = s_pairs.shape[-1]
+    moves = None
+    if byte_lengths is not None:
+        teacher = _without_padding(teacher_logits.detach(), real)
+        moves = label_moves(pairs, labels, teacher, teacher_targets, vocab_map, 1.0, width, byte_lengths)
     if top_k is None:
-        mapped = binned_logits(t_pairs, vocab_map, temperature, s_pairs.shape[-1]).to(s_pairs.dtype)
-        boundary = distillation_loss(s_pairs, mapped, pair_labels, skew=skew, **soft_keywords)
+        mapped = binned_logits(t_pairs, vocab_map, 1.0, width)
+        if moves is not None:  # only the rows with a move leave the logits (exact when nothing moves)
+            mapped = torch.where(moves.rows[..., None], moved(torch.softmax(mapped, -1), moves).log(), mapped)
+        boundary = distillation_loss(s_pairs, mapped.to(s_pairs.dtype), pair_labels, skew=skew, **soft_keywords)
     else:
-        teacher_probs = torch.softmax(t_pairs / temperature, -1)
-        ids, logprobs = binned_top_k(teacher_probs, vocab_map, min(top_k, vocab), s_pairs.shape[-1])
+        binned = binned_probs(torch.softmax(t_pairs, -1), vocab_map, width)
+        tempered = torch.softmax((binned if moves is None else moved(binned, moves)).log() / temperature, -1)
+        ids, logprobs = top_k_slots(tempered, min(top_k, vocab))
         boundary = sparse_distillation_loss(s_pairs, ids, logprobs, pair_labels, tail=True, **soft_keywords)
     boundaries = used.sum()
 
