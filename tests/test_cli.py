@@ -97,6 +97,23 @@ def test_every_config_trains_a_few_steps_and_exports(workdir, monkeypatch, confi
         assert 0 < float(metrics["val/teacher_nll_of_student"]) < 20 and float(metrics["val/student_reverse_kl"]) > 0
 
 
+def test_cross_tokenizer_config_trains_a_student_with_its_own_tokenizer(workdir, monkeypatch):
+    """configs/cross_tokenizer.yaml as its header says: the student's tokenizer written first, then the fit."""
+    from lit_distill.demo.student_tokenizer import main as write_student_tokenizer
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("LIT_DISTILL_CACHE", str(workdir / "cache"))
+    write_student_tokenizer(["artifacts/student-tokenizer", "--vocab-size", "512"])
+    cli = run_cli(["fit", "--config", str(CONFIGS / "cross_tokenizer.yaml"), *QUICK])
+    assert cli.trainer.global_step == 2
+    # the student is built for its own tokenizer (linked from the data module), the teacher keeps its own
+    assert cli.model.student.config.vocab_size == len(cli.datamodule.tokenizer) == 512
+    assert cli.model.teacher.config.vocab_size == len(cli.datamodule.teacher_tokenizer) != 512
+    assert 0 < float(cli.trainer.callback_metrics["val/bits_per_byte"]) < 20
+    assert 0 < float(cli.trainer.callback_metrics["train/boundary_share"]) <= 1
+    assert (workdir / "artifacts" / "student-cross-tokenizer" / "config.json").exists()
+
+
 def test_ctrl_c_saves_a_checkpoint_the_command_line_resumes_from(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("LIT_DISTILL_CACHE", str(workdir / "cache"))
@@ -184,6 +201,7 @@ def test_every_config_is_covered():
         "offline_sampled.yaml",
         "teacher.yaml",
         "soft_label.yaml",
+        "cross_tokenizer.yaml",
         "hard_label_argmax.yaml",
         "hard_label_generate.yaml",
         "co_distillation.yaml",
@@ -292,12 +310,16 @@ def test_demo_quick_writes_table_logs_and_plot(tmp_path, capsys):
     cli_main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--cache-dir", str(tmp_path / "cache")])
     out = capsys.readouterr().out
     students = ("alone", "soft-label", "hard-label", "co-distillation", "on-policy", "offline top-k", "offline sampled")
-    for row in ("teacher", *(f"student: {name}" for name in students)):
+    own_tokenizer = ("own-tokenizer alone", "cross-tokenizer")  # compared in bits per byte, not on the plot
+    for row in ("teacher", *(f"student: {name}" for name in (*students, *own_tokenizer))):
         assert row in out
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert len(results["rows"]) == 8 and all(r["val_loss"] > 0 for r in results["rows"])
-    # the teacher's scores of each model's own samples; the teacher's reverse KL to itself is 0
-    assert all(0 < r["teacher_nll_of_samples"] < 20 for r in results["rows"])
+    assert len(results["rows"]) == 10 and all(r["val_loss"] > 0 for r in results["rows"])
+    assert all(0 < r["bits_per_byte"] < 20 for r in results["rows"])
+    # the teacher's scores of each model's own samples (not of the students of another tokenizer); the teacher's
+    # reverse KL to itself is 0
+    same = [r for r in results["rows"] if r["model"].removeprefix("student: ") not in own_tokenizer]
+    assert len(same) == 8 and all(0 < r["teacher_nll_of_samples"] < 20 for r in same)
     assert results["rows"][0]["reverse_kl_on_samples"] == 0 and results["rows"][1]["reverse_kl_on_samples"] > 0
     # the plot's curves are measured like the table: each ends at its student's number, at the last step
     table = {r["model"]: r["val_loss"] for r in results["rows"]}

@@ -185,5 +185,5 @@ def chat_teacher(base, chat, prompts, sizes: dict, ns, cache: Path, out: Path):
     ce, model.val_argmax = assistant_loss(model, chat)  # the students' agreement compares with it
     wall = time.perf_counter() - start
     nll, reverse_kl = reply_scores(model, model, prompts, sizes, student_seed(ns))  # its own replies: KL 0
-    row = WaitRow("teacher", ce, math.exp(ce), math.nan, tokens_per_sec, wall, nll, reverse_kl, wait)
+    row = WaitRow("teacher", ce, math.exp(ce), math.nan, tokens_per_sec, wall, nll, reverse_kl, data_wait_fraction=wait)
     return model, row

@@ -90,7 +90,7 @@ def train_chat_student(technique: str, teacher, chat, prompts, sizes: dict, ns, 
     nll, reverse_kl = reply_scores(module.student, teacher, prompts, sizes, seed)
     row = WaitRow(
         f"student: {technique}", ce, math.exp(ce), _agreement(argmax, teacher.val_argmax), counter.tokens / seconds,
-        seconds, nll, reverse_kl, wait_of(trainer),
+        seconds, nll, reverse_kl, data_wait_fraction=wait_of(trainer),
     )  # fmt: skip
     return row, [*recorder.points, (sizes["student_steps"], ce)]
 
@@ -174,6 +174,7 @@ CHAT = Layout(
         " waiting for batches"
     ),
     baseline="SFT",
+    bits_per_byte=False,
     title="lit-distill demo --chat: students of the same size and steps",
     ylabel="cross-entropy on held-out assistant tokens (nats/token)",
     data_wait=True,

@@ -5,8 +5,11 @@
    (plain cross-entropy), one with soft labels, one with the teacher's argmax as hard labels (half, beside
    the data's labels: DeiT's hard distillation), one co-distilled with a copy of the teacher that keeps
    training, one on-policy (on its own samples, half its batches), and two offline from teacher caches
-   (top-k with a tail bucket, and sampled; ``offline.py``), written once and cached.
-3. Evaluates every model on held-out whole works, and scores its own continuations of held-out prompts by
+   (top-k with a tail bucket, and sampled; ``offline.py``), written once and cached; then two students with a
+   tokenizer of their own (a SentencePiece-style BPE of 2048 tokens with byte fallback, trained on the same
+   split and cached): one alone, one from the teacher across the tokenizers (``cross_tokenizer.py``).
+3. Evaluates every model on held-out whole works (cross-entropy per token, and bits per byte, which compares
+   students of different tokenizers), and scores its own continuations of held-out prompts by
    the teacher; prints a table, writes TensorBoard logs, a PNG of the validation curves and the table
    (``results.md``, ``results.json``) to ``--out``. ``--techniques`` and ``--student-seed`` run a subset
    of the students with another seed (how docs/experiments.md's seed comparisons were measured).
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .cross_tokenizer import OTHER_TOKENIZER_TECHNIQUES, boundary_note, overlap_note, train_other_tokenizer_student
 from .offline import OFFLINE, write_caches
 from .report import Row, report
 from .start import start, text_data
@@ -55,13 +59,18 @@ PRESETS = {
         "max_train_tokens": 200_000,
     },
 }
-TECHNIQUES = ("alone", "soft-label", "hard-label", "co-distillation", "on-policy", *OFFLINE)
+TECHNIQUES = (
+    *("alone", "soft-label", "hard-label", "co-distillation", "on-policy"),
+    *OFFLINE,
+    *OTHER_TOKENIZER_TECHNIQUES,  # a student with its own tokenizer, alone and from the teacher (cross_tokenizer.py)
+)
 
 DESCRIPTION = (
     "Distillation end to end on the bundled Shakespeare, offline, on a CPU: trains a tokenizer and a small "
     "teacher (both cached), then seven students of the same size and steps (trained alone, soft-label, "
-    "hard-label, co-distilled, on-policy, and two from teacher caches: top-k and sampled), and prints their "
-    "validation loss on held-out works and the teacher's scores of their own samples. Writes the table "
+    "hard-label, co-distilled, on-policy, and two from teacher caches: top-k and sampled) and two with a "
+    "tokenizer of their own (alone, and cross-tokenizer from the teacher), and prints their validation loss "
+    "and bits per byte on held-out works and the teacher's scores of their own samples. Writes the table "
     "(results.md, results.json), a plot of the validation curves and TensorBoard logs to --out. About ten "
     "minutes on 2 CPU cores the first time, about seven once the tokenizer, teacher and caches are cached."
 )
@@ -160,9 +169,14 @@ def demo_main(argv: list[str] | None = None) -> list[Row]:
     teacher, teacher_row = train_teacher(data, sizes, ns, cache, out)
     offline = [t for t in ns.techniques if t in OFFLINE]
     caches, notes = write_caches(teacher, data, sizes, ns, cache, offline)
+    if any(t in OTHER_TOKENIZER_TECHNIQUES for t in ns.techniques):
+        notes += [overlap_note(data, sizes, cache), boundary_note(data, sizes, cache)]
     rows, curves = [teacher_row], {}
     for technique in ns.techniques:
-        row, curve = train_student(technique, teacher, data, sizes, ns, out, caches)
+        if technique in OTHER_TOKENIZER_TECHNIQUES:
+            row, curve = train_other_tokenizer_student(technique, teacher, data, sizes, ns, out, cache)
+        else:
+            row, curve = train_student(technique, teacher, data, sizes, ns, out, caches)
         rows.append(row)
         curves[technique] = curve
     report(rows, curves, sizes, out, quick=ns.quick, notes=notes)

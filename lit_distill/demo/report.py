@@ -30,6 +30,7 @@ class Row:
     wall_seconds: float
     teacher_nll_of_samples: float = math.nan
     reverse_kl_on_samples: float = math.nan
+    bits_per_byte: float = math.nan  # on the held-out works: compares students of different tokenizers
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Layout:
     title: str = "lit-distill demo: students of the same size and steps"
     ylabel: str = "cross-entropy on held-out works (nats/token)"
     data_wait: bool = False
+    bits_per_byte: bool = True  # the ``bits/byte`` column (the chat demo's losses are on the assistant tokens)
 
 
 def report(
@@ -65,23 +67,23 @@ def report(
     and the plot to ``out``. ``layout``: the main demo's by default."""
     layout = layout or MAIN
     waits = f" {'data wait':>9}" if layout.data_wait else ""
+    bits = f" {'bits/byte':>9}" if layout.bits_per_byte else ""
     header = (
-        f"{'model':<28} {'val loss':>9} {'val ppl':>9} {'agreement':>10} {'tch NLL':>8} {'rev KL':>7}"
+        f"{'model':<28} {'val loss':>9} {'val ppl':>9}{bits} {'agreement':>10} {'tch NLL':>8} {'rev KL':>7}"
         f" {'tokens/s':>9}{waits} {'wall s':>8}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
-        agreement = "" if math.isnan(r.agreement) else f"{r.agreement:.3f}"
         speed = "cached" if math.isnan(r.tokens_per_sec) else f"{r.tokens_per_sec:,.0f}"
-        wait = ""
-        if layout.data_wait:
-            fraction = getattr(r, "data_wait_fraction", math.nan)
-            wait = f" {'' if math.isnan(fraction) else f'{fraction:.3f}':>9}"
+        wait = f" {_blank(getattr(r, 'data_wait_fraction', math.nan), 3):>9}" if layout.data_wait else ""
+        per_byte = f" {_blank(r.bits_per_byte, 4):>9}" if layout.bits_per_byte else ""
         lines.append(
-            f"{r.model:<28} {r.val_loss:>9.4f} {r.val_ppl:>9.2f} {agreement:>10} {r.teacher_nll_of_samples:>8.3f}"
-            f" {r.reverse_kl_on_samples:>7.3f} {speed:>9}{wait} {r.wall_seconds:>8.1f}"
+            f"{r.model:<28} {r.val_loss:>9.4f} {r.val_ppl:>9.2f}{per_byte} {_blank(r.agreement, 3):>10}"
+            f" {_blank(r.teacher_nll_of_samples, 3):>8} {_blank(r.reverse_kl_on_samples, 3):>7} {speed:>9}{wait}"
+            f" {r.wall_seconds:>8.1f}"
         )
-    table = "\n".join([*lines, *notes, layout.sample_note])
+    cross = [r.model for r in rows if r.model.removeprefix("student: ") in OTHER_TOKENIZER]
+    table = "\n".join([*lines, *notes, layout.sample_note, *([OTHER_TOKENIZER_NOTE] if cross else [])])
     print("\n" + table)
     verdict = layout.verdict(rows)
     if quick:
@@ -99,12 +101,29 @@ def report(
     )
 
 
+def _blank(value: float, digits: int) -> str:
+    """``value`` with ``digits`` decimals, or nothing for ``nan`` (not measured)."""
+    return "" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+#: the students with their own tokenizer (``cross_tokenizer.py``): their val loss is per token of that tokenizer,
+#: so they compare with the others in bits per byte only (and stay off the plot, whose scale is nats per token)
+OTHER_TOKENIZER = ("own-tokenizer alone", "cross-tokenizer")
+OTHER_TOKENIZER_NOTE = (
+    "own-tokenizer alone, cross-tokenizer: students with their own tokenizer (a SentencePiece-style BPE with byte"
+    " fallback, 2048 tokens); val loss and ppl are per token of that tokenizer, so compare them in bits/byte (the"
+    " held-out works' NLL per UTF-8 byte, in bits); the teacher cannot score their samples token by token"
+)
+
+
 def _verdict(rows: list[Row]) -> str:
     """How each technique compares with training alone and with online soft labels (those that ran)."""
     by_name = {r.model: r for r in rows}
     alone, soft = by_name.get("student: alone"), by_name.get("student: soft-label")
     if alone is None or soft is None:
-        return "(the verdict compares with the students trained alone and with soft labels: run both)"
+        return "(the verdict compares with the students trained alone and with soft labels: run both)" + (
+            cross_verdict(rows)
+        )
     gain = alone.val_loss - soft.val_loss
     verdict = (
         f"soft-label distillation {'beats' if gain > 0 else 'trails'} training alone by {abs(gain):.4f} "
@@ -124,6 +143,28 @@ def _verdict(rows: list[Row]) -> str:
                 f" {r.val_loss - soft.val_loss:+.4f} against online soft-label, at"
                 f" {r.tokens_per_sec / soft.tokens_per_sec:.2f}x its tokens/s"
             )
+    return verdict + cross_verdict(rows)
+
+
+def cross_verdict(rows) -> str:
+    """The students of another tokenizer in bits per byte: the cross-tokenizer student's gain on the one trained
+    alone, and the share it recovers of the soft-label student's gain on the same-tokenizer student alone."""
+    by_name = {r.model.removeprefix("student: "): r for r in rows}
+    own, cross = by_name.get("own-tokenizer alone"), by_name.get("cross-tokenizer")
+    if own is None or cross is None:
+        return ""
+    gain = own.bits_per_byte - cross.bits_per_byte
+    verdict = (
+        f"\ncross-tokenizer: {cross.bits_per_byte:.4f} bits/byte against {own.bits_per_byte:.4f} for the same"
+        f" student trained alone on its own tokenizer ({gain:+.4f})"
+    )
+    alone, soft = by_name.get("alone"), by_name.get("soft-label")
+    if alone is not None and soft is not None:
+        same = alone.bits_per_byte - soft.bits_per_byte
+        share = gain / same if same > 0 and not math.isnan(gain) else math.nan
+        verdict += f"; soft-label's gain with the teacher's tokenizer: {same:+.4f} bits/byte"
+        if not math.isnan(share):
+            verdict += f" (the cross-tokenizer student recovers {share:.0%} of it)"
     return verdict
 
 
@@ -171,7 +212,7 @@ def _figure(curves: dict, rows: list[Row], layout: Layout | None = None):
     top = max(baseline) + 0.5
     steps = sorted({step for points in curves.values() for step, _ in points})
     for name, points in curves.items():
-        if points:
+        if points and name not in OTHER_TOKENIZER:
             end = points[-1][1]
             off = min(v for _, v in points) > top
             ax.plot(

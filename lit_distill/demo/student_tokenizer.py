@@ -71,3 +71,27 @@ def _merges(learner) -> list:
     import json
 
     return json.loads(learner.to_str())["model"]["merges"]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """``python -m lit_distill.demo.student_tokenizer DIR [--vocab-size N]``: the demo's student tokenizer, trained
+    on the bundled corpus's training works, saved to ``DIR`` (what ``configs/cross_tokenizer.yaml`` reads)."""
+    import argparse
+    import shutil
+    import tempfile
+
+    from ..data.corpus import read_documents, split_documents
+
+    parser = argparse.ArgumentParser(prog="python -m lit_distill.demo.student_tokenizer", description=main.__doc__)
+    parser.add_argument("directory", help="where to save the tokenizer")
+    parser.add_argument("--vocab-size", type=int, default=STUDENT_VOCAB)
+    ns = parser.parse_args(argv)
+    train, _ = split_documents(read_documents(None), 0.05)
+    with tempfile.TemporaryDirectory() as cache:
+        shutil.copytree(train_metaspace_bpe(train, ns.vocab_size, cache), ns.directory, dirs_exist_ok=True)
+    print(f"a SentencePiece-style BPE with byte fallback of {ns.vocab_size} tokens saved to {ns.directory}")
+    return Path(ns.directory)
+
+
+if __name__ == "__main__":
+    main()

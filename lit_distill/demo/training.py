@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from .measure import _agreement, _evaluate, held_out
 from .report import Row
 
 
@@ -143,10 +144,10 @@ def train_teacher(data, sizes: dict, ns, cache: Path, out: Path):
     start = time.perf_counter()
     model, tokens_per_sec = cached_teacher(data, sizes, ns, cache, out)
     model.eval()
-    ce, model.val_argmax = _evaluate(model, data)  # the students' agreement compares with it
+    ce, bits, model.val_argmax = held_out(model, data)  # the students' agreement compares with the argmax
     wall = time.perf_counter() - start
     nll, reverse_kl = sample_scores(model, model, data, sizes, student_seed(ns))  # its own samples: KL 0
-    return model, Row("teacher", ce, math.exp(ce), math.nan, tokens_per_sec, wall, nll, reverse_kl)
+    return model, Row("teacher", ce, math.exp(ce), math.nan, tokens_per_sec, wall, nll, reverse_kl, bits)
 
 
 class _Curve(Callback):
@@ -186,7 +187,6 @@ def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path, cac
     """
     import lightning.pytorch as pl
 
-    from ..callbacks import StudentEMA
     from ..losses import DistillationLoss
     from ..modules import (
         CoDistillation,
@@ -226,6 +226,14 @@ def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path, cac
         from .offline import offline_module
 
         module, train_data = offline_module(technique, spec, caches[technique], sizes, common)
+    return fit_student(technique, module, train_data, data, schedules, sizes, out, teacher, seed)
+
+
+def fit_student(technique, module, train_data, data, schedules, sizes: dict, out: Path, teacher=None, seed=0):
+    """Train ``module`` on ``train_data`` and measure its student on ``data``'s held-out split: its row and its
+    curve. Without a ``teacher`` (a student of another tokenizer) the agreement and sample scores are ``nan``."""
+    from ..callbacks import StudentEMA
+
     print(f"student ({technique}): {sizes['student_steps']} steps")
     recorder = _Curve(data, sizes["student_steps"])
     callbacks = [recorder, *schedules, StudentEMA(decay=STUDENT_EMA_DECAY)]
@@ -234,11 +242,13 @@ def train_student(technique: str, teacher, data, sizes: dict, ns, out: Path, cac
     trainer.fit(module, train_data)
     seconds = time.perf_counter() - start - recorder.seconds  # training (with Lightning's validation), not the plot
     module.student.eval()  # StudentEMA left the average in it
-    ce, argmax = _evaluate(module.student, data)
-    agreement = _agreement(argmax, teacher.val_argmax)
-    nll, reverse_kl = sample_scores(module.student, teacher, data, sizes, seed)
+    ce, bits, argmax = held_out(module.student, data)
+    agreement, nll, reverse_kl = math.nan, math.nan, math.nan
+    if teacher is not None:
+        agreement = _agreement(argmax, teacher.val_argmax)
+        nll, reverse_kl = sample_scores(module.student, teacher, data, sizes, seed)
     tokens = sizes["student_steps"] * sizes["batch_size"] * sizes["seq_len"]
-    row = Row(f"student: {technique}", ce, math.exp(ce), agreement, tokens / seconds, seconds, nll, reverse_kl)
+    row = Row(f"student: {technique}", ce, math.exp(ce), agreement, tokens / seconds, seconds, nll, reverse_kl, bits)
     return row, [*recorder.points, (sizes["student_steps"], ce)]
 
 
@@ -274,27 +284,3 @@ def sample_scores(model, teacher, data, sizes: dict, seed: int) -> tuple[float, 
     scores = score_samples(model, teacher, prompts, lengths, max_new_tokens=half, seed=seed)
     tokens = float(scores.tokens)
     return float(scores.teacher_nll) / tokens, float(scores.reverse_kl) / tokens
-
-
-@torch.no_grad()
-def _evaluate(model, data, batch_size: int | None = None) -> tuple[float, torch.Tensor]:
-    """Token-mean CE of ``model`` on the whole validation split, and its argmax at every position (``[B, T-1]``,
-    for :func:`_agreement` with the teacher's, which is computed once)."""
-    import torch.nn.functional as F
-
-    total, tokens, argmax = 0.0, 0, []
-    device = next(model.parameters()).device
-    data.setup()
-    # The validation loader's batches in its order, without a DataLoader (whose iterator draws from the RNG).
-    for batch in data.val_blocks.split(batch_size or data.batch_size):
-        ids = batch.to(device).long()
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-        tokens += ids[:, 1:].numel()
-        argmax.append(logits.argmax(-1).cpu())
-    return total / tokens, torch.cat(argmax)
-
-
-def _agreement(argmax: torch.Tensor, teacher_argmax: torch.Tensor) -> float:
-    """The fraction of validation positions where the two models' top tokens are the same."""
-    return (argmax == teacher_argmax).float().mean().item()
