@@ -359,8 +359,9 @@ def test_chat_truncation_inside_a_turn(chat_dirs):
 def test_chat_errors_name_the_row(metaspace, bytelevel):
     collate = CrossTokenizerCollator(metaspace, bytelevel, base_collate=_pad_collate(metaspace))
     s_ids, t_ids = ids_of(metaspace, "Hello world"), ids_of(bytelevel, " Hello world")
-    counts = r"row 1 of the batch: the student's rendering has 1 counted spans and the teacher's 2"
-    with pytest.raises(ValueError, match=counts):
+    with pytest.raises(
+        ValueError, match=r"row 1 of the batch: the student's rendering has 1 counted spans and the teacher's 2"
+    ):
         good = {"input_ids": s_ids, "labels": s_ids, "teacher_input_ids": t_ids, "teacher_labels": t_ids}
         collate([good, {**good, "teacher_labels": [t_ids[0], -100, t_ids[2]], "labels": s_ids}])
     differ = r"row 0 of the batch, counted span 0: the student's and teacher's texts differ"

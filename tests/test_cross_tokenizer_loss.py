@@ -67,21 +67,24 @@ def test_same_tokenizer_top_k_is_the_sparse_loss_on_the_teachers_top_k(divergenc
     torch.testing.assert_close(*(torch.autograd.grad(x.loss, s)[0] for x in (ours, reference)), rtol=1e-9, atol=1e-12)
 
 
-def test_binned_logits_bin_the_tempered_distribution():
-    """softmax(m / T) equals the teacher's tempered probabilities summed per student token; empty bins are -inf."""
+def test_binned_logits_bin_the_distribution():
+    """softmax(m) equals the teacher's probabilities summed per student token; empty bins are -inf."""
     g = torch.Generator().manual_seed(2)
     t = torch.randn(3, 10, generator=g, dtype=torch.float64) * 3
     t[0, 4] = -math.inf  # a banned token
     mapping = [0, 0, 1, 3, 3, 3, 2, -1, 1, 0]
-    m = binned_logits(t, _map(mapping, 5), 1.7, 6)
-    p = torch.softmax(t / 1.7, -1)
+    m = binned_logits(t, _map(mapping, 5), 6)
+    p = torch.softmax(t, -1)
     expected = torch.zeros(3, 6, dtype=torch.float64)
     for i, j in enumerate(mapping):
         if j >= 0:
             expected[:, j] += p[:, i]
     expected /= expected.sum(-1, keepdim=True)  # the DROP token's mass leaves the distribution
-    torch.testing.assert_close(torch.softmax(m / 1.7, -1), expected, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(torch.softmax(m, -1), expected, rtol=1e-12, atol=1e-15)
     assert torch.isinf(m[:, 4:]).all()
+    # a map that bins no two tokens together copies the logits
+    copied = binned_logits(t, _map([1, 0, 2, 3, 4, 5, 6, 7, 8, 9], 10), 11)
+    assert torch.equal(copied[:, [1, 0, *range(2, 10)]], t) and torch.isinf(copied[:, 10]).all()
 
 
 # ------------------------------------------------------------------- two tokenizers, float64 reference

@@ -326,7 +326,10 @@ def test_the_disk_cache(pair, cache, monkeypatch):
     copied = cache / "vocab-maps" / f"{other.teacher_hash[:16]}-{other.student_hash[:16]}"
     shutil.rmtree(directory)
     shutil.copytree(copied, directory)
-    with pytest.raises(ValueError, match="from other tokenizers") as err:
+    with pytest.raises(
+        ValueError,
+        match=r"holds a vocabulary map cache from other tokenizers \(teacher .*, student .*\), not from the teacher",
+    ) as err:
         build_vocabulary_map(teacher, student, cache_dir=cache)
     for digest in (tokenizer_hash(teacher), tokenizer_hash(student)):
         assert str(err.value).count(digest) == 2  # stored (the other pair's) and given

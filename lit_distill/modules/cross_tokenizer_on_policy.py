@@ -257,7 +257,7 @@ def _aligned_row(
     extra = None if not before or offset == 0 else (np.array([start - 1]), np.array([offset - 1]))
     p_s, p_t, c_s, c_t = pairs_and_chunks(s_group, t_group, s_last + start, t_last + offset, counted, extra)
     if p_t.size and p_t[-1] == teacher.size - 1:  # the teacher's text stops first (a character cut, no stop id):
-        # its logits at its last token are read, and the loss reads positions 0..Tt-2, so one more token follows
+        # its logits at its last token are read; a pad after it keeps every row's pairs off the batch's last column
         teacher, c_t = np.append(teacher, pad), np.append(c_t, -1)
     return teacher, p_s, p_t, c_s, c_t
 

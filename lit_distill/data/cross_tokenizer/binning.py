@@ -20,22 +20,20 @@ def wide(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def binned_logits(teacher_logits: torch.Tensor, vocab_map: VocabularyMap, temperature: float, width: int):
-    """``[..., Vt]`` teacher logits -> ``[..., width]`` logits ``m`` with ``softmax(m/T)`` the binned teacher.
+def binned_logits(teacher_logits: torch.Tensor, vocab_map: VocabularyMap, width: int):
+    """``[..., Vt]`` teacher logits -> ``[..., width]`` logits ``m`` with ``softmax(m)`` the teacher's distribution
+    binned into the student's vocabulary (``-inf`` where no teacher token lands).
 
-    ``m = T·logsumexp(t/T)`` over the teacher tokens of each student bin (``-inf`` where none lands); a map that
-    sends no two teacher tokens to one student token copies the logits instead (exact, no rounding).
+    ``m = log Σ_bin softmax(t)``; a map that sends no two teacher tokens to one student token copies the logits
+    instead (exact, no rounding: with one tokenizer on both sides the loss is soft-label distillation's).
     """
     source = wide(teacher_logits)
-    index = sink_targets(vocab_map, source.device, width).expand(source.shape)
-    out = source.new_full((*source.shape[:-1], width + 1), -math.inf)
     if _bin_sizes(vocab_map).max(initial=0) <= 1:  # injective: the dropped ids all land in the sink, cut off
+        index = sink_targets(vocab_map, source.device, width).expand(source.shape)
+        out = source.new_full((*source.shape[:-1], width + 1), -math.inf)
         return out.scatter(-1, index, source)[..., :width]
-    scaled = source / temperature
-    top = out.scatter_reduce(-1, index, scaled, reduce="amax")
-    safe_top = torch.where(torch.isfinite(top), top, 0.0)
-    sums = torch.zeros_like(out).scatter_add(-1, index, (scaled - safe_top.gather(-1, index)).exp())
-    return (temperature * (safe_top + sums.log()))[..., :width]
+    # one softmax and one scatter (a log-sum-exp per bin cost two scatters, a gather and an exp more)
+    return binned_probs(torch.softmax(source, -1), vocab_map, width).log()
 
 
 def binned_probs(teacher_probs: torch.Tensor, vocab_map: VocabularyMap, width: int) -> torch.Tensor:

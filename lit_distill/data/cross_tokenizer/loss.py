@@ -207,7 +207,7 @@ def cross_tokenizer_loss(
         teacher = _without_padding(teacher_logits.detach(), real)
         moves = label_moves(pairs, labels, teacher, teacher_targets, vocab_map, 1.0, width, byte_lengths)
     if top_k is None:
-        mapped = binned_logits(t_pairs, vocab_map, 1.0, width)
+        mapped = binned_logits(t_pairs, vocab_map, width)
         if moves is not None:  # only the rows with a move leave the logits (exact when nothing moves)
             mapped = torch.where(moves.rows[..., None], moved(torch.softmax(mapped, -1), moves).log(), mapped)
         boundary = distillation_loss(s_pairs, mapped.to(s_pairs.dtype), pair_labels, skew=skew, **soft_keywords)
