@@ -4,9 +4,9 @@ OfflineDistillation trains the student on it with no teacher in memory.
 
 The data module here is a stand-in for a text data module built with ``teacher_tokenizer=``: the student's blocks
 of ``small_text_data`` with the batch keys of issue 26's spec made by hand (``helpers.cross_tokenizer_text_batch``).
-The oracle runs the teacher on each row alone (no padding, no batch), takes its log-softmax in float64 at the
-boundary positions, bins it with numpy through ``teacher_to_student`` and takes the top k itself. The last test
-caches a real ``ChatDataModule(teacher_tokenizer=)`` (two chat templates) and finds its pairs from the two
+The oracle runs the teacher on each row alone (no padding, no batch), takes its softmax in float64 at the
+boundary positions, bins it with numpy through ``teacher_to_student``, tempers it and takes the top k itself. The
+last test caches a real ``ChatDataModule(teacher_tokenizer=)`` (two chat templates) and finds its pairs from the two
 rendered texts alone.
 """
 
@@ -91,7 +91,7 @@ def write(cross, teacher, directory, **kwargs):
 
 def oracle(cross, teacher, ids: torch.Tensor):
     """Boundary positions of a student row and, at each, the top-K (ids, logprobs) of the teacher's distribution
-    at the temperature binned into the student's vocabulary: the teacher on the row alone, numpy binning."""
+    binned into the student's vocabulary at T=1 and tempered there: the teacher on the row alone, numpy binning."""
     s_table, t_table = token_bytes(cross.tokenizer), token_bytes(cross.teacher_tokenizer)
     teacher_ids = cross_tokenizer_text_batch([{"input_ids": ids}], cross.tokenizer, cross.teacher_tokenizer)
     teacher_ids = teacher_ids["teacher_input_ids"][0]
@@ -100,12 +100,14 @@ def oracle(cross, teacher, ids: torch.Tensor):
     student_at, teacher_at = groups.student_last[kept], groups.teacher_last[kept]
     with torch.no_grad():
         logits = teacher(input_ids=teacher_ids[None]).logits[0, :, : len(cross.teacher_tokenizer)].double()
-    probs = torch.softmax(logits / TEMPERATURE, -1)[teacher_at].numpy()
+    probs = torch.softmax(logits, -1)[teacher_at].numpy()
     mapping = build_vocabulary_map(cross.teacher_tokenizer, cross.tokenizer, cache_dir=cross.cache_dir)
     binned = np.zeros((len(teacher_at), len(cross.tokenizer)))
     for j, target in enumerate(mapping.teacher_to_student):
         if target >= 0:
             binned[:, target] += probs[:, j]
+    binned = binned ** (1 / TEMPERATURE)  # binned at T=1, tempered in the student's space
+    binned /= binned.sum(-1, keepdims=True)
     top = np.argsort(-binned, axis=-1, kind="stable")[:, :K]
     return student_at, groups, binned, top, np.log(np.take_along_axis(binned, top, -1))
 
@@ -361,10 +363,12 @@ def test_a_chat_data_module_with_a_teacher_tokenizer_caches_the_binned_signal_at
             assert (stored_ids[empty] == -1).all() and (stored[empty] == -math.inf).all()
             with torch.no_grad():
                 logits = teacher(input_ids=torch.tensor([t_ids])).logits[0, :, : len(t_tok)].double()
-            probs = torch.softmax(logits / TEMPERATURE, -1).numpy()
+            probs = torch.softmax(logits, -1).numpy()
             for p, q in pairs.items():
                 binned = np.zeros(len(s_tok))
                 np.add.at(binned, mapping[kept], probs[q][kept])
+                binned = binned ** (1 / TEMPERATURE)  # binned at T=1, tempered in the student's space
+                binned /= binned.sum()
                 top = np.sort(binned)[::-1][:K]
                 # fp16 storage: log-probabilities in [-20, 0] are kept to 2^-6 at worst
                 np.testing.assert_allclose(stored[p].numpy(), np.log(top), rtol=0, atol=2**-6)

@@ -125,9 +125,10 @@ class TeacherSignal(pl.LightningModule):
     ) -> dict[str, torch.Tensor]:
         """This signal in the student's ids, from the teacher's ``logits`` ``[B, Tt, Vt]`` of
         ``batch["teacher_input_ids"]``: at each pair of ``boundary_student`` / ``boundary_teacher`` (prediction
-        positions where both models have read the same bytes) the teacher's log-probabilities at the temperature
-        are binned into the student's vocabulary (``vocabulary_map``) and their top-k (``"topk"``), or k draws
-        from the binned distribution (``"sampled"``), stored at the student's position. Every other student
+        positions where both models have read the same bytes) the teacher's distribution is binned into the
+        student's vocabulary (``vocabulary_map``) at T=1, tempered there, and its top-k (``"topk"``) or k draws
+        (``"sampled"``) stored at the student's position (without the online loss's move of the label's mass:
+        the cache does not read the labels' bytes). Every other student
         position holds empty slots (id -1, log-probability -inf): the loss gives it no soft term there.
 
         Returns:
@@ -143,14 +144,16 @@ class TeacherSignal(pl.LightningModule):
             student_at, teacher_at = student_at[kept], teacher_at[kept]
             if not len(student_at):
                 continue
-            teacher = torch.log_softmax(logits[row, teacher_at].float() / self.temperature, dim=-1)
-            if self.method == "topk":
-                i, lp = vocabulary_map.binned_topk(teacher, self.slots)
-            else:  # draws from the binned distribution: the teacher's draws, each mapped to its student id
+            # binned at T=1 (the teacher's distribution over the student's next token), tempered after, as the
+            # online loss does (cross_tokenizer/loss.py)
+            binned = vocabulary_map.bin_probs(torch.softmax(logits[row, teacher_at].float(), dim=-1)).log()
+            generator = None
+            if self.method == "sampled":
                 generator = torch.Generator(logits.device).manual_seed(self.seed + index)
-                binned = vocabulary_map.bin_probs(teacher.exp()).log()
-                i, lp = sparse_signal(binned, method="sampled", k=self.slots, generator=generator)
-            ids[row, student_at], logprobs[row, student_at] = i, lp.float()
+            i, lp = sparse_signal(
+                binned, method=self.method, k=self.slots, temperature=self.temperature, generator=generator
+            )
+            ids[row, student_at], logprobs[row, student_at] = i.masked_fill(lp == -math.inf, -1), lp.float()
         return {
             "index": batch["index"],
             "input_ids": batch["input_ids"],
