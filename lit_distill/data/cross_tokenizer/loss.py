@@ -207,9 +207,10 @@ def cross_tokenizer_loss(
         teacher = _without_padding(teacher_logits.detach(), real)
         moves = label_moves(pairs, labels, teacher, teacher_targets, vocab_map, 1.0, width, byte_lengths)
     if top_k is None:
-        mapped = binned_logits(t_pairs, vocab_map, width)
-        if moves is not None:  # only the rows with a move leave the logits (exact when nothing moves)
-            mapped = torch.where(moves.rows[..., None], moved(torch.softmax(mapped, -1), moves).log(), mapped)
+        if moves is None:  # a map that bins no two tokens together copies the logits (one tokenizer: exact)
+            mapped = binned_logits(t_pairs, vocab_map, width)
+        else:  # the binned probabilities, moved, as logits (no softmax of logits that were just a log)
+            mapped = moved(binned_probs(torch.softmax(t_pairs, -1), vocab_map, width), moves).log()
         boundary = distillation_loss(s_pairs, mapped.to(s_pairs.dtype), pair_labels, skew=skew, **soft_keywords)
     else:
         binned = binned_probs(torch.softmax(t_pairs, -1), vocab_map, width)
