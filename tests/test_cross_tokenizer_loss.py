@@ -150,16 +150,22 @@ def _moved(binned, row, ps, pt, t, labels, targets, vmap, temperature, tables):
     return binned, True
 
 
-def _reference(s, t, labels, teacher_targets, pairs, vmap, *, divergence, temperature, alpha, weights, uld_k):
+def _reference(
+    s, t, labels, teacher_targets, pairs, vmap, *, divergence, temperature, alpha, weights, uld_k, unpaired_labels=True
+):
     """The definition in plain loops, float64."""
     w_b, w_c, w_u = weights
     T = temperature
     soft = chunk = uld = 0.0
-    hard = 0.0
+    hard = unpaired = 0.0
     for row in range(s.shape[0]):
+        paired = {int(p) for p in pairs.student[row] if p >= 0}
         for p in range(s.shape[1]):
             if labels[row, p] != -100:
-                hard = hard - F.log_softmax(s[row, p, :30], -1)[labels[row, p]]
+                ce = -F.log_softmax(s[row, p, :30], -1)[labels[row, p]]
+                hard = hard + ce
+                if p not in paired and unpaired_labels:  # no teacher distribution here: the label stands in
+                    unpaired = unpaired + ce
         for k in range(pairs.student.shape[1]):
             ps, pt = int(pairs.student[row, k]), int(pairs.teacher[row, k])
             if ps < 0:
@@ -185,7 +191,7 @@ def _reference(s, t, labels, teacher_targets, pairs, vmap, *, divergence, temper
             lt = sum(F.log_softmax(t[row, p, :36], -1)[teacher_targets[row, p]] for p in t_pos)
             a, bb = torch.exp(lt.clamp(max=-1e-6)), torch.exp(ls.clamp(max=-1e-6))
             chunk = chunk + a * torch.log(a / bb) + (1 - a) * torch.log((1 - a) / (1 - bb))
-    soft_sum = w_b * soft + w_c * chunk + w_u * uld
+    soft_sum = w_b * soft + w_c * chunk + w_u * uld + unpaired
     return alpha * soft_sum + (1 - alpha) * hard if alpha < 1 else soft_sum
 
 
@@ -193,16 +199,21 @@ def _reference(s, t, labels, teacher_targets, pairs, vmap, *, divergence, temper
 @pytest.mark.parametrize(
     ("alpha", "temperature", "weights"), [(1.0, 1.0, (1.0, 0.0, 0.0)), (0.4, 2.0, (1.0, 0.5, 0.3))]
 )
-def test_two_tokenizers_match_a_float64_reference(divergence, alpha, temperature, weights):
+@pytest.mark.parametrize("unpaired_labels", (True, False))
+def test_two_tokenizers_match_a_float64_reference(divergence, alpha, temperature, weights, unpaired_labels):
     s, t, labels, targets, pairs, vmap = _cross_case()
+    paired = torch.zeros_like(labels, dtype=torch.bool)
+    for row in range(labels.shape[0]):
+        paired[row, pairs.student[row][pairs.student[row] >= 0]] = True
+    assert ((labels != -100) & ~paired).any()  # the case has counted positions inside chunks
     out = cross_tokenizer_loss(
         s, t, labels, targets, pairs, vmap, top_k=None, boundary_weight=weights[0], chunk_weight=weights[1],
         uld_weight=weights[2], uld_top_k=6, divergence=divergence, temperature=temperature, alpha=alpha,
-        vocab_size=30, backend="torch", byte_lengths=_byte_tables(),
+        vocab_size=30, backend="torch", byte_lengths=_byte_tables(), unpaired_labels=unpaired_labels,
     )  # fmt: skip
     expected = _reference(
         s, t, labels, targets, pairs, vmap, divergence=divergence, temperature=temperature, alpha=alpha,
-        weights=weights, uld_k=6,
+        weights=weights, uld_k=6, unpaired_labels=unpaired_labels,
     )  # fmt: skip
     assert torch.isfinite(out.loss)
     torch.testing.assert_close(out.loss, expected, rtol=1e-9, atol=1e-12)
@@ -218,7 +229,7 @@ def test_two_tokenizers_top_k_matches_the_sparse_oracle_on_independently_binned_
     s, t, labels, targets, pairs, vmap = _cross_case(seed=4)
     out = cross_tokenizer_loss(
         s, t, labels, targets, pairs, vmap, top_k=4, divergence=divergence, temperature=1.5, alpha=1.0,
-        vocab_size=30, backend="torch", byte_lengths=_byte_tables(),
+        vocab_size=30, backend="torch", byte_lengths=_byte_tables(), unpaired_labels=False,
     )  # fmt: skip
     rows, ks = torch.nonzero(pairs.student >= 0, as_tuple=True)
     p = torch.softmax(t[rows, pairs.teacher[rows, ks], :36], -1).numpy()
@@ -254,7 +265,9 @@ def test_dense_reverse_kl_with_empty_bins_is_refused():
 def test_chunk_term_vanishes_when_the_chunk_likelihoods_agree():
     """A student whose chunk likelihoods equal the teacher's has a chunk term of 0; moving one changes it."""
     s, t, labels, targets, pairs, vmap = _cross_case(seed=5)
-    keywords = dict(top_k=None, boundary_weight=0.0, chunk_weight=1.0, vocab_size=30, backend="torch")
+    keywords = dict(
+        top_k=None, boundary_weight=0.0, chunk_weight=1.0, vocab_size=30, backend="torch", unpaired_labels=False
+    )
     out = cross_tokenizer_loss(s, t, labels, targets, pairs, vmap, **keywords)
     assert out.chunk > 0
     # one token per chunk, identical sides: the same log-likelihoods give a binary KL of 0

@@ -124,8 +124,10 @@ def test_a_pair_on_the_teacher_rows_last_token_reads_its_logits(corpus):
     module = CrossTokenizerDistillation(student, teacher, tokenizer, tokenizer, top_k=None)
     ids = torch.randint(3, len(tokenizer), (1, 8), generator=torch.Generator().manual_seed(1))
     none = torch.full((1, 8), -1)
+    labels = torch.full_like(ids, -100)
+    labels[0, 7] = ids[0, 7]  # only the pair's target counted (another counted position would add its label's CE)
     batch = {
-        "input_ids": ids, "labels": ids, "teacher_input_ids": ids[:, :7], "student_chunk": none,
+        "input_ids": ids, "labels": labels, "teacher_input_ids": ids[:, :7], "student_chunk": none,
         "teacher_chunk": none[:, :7], "boundary_student": torch.tensor([[6]]), "boundary_teacher": torch.tensor([[6]]),
     }  # fmt: skip
     out = module.compute_loss(batch)

@@ -21,7 +21,7 @@ from lit_distill.data.cross_tokenizer.token_bytes import text_bytes_of, token_by
 from lit_distill.data.tokenizers import train_bpe
 from lit_distill.demo.student_tokenizer import train_metaspace_bpe
 from lit_distill.losses import DistillationLoss
-from lit_distill.modules import CrossTokenizerOnPolicy
+from lit_distill.modules import CrossTokenizerDistillation, CrossTokenizerOnPolicy
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 CORPUS = Path(__file__).resolve().parents[1] / "lit_distill" / "assets" / "shakespeare.txt.gz"
@@ -109,6 +109,20 @@ def test_pairs_read_the_same_bytes_and_the_student_keeps_its_sampled_ids(corpus)
         pairs += len(b_s)
     assert reencoded >= 1 and pairs >= 4 * 4
     assert math.isfinite(float(out.loss)) and int(out.num_tokens) == int(counted[:, 1:].sum())
+    # the sampled tokens between pairs are no labels either: scored as off-policy text with alpha 1, the same
+    # batch adds exactly their cross-entropy
+    labels = cross["labels"][:, 1:]
+    paired = torch.zeros_like(labels, dtype=torch.bool)
+    for b in range(4):
+        paired[b, cross["boundary_student"][b][cross["boundary_student"][b] >= 0]] = True
+    unpaired = (labels != IGNORE) & ~paired
+    with torch.no_grad():
+        logits = module.student(input_ids=cross["input_ids"], attention_mask=cross["attention_mask"]).logits[:, :-1]
+        label_ce = torch.nn.functional.cross_entropy(logits[unpaired], labels[unpaired], reduction="sum")
+        module.loss.alpha = 1.0
+        as_text = CrossTokenizerDistillation.compute_loss(module, cross)
+    assert unpaired.any()
+    torch.testing.assert_close(as_text.loss - out.loss, label_ce, rtol=1e-4, atol=1e-4)
 
 
 def test_a_non_canonical_sample_ending_mid_character_pairs_by_hand(corpus):

@@ -55,6 +55,36 @@ def test_loss_and_gradient_match_the_oracle_on_the_shifted_signal(tail, divergen
     torch.testing.assert_close(head.grad.double(), ref_head, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("alpha", [1.0, 0.4])
+@pytest.mark.parametrize("fused", [True, False])
+def test_positions_without_a_stored_token_train_on_their_label_at_full_weight(alpha, fused):
+    """A cross-tokenizer cache leaves the positions between boundaries empty: there the label stands in for the
+    teacher, CE at weight 1 (``alpha`` of it beside the loss's own ``1 - alpha``), against a float64 reference."""
+    batch = cached_batch()
+    empty = torch.zeros(4, 12, dtype=torch.bool)
+    empty[0, [1, 4]], empty[2, 7], empty[3, 0] = True, True, True
+    batch["teacher_ids"] = batch["teacher_ids"].masked_fill(empty[..., None], -1)
+    batch["teacher_logprobs"] = batch["teacher_logprobs"].masked_fill(empty[..., None], float("-inf"))
+    loss = DistillationLoss(temperature=2.0, alpha=alpha)
+    module = OfflineDistillation(tiny(hidden=32, seed=0), loss=loss, fused_linear=fused)
+    out = module.compute_loss(batch)
+    out.loss.backward()
+    reference = tiny(hidden=32, seed=0).double()
+    logits = reference(input_ids=batch["input_ids"]).logits[:, :-1]
+    labels = batch["input_ids"][:, 1:]
+    kept = ~empty[:, :-1]
+    sparse, _ = sparse_oracle(
+        logits[kept][None], batch["teacher_ids"][:, :-1][kept][None], batch["teacher_logprobs"][:, :-1][kept][None],
+        labels[kept][None], tail=True, divergence_name="forward_kl", temperature=2.0, alpha=alpha, reduction="sum",
+    )  # fmt: skip
+    label_ce = torch.nn.functional.cross_entropy(logits[~kept], labels[~kept], reduction="sum")
+    expected = sparse + label_ce
+    expected.backward()
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-5)
+    head = module.student.get_output_embeddings().weight.grad
+    torch.testing.assert_close(head.double(), reference.get_output_embeddings().weight.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_refuses_what_it_cannot_compute():
     with pytest.raises(
         ValueError, match="tail=False renormalizes the stored probabilities, which only forward_kl can compare"

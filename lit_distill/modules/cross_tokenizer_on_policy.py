@@ -126,12 +126,13 @@ class CrossTokenizerOnPolicy(CrossTokenizerDistillation):
         if not self.is_on_policy():
             return super().compute_loss(batch)
         cross = self.on_policy_batch(batch, self.generate(batch))
-        alpha = self.loss.alpha
-        self.loss.alpha = 1.0  # the student's own tokens are not labels to learn
+        alpha, options = self.loss.alpha, self.cross_options
+        # the student's own tokens are not labels to learn, at the pairs or between them
+        self.loss.alpha, self.cross_options = 1.0, {**options, "unpaired_labels": False}
         try:
             return super().compute_loss(cross)
         finally:
-            self.loss.alpha = alpha
+            self.loss.alpha, self.cross_options = alpha, options
 
     def on_policy_batch(
         self, batch: Mapping[str, torch.Tensor], generated: Mapping[str, torch.Tensor]

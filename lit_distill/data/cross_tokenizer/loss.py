@@ -25,8 +25,11 @@ With student logits ``s``, teacher logits ``t``, temperature ``T`` and counted s
   of each side in its own vocabulary (ULD's sorted comparison, top-k truncated), times T² with ``t2_scaling``.
 - **hard** (per counted student position, T=1): the student's cross-entropy on its labels.
 
-``loss = alpha·(w_b·Σ boundary + w_c·Σ chunk + w_u·Σ uld) + (1 − alpha)·Σ hard``, summed (``reduction="sum"``,
-what the modules normalize by ``N`` over the whole optimizer step) or divided by ``N`` (``"mean"``).
+``loss = alpha·(w_b·Σ boundary + w_c·Σ chunk + w_u·Σ uld) + (1 − alpha)·Σ_pairs hard + Σ_unpaired hard``, summed
+(``reduction="sum"``, what the modules normalize by ``N`` per optimizer step) or divided by ``N`` (``"mean"``). A
+counted position that is no pair (inside a chunk) has no teacher distribution: its label stands in for it, at full
+weight (at ``1 − alpha`` those positions ended 0.45 nats worse than a student trained alone: docs/cross-tokenizer.md),
+unless ``unpaired_labels=False`` (on-policy samples, which are no labels to learn).
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ def cross_tokenizer_loss(
     uld_weight: float = 0.0,
     uld_top_k: int = 64,
     teacher_ce: bool = True,
+    unpaired_labels: bool = True,
     byte_lengths: tuple[torch.Tensor, torch.Tensor] | None = None,
     divergence: str = "forward_kl",
     beta: float = 0.5,
@@ -139,6 +143,7 @@ def cross_tokenizer_loss(
         uld_top_k: probabilities compared by ULD per side.
         teacher_ce: compute the chunks (and the teacher's cross-entropy on them) even when ``chunk_weight`` is 0:
             for statistics (the teacher's log-probabilities at every position cost about a soft-label loss).
+        unpaired_labels: counted positions that are no pair train on their labels at full weight (else 1 - alpha).
         divergence, beta, skew, temperature, t2_scaling, alpha, vocab_size, ignore_index, backend: as in
             :func:`lit_distill.kernels.distillation_loss` (the sparse loss takes neither skew divergences nor
             ``skew``).
@@ -194,6 +199,9 @@ def cross_tokenizer_loss(
     ps, pt = pairs.student.clamp(min=0), pairs.teacher.clamp(min=0)
     pair_labels = torch.where(pairs.student >= 0, labels[rows, ps], ignore_index)
     used = pair_labels != ignore_index
+    # counted positions without a pair keep their label's whole weight (scatter-add: padding adds 0 at index 0)
+    paired = torch.zeros_like(labels, dtype=torch.int32).scatter_add_(1, ps, used.to(torch.int32)) > 0
+    unpaired_sum = torch.where(paired, 0.0, ce).sum() if unpaired_labels else ce.new_zeros(())
     s_pairs, t_pairs = student_logits[rows, ps], teacher_logits[rows, pt].detach()
     t_pairs = _without_padding(wide(t_pairs), real)
     soft_keywords = dict(
@@ -228,7 +236,7 @@ def cross_tokenizer_loss(
         uld_sum = uld_sum * temperature**2
 
     soft_sum = boundary_weight * boundary.loss + chunk_weight * chunk_sum + uld_weight * uld_sum
-    loss = alpha * soft_sum + (1 - alpha) * hard_sum if alpha < 1 else soft_sum
+    loss = alpha * (soft_sum + unpaired_sum) + (1 - alpha) * hard_sum if alpha < 1 else soft_sum + unpaired_sum
     if reduction == "mean":
         loss = loss / num_tokens.clamp(min=1)
     return CrossTokenizerOutput(

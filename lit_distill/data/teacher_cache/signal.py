@@ -129,7 +129,8 @@ class TeacherSignal(pl.LightningModule):
         student's vocabulary (``vocabulary_map``) at T=1, tempered there, and its top-k (``"topk"``) or k draws
         (``"sampled"``) stored at the student's position (without the online loss's move of the label's mass:
         the cache does not read the labels' bytes). Every other student
-        position holds empty slots (id -1, log-probability -inf): the loss gives it no soft term there.
+        position holds empty slots (id -1, log-probability -inf): no teacher there, so ``OfflineDistillation``
+        trains it on its label at full weight.
 
         Returns:
             ``index``, the student's ``input_ids`` ``[B, Ts]``, ``teacher_ids`` ``[B, Ts, K]`` (student ids) and
