@@ -37,8 +37,8 @@ LOSSES = {  # name -> the cross-tokenizer loss's options (None: soft-label with 
     "soft-label (one tokenizer)": None,
     "cross: boundary top-64": {"top_k": 64},
     "cross: boundary top-64 + chunk + ULD": {"top_k": 64, "chunk_weight": 0.5, "uld_weight": 0.5},
-    "cross: boundary dense": {"top_k": None},
-    "cross: dense + chunk 2 (the demo's)": {"top_k": None, "chunk_weight": 2.0},
+    "cross: boundary dense (the demo's)": {"top_k": None},
+    "cross: dense + chunk 2": {"top_k": None, "chunk_weight": 2.0},
 }
 
 

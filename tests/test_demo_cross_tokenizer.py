@@ -29,7 +29,8 @@ def test_the_student_tokenizer_is_metaspace_with_byte_fallback_and_2048_tokens(s
     tokenizer = load_tokenizer(str(student_dir))
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     assert len(tokenizer) == STUDENT_VOCAB == 2048
-    assert spec["pre_tokenizer"]["type"] == "Metaspace" and spec["model"]["byte_fallback"] is True
+    steps = [step["type"] for step in spec["pre_tokenizer"]["pretokenizers"]]
+    assert steps == ["Split", "Punctuation", "Metaspace"] and spec["model"]["byte_fallback"] is True
     assert "ByteLevel" not in json.dumps(spec)
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 1)
     table = token_bytes(tokenizer)  # accepted: its bytes can be read
@@ -41,6 +42,9 @@ def test_the_student_tokenizer_is_metaspace_with_byte_fallback_and_2048_tokens(s
     assert pieces[0].startswith("\u2581") and tokenizer.unk_token_id not in ids
     assert b"".join(table[i] for i in ids) == b" " + TEXT.encode()  # the dummy prefix, then the text exactly
     assert tokenizer.decode(ids) == TEXT
+    # newlines and punctuation are pieces of their own: a word's pieces do not depend on its neighbours
+    words = tokenizer.convert_ids_to_tokens(tokenizer("gone,\nMust go", add_special_tokens=False)["input_ids"])
+    assert "," in words and "\n" in words and not any("\n" in w and w != "\n" for w in words)
     mtime = (student_dir / "tokenizer.json").stat().st_mtime_ns
     from lit_distill.data.corpus import read_documents, split_documents
 

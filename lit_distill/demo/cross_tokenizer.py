@@ -4,7 +4,7 @@ tokens with byte fallback (``student_tokenizer.py``) where the teacher has its b
 - ``own-tokenizer alone``: plain cross-entropy on its own tokenization of the training split (the baseline);
 - ``cross-tokenizer``: learns from the demo's teacher across the tokenizers (``CrossTokenizerDistillation``: the
   teacher's distribution binned into the student's vocabulary at the positions where both have read the same
-  bytes, and the likelihood of the chunks of text between them; ``CROSS`` below).
+  bytes, the student's labels between them; ``CROSS`` below).
 
 Their val loss is per token of their own tokenizer; the table's ``bits/byte`` column compares them with the others.
 """
@@ -19,11 +19,11 @@ from .student_tokenizer import STUDENT_VOCAB, train_metaspace_bpe
 OTHER_TOKENIZER_TECHNIQUES = OTHER_TOKENIZER  # the report's names of them
 #: validation batches over which the share of boundaries is counted
 BOUNDARY_BATCHES = 16
-#: the cross-tokenizer student's loss: T=1 and alpha 0.5, the teacher's whole distribution binned (top_k None: the
-#: student's vocabulary is small), and the chunk-likelihood term at weight 2. On student seed 1 (bits per byte;
-#: docs/experiments.md): T=2 2.7058, T=4 2.8892; at T=1 boundary KD alone 2.6502, with chunk weight 1 2.6362, 2
-#: 2.6267, 4 2.6544, chunk 1 without the boundary term 2.6400, chunk 1 and ULD 1 2.6677, chunk 2 at alpha 0.8 2.7418
-CROSS = {"loss": {"temperature": 1.0, "alpha": 0.5}, "options": {"top_k": None, "chunk_weight": 2.0}}
+#: the cross-tokenizer student's loss: T=1 and alpha 0.7, the teacher's whole distribution binned (top_k None: the
+#: student's vocabulary is small), no chunk term. On student seed 1 (bits per byte; docs/experiments.md): alpha 0.5
+#: 2.3808, 0.7 2.3711, 0.8 2.3753, 0.9 2.3925; T=2 2.3904 (alpha 0.5); top-64 2.3900 (alpha 0.5); the chunk and
+#: ULD terms: the table in docs/experiments.md
+CROSS = {"loss": {"temperature": 1.0, "alpha": 0.7}, "options": {"top_k": None, "chunk_weight": 0.0}}
 
 
 def student_data(data, sizes: dict, cache: Path, teacher_tokenizer=None):

@@ -22,7 +22,7 @@ def train_metaspace_bpe(documents: list[str], vocab_size: int, cache_dir: str | 
     demo's BPE, then the 256 byte pieces, then the learned alphabet and merges."""
     from ..data.cache_dir import writable_dir
 
-    digest = hashlib.sha1(f"metaspace-fallback-{vocab_size}".encode())
+    digest = hashlib.sha1(f"metaspace-fallback-split-{vocab_size}".encode())
     for doc in documents:
         digest.update(doc.encode())
     directory = Path(cache_dir) / "tokenizers" / f"metaspace-{vocab_size}-{digest.hexdigest()[:12]}"
@@ -33,7 +33,7 @@ def train_metaspace_bpe(documents: list[str], vocab_size: int, cache_dir: str | 
 
 
 def _tokenizer(documents: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from ..data.tokenizers import EOS, PAD
@@ -42,7 +42,15 @@ def _tokenizer(documents: list[str], vocab_size: int):
     reserved = len(specials) + len(BYTE_PIECES)
     if vocab_size <= reserved + 64:
         raise ValueError(f"a byte-fallback BPE needs more than {reserved + 64} tokens, got {vocab_size}")
-    metaspace = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    # newlines and punctuation are pieces of their own, as the teacher's byte-level BPE has them: merged into the
+    # words around them ("\nM", "one,"), a word's first piece would depend on what stands before and after it
+    metaspace = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\n+"), "isolated"),
+            pre_tokenizers.Punctuation("contiguous"),
+            pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True),
+        ]
+    )
     # Learn the alphabet and merges first (the byte pieces are not learned: they are added below, as pieces of
     # the model, not as added tokens, so that they stand for their byte and the BPE falls back to them)
     learner = Tokenizer(models.BPE())
