@@ -12,6 +12,8 @@ Related: ``python3 -m bench.sweep`` times the Triton kernels' block sizes and wa
 ``python -m bench.chat_data`` times preparing chat data (rendering, masking, tokenizing) cold and from the cache.
 ``python -m bench.data_loading`` measures corpora larger than memory: training's peak RSS on a large and a small
 prepared corpus, preparing and reading speed, and ``lit-distill fit``'s start-up with and without a prepared corpus.
+``python -m bench.cross_tokenizer`` times the cross-tokenizer collator and loss against soft-label distillation, and
+``python -m bench.cross_tokenizer_memory`` the loss's peak memory with the student's logits whole and fused.
 """
 
 from __future__ import annotations

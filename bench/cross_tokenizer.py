@@ -11,7 +11,8 @@ shape (``--rows`` rows of ``--seq-len`` student tokens):
 - loss: forward and backward of the loss alone, on logits, against soft-label distillation with one tokenizer
   (``distillation_loss``, forward KL at T=2, alpha 0.5, on the teacher's 4,096-token rows of the same text), for
   the sparse boundary term (``top_k=64``), with the chunk and ULD terms, and dense (``top_k=None``). Bar: at most
-  1.5x soft-label's time.
+  1.5x soft-label's time. Then the top-64 loss from the student's hidden states and head, as the module's
+  training step computes it: with the logits whole, and on the fused-linear path (1024 tokens a chunk).
 
 Times are the median of ``--reps`` runs after one warm-up. Prints a table and writes ``cross_tokenizer.csv`` to
 ``--out``.
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default="bench/out")
     ns = parser.parse_args(argv)
     from lit_distill import distillation_loss
+    from lit_distill.data.cross_tokenizer.fused import fused_cross_tokenizer_loss
     from lit_distill.data.cross_tokenizer.loss import Pairs, cross_tokenizer_loss
     from lit_distill.losses import DistillationLoss
     from lit_distill.models import CausalLM
@@ -147,6 +149,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 alpha=0.5, reduction="mean", teacher_ce=False, **options,
             ).loss.backward()  # fmt: skip
         results.append({"what": f"loss: {name}", "seconds": _timed(run, ns.reps), "sequences_per_s": None})
+    # from the student's hidden states and head (the module's training step): the logits whole, or fused
+    hidden = torch.randn(ns.rows, ns.seq_len - 1, sizes["student_hidden"], generator=g).requires_grad_()
+    head = torch.nn.Linear(sizes["student_hidden"], len(student_tok), bias=False)
+    keywords = dict(temperature=2.0, alpha=0.5, byte_lengths=module.token_byte_lengths(labels.device))
+    paths = {
+        "cross: top-64 from hidden, logits whole": lambda: cross_tokenizer_loss(
+            head(hidden), teacher_logits, labels, teacher_targets, pairs, module.vocab_map, top_k=64,
+            reduction="sum", teacher_ce=False, **keywords,
+        ).loss.backward(),
+        "cross: top-64 from hidden, fused linear": lambda: fused_cross_tokenizer_loss(
+            hidden, head.weight, None, teacher_logits, labels, teacher_targets, pairs, module.vocab_map, top_k=64,
+            chunk_size=1024, **keywords,
+        ).loss.backward(),
+    }  # fmt: skip
+    for name, run in paths.items():
+        results.append({"what": f"loss: {name}", "seconds": _timed(run, ns.reps), "sequences_per_s": None})
     reference = results[2]["seconds"]
     for row in results[2:]:
         row["vs_soft_label"] = row["seconds"] / reference
@@ -154,12 +172,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     print(f"cross-tokenizer bench: {ns.rows} rows x {ns.seq_len} student tokens, {len(student_tok)}-token student,"
           f" {len(teacher_tok)}-token teacher, boundary share {share:.2f}")  # fmt: skip
-    print(f"{'what':40s} {'ms':>9s} {'seq/s':>9s} {'ratio':>7s}")
+    print(f"{'what':46s} {'ms':>9s} {'seq/s':>9s} {'ratio':>7s}")
     for row in results:
         ratio = row.get("vs_soft_label", row.get("vs_step"))
         seq = f"{row['sequences_per_s']:9.0f}" if row["sequences_per_s"] else " " * 9
         shown = "" if ratio is None else f"{ratio:7.2f}"
-        print(f"{row['what']:40s} {row['seconds'] * 1e3:9.1f} {seq} {shown}")
+        print(f"{row['what']:46s} {row['seconds'] * 1e3:9.1f} {seq} {shown}")
     with open(out / "cross_tokenizer.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, ["what", "seconds", "sequences_per_s", "vs_step", "vs_soft_label"])
         writer.writeheader()

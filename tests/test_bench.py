@@ -231,3 +231,17 @@ def test_gpu_check_dry_run(tmp_path):
     assert "best forward_kl fwd+bwd: row " in summary and "| logits | forward_kl | fwd | N=8 V=300 |" in summary
     assert "## Sparse-teacher loss" in summary and "sparse-torch" in summary.split("## Sparse-teacher loss")[1]
     assert list(tmp_path.glob("sweep/sweep-cpu-*.csv")) and len(list(tmp_path.glob("bench-*/bench-cpu-*.csv"))) == 4
+
+
+@pytest.mark.slow  # two subprocesses, each importing torch
+def test_cross_tokenizer_memory_bench_finds_the_fused_path_lighter(tmp_path):
+    """The fused path never holds the student's whole logits (here 63.5 MiB in fp32), the logits path holds them
+    and their gradient: its peak is far above the fused path's."""
+    from bench import cross_tokenizer_memory
+
+    args = ["--rows", "8", "--student-vocab", "16384", "--chunk-size", "128", "--out", str(tmp_path)]
+    whole, fused = cross_tokenizer_memory.main(args)
+    assert (whole["path"], fused["path"]) == ("logits whole", "fused linear")
+    assert whole["peak_mib"] > 2 * 63.5 and fused["peak_mib"] < whole["peak_mib"] / 2
+    with open(tmp_path / "cross_tokenizer_memory.csv") as f:
+        assert [row["path"] for row in csv.DictReader(f)] == ["logits whole", "fused linear"]

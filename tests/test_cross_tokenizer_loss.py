@@ -13,6 +13,7 @@ from oracle import divergence as oracle_divergence
 from oracle import sparse_oracle
 
 from lit_distill.data.cross_tokenizer.binning import binned_logits
+from lit_distill.data.cross_tokenizer.fused import fused_cross_tokenizer_loss
 from lit_distill.data.cross_tokenizer.loss import Pairs, cross_tokenizer_loss
 from lit_distill.data.cross_tokenizer.vocab_map import VocabularyMap
 from lit_distill.kernels import distillation_loss
@@ -300,3 +301,38 @@ def test_bad_arguments_are_named():
         cross_tokenizer_loss(s[..., :20], t, labels.clamp(max=19), targets, pairs, vmap)
     with pytest.raises(ValueError, match="teacher_vocab_size"):
         cross_tokenizer_loss(s, t[..., :39], labels, targets, pairs, vmap)
+
+
+@pytest.mark.parametrize(("divergence", "alpha", "unpaired_labels"), [("forward_kl", 0.4, True), ("tvd", 1.0, False)])
+def test_the_fused_path_from_hidden_states_is_the_loss_on_their_logits(divergence, alpha, unpaired_labels):
+    """float64, a head wider than the vocabulary, labels longer than the teacher's next token (moves), tokens inside
+    chunks: hidden states and head through the fused-linear kernel give the loss and gradients of their logits."""
+    _, t, labels, targets, pairs, vmap = _cross_case(seed=4)
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(*labels.shape, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(32, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    keywords = dict(
+        top_k=4, divergence=divergence, temperature=1.5, alpha=alpha, vocab_size=30, backend="torch",
+        byte_lengths=_byte_tables(), unpaired_labels=unpaired_labels,
+    )  # fmt: skip
+    fused = fused_cross_tokenizer_loss(hidden, weight, None, t, labels, targets, pairs, vmap, chunk_size=5, **keywords)
+    whole = cross_tokenizer_loss(hidden @ weight.T, t, labels, targets, pairs, vmap, teacher_ce=False, **keywords)
+    torch.testing.assert_close(fused.loss, whole.loss, rtol=1e-9, atol=1e-12)
+    for name in ("soft", "hard", "agreement", "num_tokens", "boundaries"):
+        torch.testing.assert_close(getattr(fused, name), getattr(whole, name).to(getattr(fused, name).dtype))
+    grads = torch.autograd.grad(fused.loss, (hidden, weight))
+    expected = torch.autograd.grad(whole.loss, (hidden, weight))
+    for got, want in zip(grads, expected, strict=True):  # the fused kernel's logit gradient is fp32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_path_with_nothing_counted_gives_zero_loss_and_gradient():
+    _, t, labels, targets, pairs, vmap = _cross_case()
+    hidden = torch.randn(*labels.shape, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(32, 8, dtype=torch.float64)
+    out = fused_cross_tokenizer_loss(
+        hidden, weight, None, t, torch.full_like(labels, -100), targets, pairs, vmap, top_k=4, vocab_size=30,
+        backend="torch",
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(out.loss, hidden)
+    assert out.loss == 0 and out.num_tokens == 0 and grad.abs().max() == 0 and not torch.isnan(grad).any()

@@ -95,6 +95,43 @@ def test_two_tokenizers_train_through_the_text_data_module(corpus):
     assert math.isfinite(float(metrics["val/teacher_ce"]))
 
 
+@pytest.mark.parametrize(
+    ("divergence", "alpha", "temperature", "unpaired_labels"),
+    [("forward_kl", 0.5, 1.0, True), ("jsd", 1.0, 2.0, True), ("reverse_kl", 0.3, 1.5, False)],
+)
+def test_the_fused_linear_path_is_the_logits_path(corpus, divergence, alpha, temperature, unpaired_labels):
+    """top_k with the boundary term alone trains from the hidden states and the head, the student's head never
+    called on the whole batch: the same loss, statistics and gradients as from the whole logits."""
+    root, student_dir, teacher_dir = corpus
+    data = TextDataModule(
+        files=[str(root / "works.jsonl")], tokenizer=student_dir, teacher_tokenizer=teacher_dir, seq_len=32,
+        batch_size=4, val_fraction=0.25, cache_dir=str(root / "cache"),
+    )  # fmt: skip
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    outputs, gradients = [], []
+    for fused in (True, False):
+        student, teacher = _models(data.vocab_size, len(data.teacher_tokenizer))
+        module = CrossTokenizerDistillation(
+            student, teacher, student_dir, teacher_dir, top_k=8, fused_linear=fused, chunk_size=16,
+            loss=DistillationLoss(divergence=divergence, temperature=temperature, alpha=alpha),
+            cache_dir=str(root / "cache"),
+        )  # fmt: skip
+        module.cross_options["unpaired_labels"] = unpaired_labels
+        calls = []
+        student.get_output_embeddings().register_forward_hook(lambda *args, calls=calls: calls.append(1))
+        outputs.append(module.compute_loss(batch))
+        gradients.append(torch.autograd.grad(outputs[-1].loss, list(student.parameters())))
+        assert bool(calls) is not fused
+    fused, whole = outputs
+    assert 0 < int(whole.boundaries) < int(whole.num_tokens)  # tokens inside chunks: the label's part is checked
+    torch.testing.assert_close(fused.loss, whole.loss, rtol=1e-5, atol=1e-5)
+    for name in ("soft", "hard", "agreement", "num_tokens", "boundaries"):
+        torch.testing.assert_close(getattr(fused, name), getattr(whole, name), rtol=1e-5, atol=1e-6)
+    for got, expected in zip(*gradients, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_data_of_another_tokenizer_is_refused_naming_both(corpus):
     root, student_dir, teacher_dir = corpus
     data = TextDataModule(

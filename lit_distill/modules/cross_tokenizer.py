@@ -9,11 +9,12 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from ..data.cross_tokenizer.fused import fusable, fused_cross_tokenizer_loss
 from ..data.cross_tokenizer.loss import KEYWORDS, CrossTokenizerOutput, Pairs, cross_tokenizer_loss
 from ..data.cross_tokenizer.token_bytes import byte_lengths
 from ..data.cross_tokenizer.vocab_map import VocabularyMap, build_vocabulary_map
 from ..data.tokenizers import load_tokenizer, special_token_ids, tokenizer_hash
-from ..models import CausalLM, build, vocab_size
+from ..models import CausalLM, build, fusable_head, vocab_size
 from .attention import attention_inputs
 from .causal_lm import CausalLMModule
 from .distillation import DistillationModule, _logits
@@ -29,10 +30,11 @@ class CrossTokenizerDistillation(DistillationModule):
     loader workers tokenize each row for the teacher too and align the two on bytes. The loss
     (:func:`~lit_distill.data.cross_tokenizer.loss.cross_tokenizer_loss`) is
     ``alpha * (boundary_weight * KD + chunk_weight * chunk + uld_weight * ULD) + (1 - alpha) * CE`` over the
-    student's counted tokens: KD where both models have read the same bytes (the teacher's distribution binned into
-    the student's vocabulary by the :class:`~lit_distill.data.cross_tokenizer.VocabularyMap`, its ``top_k`` likeliest
-    tokens and a tail bucket), the likelihoods of the text between those points (ALM-style), and ULD's sorted
-    probabilities. Divergence, temperature and alpha come from ``loss`` and can be scheduled as elsewhere.
+    student's counted tokens (a token with no pair keeps its whole CE): KD where both models have read the same
+    bytes (the teacher's distribution binned into the student's vocabulary by the
+    :class:`~lit_distill.data.cross_tokenizer.VocabularyMap`, its ``top_k`` likeliest tokens and a tail bucket), the
+    likelihoods of the text between those points (ALM-style), and ULD's sorted probabilities. Divergence,
+    temperature and alpha come from ``loss`` and can be scheduled as elsewhere.
 
     Args:
         student: the model to train (its vocabulary is the student tokenizer's).
@@ -43,8 +45,10 @@ class CrossTokenizerDistillation(DistillationModule):
         boundary_weight, chunk_weight, uld_weight: the three terms' weights inside ``alpha``.
         uld_top_k: probabilities ULD compares per side.
         cache_dir: where the vocabulary map is cached (default: the library's cache directory).
-        *args, **kwargs: ``loss``, ``optimizer``, ... as in :class:`DistillationModule` (``fused_linear`` does not
-            apply: the chunk term needs every position's log-probability).
+        *args, **kwargs: ``loss``, ``optimizer``, ``fused_linear``, ``chunk_size``, ... as in
+            :class:`DistillationModule`. ``fused_linear`` (the default) trains from the student's hidden states and
+            head without its whole logits when the loss is the boundary term alone with ``top_k`` slots (no chunk
+            or ULD term, ``boundary_weight`` 1; ``fused.py``); otherwise, and in validation, the logits are whole.
 
     Raises:
         ValueError: for a loss this module cannot compute (teacher-argmax hard labels, a teacher cross-entropy
@@ -79,7 +83,6 @@ class CrossTokenizerDistillation(DistillationModule):
         kwargs.setdefault("special_tokens", special_token_ids(self.student_tokenizer))
         teacher = build(teacher, len(self.teacher_tokenizer), special_token_ids(self.teacher_tokenizer))
         super().__init__(student, teacher, *args, **kwargs)
-        self.fused_linear = False
         self.cross_options = dict(
             top_k=top_k, boundary_weight=boundary_weight, chunk_weight=chunk_weight, uld_weight=uld_weight,
             uld_top_k=uld_top_k,
@@ -125,13 +128,28 @@ class CrossTokenizerDistillation(DistillationModule):
             # every position: a pair may sit on a teacher row's last token (the student row goes on past it)
             teacher_logits = _logits(self.teacher(input_ids=teacher_ids, attention_mask=teacher_mask))
         masks = attention_inputs(self.student, attention_mask, None)
-        student_logits = _logits(self.student(input_ids=input_ids, **masks))[:, :-1]
         keywords = {name: getattr(self.loss, name) for name in KEYWORDS}
+        common = dict(byte_lengths=self.token_byte_lengths(input_ids.device))
+        head = self._fused_head()
+        if head is not None:  # the student's logits a chunk at a time (validation keeps the teacher's statistics)
+            hidden = self.student.base_model(input_ids=input_ids, **masks).last_hidden_state[:, :-1]
+            options = {k: v for k, v in self.cross_options.items() if k in ("top_k", "unpaired_labels")}
+            return fused_cross_tokenizer_loss(
+                hidden, head.weight, head.bias, teacher_logits, labels, _next_tokens(teacher_ids), Pairs.of(batch),
+                self.vocab_map, chunk_size=self.chunk_size, **common, **options, **keywords,
+            )  # fmt: skip
+        student_logits = _logits(self.student(input_ids=input_ids, **masks))[:, :-1]
         return cross_tokenizer_loss(
             student_logits, teacher_logits, labels, _next_tokens(teacher_ids), Pairs.of(batch), self.vocab_map,
-            reduction="sum", teacher_ce=not self.training, byte_lengths=self.token_byte_lengths(input_ids.device),
-            **self.cross_options, **keywords,
+            reduction="sum", teacher_ce=not self.training, **common, **self.cross_options, **keywords,
         )  # fmt: skip
+
+    def _fused_head(self) -> nn.Linear | None:
+        """The student's head for the fused-linear path: in training, with ``fused_linear``, a plain linear head, and
+        a loss that is one sparse term (``top_k`` set, no chunk or ULD term, boundary weight 1)."""
+        if not (self.fused_linear and self.training and fusable(self.cross_options)):
+            return None
+        return fusable_head(self.student)
 
     def token_byte_lengths(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(student, teacher) bytes of each token id, on ``device`` (read from the tokenizers once)."""

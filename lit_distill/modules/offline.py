@@ -26,9 +26,9 @@ class OfflineDistillation(CausalLMModule):
     the student is trained on ``alpha * T² * D(teacher ‖ student) + (1 - alpha) * CE(student, labels)`` over
     those tokens (see :func:`lit_distill.sparse_distillation_loss`), from its hidden states and head weight
     without the full logits where its head is a plain linear layer. A counted position with no stored token (a
-    cross-tokenizer cache between boundaries) trains on its label at full weight. Normalization, resuming and DDP are as
-    in the other modules. Validation measures the student's cross-entropy on the cache's held-out text (on a
-    chat cache, on the held-out conversations' learned tokens). Packed batches (``position_ids``) are honoured.
+    cross-tokenizer cache between boundaries) trains on its label at full weight. Normalization, resuming and DDP
+    are as in the other modules. Validation measures the student's cross-entropy on the cache's held-out text (on
+    a chat cache, on the held-out conversations' learned tokens). Packed batches (``position_ids``) are honoured.
 
     Args:
         student: the model to train.

@@ -51,6 +51,11 @@ def top_k_slots(binned: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return ids.masked_fill(empty, -1), values.log().masked_fill(empty, -math.inf)
 
 
+def tempered_top_k(binned: torch.Tensor, temperature: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`top_k_slots` of binned probabilities tempered in the student's space (``p ∝ b^(1/T)``)."""
+    return top_k_slots(torch.softmax(binned.log() / temperature, -1), k)
+
+
 def sink_targets(vocab_map: VocabularyMap, device: torch.device, width: int) -> torch.Tensor:
     """``int64 [Vt]``: each teacher id's student id, dropped ids sent to column ``width`` (sliced off after binning);
     on ``device`` once per map and width."""

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ...kernels import distillation_loss
 from ...kernels.sparse import sparse_distillation_loss
-from .binning import binned_logits, binned_probs, covered, top_k_slots, wide
+from .binning import binned_logits, binned_probs, covered, tempered_top_k, wide
 from .longer_labels import label_moves, moved
 from .vocab_map import VocabularyMap
 
@@ -203,7 +203,7 @@ def cross_tokenizer_loss(
     paired = torch.zeros_like(labels, dtype=torch.int32).scatter_add_(1, ps, used.to(torch.int32)) > 0
     unpaired_sum = torch.where(paired, 0.0, ce).sum() if unpaired_labels else ce.new_zeros(())
     s_pairs, t_pairs = student_logits[rows, ps], teacher_logits[rows, pt].detach()
-    t_pairs = _without_padding(wide(t_pairs), real)
+    t_pairs = without_padding(wide(t_pairs), real)
     soft_keywords = dict(
         divergence=divergence, beta=beta, temperature=temperature, t2_scaling=t2_scaling, alpha=1.0,
         vocab_size=vocab_size, ignore_index=ignore_index, reduction="sum", backend=backend,
@@ -212,7 +212,7 @@ def cross_tokenizer_loss(
     width = s_pairs.shape[-1]
     moves = None
     if byte_lengths is not None:
-        teacher = _without_padding(teacher_logits.detach(), real)
+        teacher = without_padding(teacher_logits.detach(), real)
         moves = label_moves(pairs, labels, teacher, teacher_targets, vocab_map, 1.0, width, byte_lengths)
     if top_k is None:
         if moves is None:  # a map that bins no two tokens together copies the logits (one tokenizer: exact)
@@ -222,8 +222,8 @@ def cross_tokenizer_loss(
         boundary = distillation_loss(s_pairs, mapped.to(s_pairs.dtype), pair_labels, skew=skew, **soft_keywords)
     else:
         binned = binned_probs(torch.softmax(t_pairs, -1), vocab_map, width)
-        tempered = torch.softmax((binned if moves is None else moved(binned, moves)).log() / temperature, -1)
-        ids, logprobs = top_k_slots(tempered, min(top_k, vocab))
+        binned = binned if moves is None else moved(binned, moves)
+        ids, logprobs = tempered_top_k(binned, temperature, min(top_k, vocab))
         boundary = sparse_distillation_loss(s_pairs, ids, logprobs, pair_labels, tail=True, **soft_keywords)
     boundaries = used.sum()
 
@@ -246,7 +246,7 @@ def cross_tokenizer_loss(
     )  # fmt: skip
 
 
-def _without_padding(teacher: torch.Tensor, real: int) -> torch.Tensor:
+def without_padding(teacher: torch.Tensor, real: int) -> torch.Tensor:
     """``teacher`` with the head's padded columns (from ``real`` on) at -inf: out of its softmax (DESIGN.md)."""
     if teacher.shape[-1] == real:
         return teacher
@@ -261,7 +261,7 @@ def _chunk_term(ce, teacher_logits, teacher_targets, pairs: Pairs, counted, real
     s_chunk, t_chunk = pairs.student_chunk, pairs.teacher_chunk
     s_in, t_in = (s_chunk >= 0) & counted, t_chunk >= 0
     with torch.no_grad():
-        t_logits = _without_padding(wide(teacher_logits), real)
+        t_logits = without_padding(wide(teacher_logits), real)
         t_ce = F.cross_entropy(t_logits.flatten(0, -2), teacher_targets.clamp(min=0).flatten(), reduction="none").view(
             b, u
         )
