@@ -2,7 +2,8 @@
 
 The top-64 boundary term (the module's default) at a large student vocabulary, forward and backward, once with the
 student's logits whole (``fused_linear=False``) and once on the fused-linear path (``chunk_size`` tokens at a time),
-each in a fresh process: its peak resident memory (``ru_maxrss``) above what it held once the inputs were built.
+each in a fresh process: its peak resident memory (Linux's ``VmHWM``, reset once the inputs are built) above what it
+held then.
 Synthetic inputs (random hidden states, head and teacher logits, a pair at every other position, a random
 vocabulary map), since only the shapes matter here. Prints a table and writes ``cross_tokenizer_memory.csv``.
 """
@@ -20,8 +21,27 @@ from pathlib import Path
 PATHS = ("logits whole", "fused linear")
 
 
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))  # kB
+
+
+def _reset_peak() -> float:
+    """Start measuring the peak here: Linux's peak RSS (VmHWM) reset to the current RSS, which is returned. (The
+    process's lifetime peak can lie in its imports, above the loss's, so a difference of peaks can read 0.)"""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the lifetime peak, as getrusage gives it (KiB on Linux)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _status_mib("VmRSS")
+
+
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        return _status_mib("VmHWM")
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(path: str, rows: int, seq_len: int, hidden: int, student_vocab: int, teacher_vocab: int, chunk: int):
@@ -47,7 +67,7 @@ def measure(path: str, rows: int, seq_len: int, hidden: int, student_vocab: int,
     pairs = Pairs(at, at, chunks[:, :s], chunks)
     mapping = np.random.default_rng(0).integers(0, student_vocab, teacher_vocab)
     vmap = VocabularyMap(mapping, np.zeros(teacher_vocab, bool), student_vocab, teacher_vocab, "t", "s")
-    base = _peak_mib()
+    base = _reset_peak()
     start = time.perf_counter()
     if path == "fused linear":
         out = fused_cross_tokenizer_loss(
