@@ -39,6 +39,15 @@ def corpus(tmp_path_factory):
     return root, str(student_dir), str(teacher_dir)
 
 
+def _cross_data(corpus, tokenizer=None) -> TextDataModule:
+    """The corpus's works in the student's tokens (or ``tokenizer``'s), with the teacher's beside them."""
+    root, student_dir, teacher_dir = corpus
+    return TextDataModule(
+        files=[str(root / "works.jsonl")], tokenizer=tokenizer or student_dir, teacher_tokenizer=teacher_dir,
+        seq_len=32, batch_size=4, val_fraction=0.25, cache_dir=str(root / "cache"),
+    )  # fmt: skip
+
+
 def _models(student_vocab: int, teacher_vocab: int):
     return tiny(vocab_size=student_vocab, seed=0), tiny(hidden=48, vocab_size=teacher_vocab, seed=1)
 
@@ -76,10 +85,7 @@ def test_one_tokenizer_on_both_sides_is_soft_label_distillation(corpus):
 
 def test_two_tokenizers_train_through_the_text_data_module(corpus):
     root, student_dir, teacher_dir = corpus
-    data = TextDataModule(
-        files=[str(root / "works.jsonl")], tokenizer=student_dir, teacher_tokenizer=teacher_dir, seq_len=32,
-        batch_size=4, val_fraction=0.25, cache_dir=str(root / "cache"),
-    )  # fmt: skip
+    data = _cross_data(corpus)
     student, teacher = _models(data.vocab_size, len(data.teacher_tokenizer))
     module = CrossTokenizerDistillation(
         student, teacher, student_dir, teacher_dir, loss=DistillationLoss(temperature=2.0, alpha=0.5), top_k=16,
@@ -103,10 +109,7 @@ def test_the_fused_linear_path_is_the_logits_path(corpus, divergence, alpha, tem
     """top_k with the boundary term alone trains from the hidden states and the head, the student's head never
     called on the whole batch: the same loss, statistics and gradients as from the whole logits."""
     root, student_dir, teacher_dir = corpus
-    data = TextDataModule(
-        files=[str(root / "works.jsonl")], tokenizer=student_dir, teacher_tokenizer=teacher_dir, seq_len=32,
-        batch_size=4, val_fraction=0.25, cache_dir=str(root / "cache"),
-    )  # fmt: skip
+    data = _cross_data(corpus)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     outputs, gradients = [], []
@@ -134,10 +137,7 @@ def test_the_fused_linear_path_is_the_logits_path(corpus, divergence, alpha, tem
 
 def test_data_of_another_tokenizer_is_refused_naming_both(corpus):
     root, student_dir, teacher_dir = corpus
-    data = TextDataModule(
-        files=[str(root / "works.jsonl")], tokenizer=teacher_dir, teacher_tokenizer=teacher_dir, seq_len=32,
-        batch_size=4, val_fraction=0.25, cache_dir=str(root / "cache"),
-    )  # fmt: skip
+    data = _cross_data(corpus, tokenizer=teacher_dir)
     student, teacher = _models(400, 500)
     module = CrossTokenizerDistillation(student, teacher, student_dir, teacher_dir, cache_dir=str(root / "cache"))
     with pytest.raises(ValueError, match=r"the data's tokenizer .* is not the module's student_tokenizer"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -107,35 +108,34 @@ class OfflineDistillation(CausalLMModule):
         if head is None:
             logits = self.student(input_ids=input_ids, **masks).logits[:, :-1]
             output = sparse_distillation_loss(logits, teacher_ids, teacher_logprobs, labels, **options)
-            return self._labels_where_no_signal(output, teacher_ids, labels, lambda where: logits[where])
+            return self._labels_where_no_signal(
+                output, teacher_ids, labels, lambda where, empty, lp: sparse_distillation_loss(
+                    logits[where], empty, lp, labels[where], **{**options, "alpha": 0.0}
+                ).loss,
+            )  # fmt: skip
         hidden = self.student.base_model(input_ids=input_ids, **masks).last_hidden_state[:, :-1]
+        fused = dict(student_bias=head.bias, chunk_size=self.chunk_size, **options)
         output = fused_linear_sparse_distillation_loss(
-            hidden,
-            head.weight,
-            teacher_ids,
-            teacher_logprobs,
-            labels,
-            student_bias=head.bias,
-            chunk_size=self.chunk_size,
-            **options,
+            hidden, head.weight, teacher_ids, teacher_logprobs, labels, **fused
         )
         return self._labels_where_no_signal(
-            output, teacher_ids, labels, lambda where: nn.functional.linear(hidden[where], head.weight, head.bias)
-        )
+            output, teacher_ids, labels, lambda where, empty, lp: fused_linear_sparse_distillation_loss(
+                hidden[where], head.weight, empty, lp, labels[where], **{**fused, "alpha": 0.0}
+            ).loss,
+        )  # fmt: skip
 
-    def _labels_where_no_signal(self, output, teacher_ids, labels, logits_at) -> DistillationOutput:
+    def _labels_where_no_signal(self, output, teacher_ids, labels, label_ce) -> DistillationOutput:
         """``output`` with ``alpha · CE`` added at the counted positions whose slots are all empty: the cache holds
         no teacher there (a cross-tokenizer cache between boundaries), so the label stands in for it and the
         position trains on its label at full weight, as the online ``CrossTokenizerDistillation`` does (at
         ``(1 - alpha)`` alone, those positions ended 0.45 nats worse at alpha 0.5: docs/cross-tokenizer.md).
-        ``logits_at(where)``: the student's logits at a boolean mask of positions, only those rows."""
+        ``label_ce(where, ids, logprobs)``: the same loss at alpha 0 (the summed CE) on those rows' empty slots."""
         alpha, ignore = self.loss.alpha, self.loss.ignore_index
         empty = (teacher_ids < 0).all(-1) & (labels != ignore)
         if alpha == 0 or not bool(empty.any()):  # one host sync; a cache of one tokenizer has no empty position
             return output
-        logits = logits_at(empty)
-        width = self.loss.vocab_size or logits.shape[-1]
-        ce = nn.functional.cross_entropy(logits[:, :width].float(), labels[empty], reduction="sum")
+        slots = teacher_ids[empty][:, :1]  # -1: the rows' first empty slot is enough
+        ce = label_ce(empty, slots, torch.full(slots.shape, -math.inf, device=slots.device))
         return output._replace(loss=output.loss + alpha * ce)
 
     @override
